@@ -1,0 +1,307 @@
+"""Profiles: where a tenant is, how to authenticate to it, what to sync, and where the warehouse lives.
+
+Resolution order for the profile *name*: explicit argument > ``BRIDGEKIT_PROFILE`` > ``default_profile``
+in ``bridgekit.toml`` > the built-in ``emulator`` profile. ``bridgekit.toml`` is looked for in the
+working directory, then in the user config directory (``BRIDGEKIT_CONFIG`` names a file explicitly).
+
+Secrets never live in the file: ``client_secret_env`` names an environment variable, certificates are
+files, and a literal secret key is refused with an error saying which variable to use instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+from bridgekit.errors import ConfigError
+
+__all__ = [
+    "AUTH_MODES",
+    "DEFAULT_DATAVERSE_TABLES",
+    "DEFAULT_GRAPH_RESOURCES",
+    "EMULATOR_PROFILE",
+    "Profile",
+    "SyncPlan",
+    "config_paths",
+    "list_profiles",
+    "load_profile",
+    "resolve_profile_name",
+]
+
+AuthMode = Literal["client_secret", "certificate", "device_code", "managed_identity", "emulator"]
+AUTH_MODES: tuple[str, ...] = ("client_secret", "certificate", "device_code", "managed_identity", "emulator")
+EMULATOR_PROFILE = "emulator"
+
+DEFAULT_DATAVERSE_TABLES: tuple[str, ...] = (
+    "account", "contact", "lead", "opportunity", "systemuser", "team", "businessunit",
+    "transactioncurrency", "email", "appointment", "phonecall", "task",
+)
+DEFAULT_GRAPH_RESOURCES: tuple[str, ...] = ("users", "groups", "messages", "events")
+
+# Keys that would hold a secret literally; each maps to the key to use instead.
+_SECRET_KEYS = {
+    "client_secret": "client_secret_env",
+    "secret": "client_secret_env",
+    "password": "certificate_password_env",
+    "certificate_password": "certificate_password_env",
+    "access_token": "client_secret_env",
+    "private_key": "certificate_path",
+}
+_PROFILE_KEYS = {
+    "tenant_id", "client_id", "auth", "client_secret_env", "certificate_path", "certificate_password_env",
+    "dataverse_url", "graph_url", "authority_host", "ca_bundle", "warehouse", "sync", "max_concurrency",
+    "emulator_home",
+}
+_SYNC_KEYS = {"dataverse", "graph", "page_size"}
+_TOP_KEYS = {"default_profile", "profiles"}
+_REQUIRED = {
+    "client_secret": ("tenant_id", "client_id", "client_secret_env"),
+    "certificate": ("tenant_id", "client_id", "certificate_path"),
+    "device_code": ("tenant_id", "client_id"),
+    "managed_identity": (),
+    "emulator": (),
+}
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What to mirror: Dataverse tables by logical name and Graph resources by name."""
+
+    dataverse: tuple[str, ...] = DEFAULT_DATAVERSE_TABLES
+    graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES
+    page_size: int = 5000
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile. ``sources`` says where each value came from (file path, env, built-in).
+
+    Holds names of secrets (environment variables, certificate paths), never secret values.
+    """
+
+    name: str
+    auth: str = "emulator"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    certificate_path: str | None = None
+    certificate_password_env: str | None = None
+    dataverse_url: str | None = None
+    graph_url: str = "https://graph.microsoft.com"
+    authority_host: str = "https://login.microsoftonline.com"
+    ca_bundle: str | None = None
+    warehouse: str | None = None
+    max_concurrency: int = 8
+    emulator_home: str | None = None
+    sync: SyncPlan = field(default_factory=SyncPlan)
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_emulator(self) -> bool:
+        """True for the built-in emulator profile (or any profile with ``auth = "emulator"``)."""
+        return self.auth == "emulator"
+
+    @property
+    def warehouse_path(self) -> Path:
+        """The DuckDB file: the profile's ``warehouse`` or ``<user data dir>/warehouses/<name>.duckdb``."""
+        if self.warehouse:
+            return Path(self.warehouse).expanduser()
+        return Path(platformdirs.user_data_dir("bridgekit")) / "warehouses" / f"{self.name}.duckdb"
+
+    def with_values(self, **values: Any) -> Profile:
+        """A copy with some values replaced (used when the emulator fills in its runtime URLs)."""
+        return replace(self, **values)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(key, value, source) rows for ``bridgekit profiles show``; secret values are never present."""
+        rows: list[tuple[str, str, str]] = []
+        for f in fields(self):
+            if f.name in ("sources", "name", "sync"):
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            shown = str(value)
+            if f.name in ("client_secret_env", "certificate_password_env"):
+                shown += " (set)" if os.environ.get(str(value)) else " (not set)"
+            rows.append((f.name, shown, self.sources.get(f.name, "default")))
+        rows.append(("warehouse_path", str(self.warehouse_path), self.sources.get("warehouse", "default")))
+        rows.append(("sync.dataverse", ",".join(self.sync.dataverse), self.sources.get("sync", "default")))
+        rows.append(("sync.graph", ",".join(self.sync.graph), self.sources.get("sync", "default")))
+        return rows
+
+
+def config_paths() -> list[Path]:
+    """Files that may hold profiles, in the order they are read (first found wins)."""
+    explicit = os.environ.get("BRIDGEKIT_CONFIG")
+    if explicit:
+        return [Path(explicit).expanduser()]
+    return [Path.cwd() / "bridgekit.toml", Path(platformdirs.user_config_dir("bridgekit")) / "bridgekit.toml"]
+
+
+def _read_file() -> tuple[dict[str, Any], Path | None]:
+    for path in config_paths():
+        if path.is_file():
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path} is not valid TOML: {exc}", path=str(path),
+                                  hint="fix the syntax error at the position shown") from exc
+            _check_top(data, path)
+            return data, path
+    if os.environ.get("BRIDGEKIT_CONFIG"):
+        p = Path(os.environ["BRIDGEKIT_CONFIG"])
+        raise ConfigError(f"BRIDGEKIT_CONFIG points to {p}, which does not exist", path=str(p),
+                          hint="create the file or unset BRIDGEKIT_CONFIG")
+    return {}, None
+
+
+def _check_top(data: dict[str, Any], path: Path) -> None:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {path}", key=key, path=str(path),
+                              hint=f"top-level keys are {', '.join(sorted(_TOP_KEYS))}; profiles go in [profiles.NAME]")
+    if "profiles" in data and not isinstance(data["profiles"], dict):
+        raise ConfigError(f"'profiles' in {path} must be a table", key="profiles", path=str(path),
+                          hint="write profiles as [profiles.NAME] tables")
+
+
+def resolve_profile_name(explicit: str | None = None) -> tuple[str, str]:
+    """The profile name to use and where the choice came from."""
+    if explicit:
+        return explicit, "argument"
+    env = os.environ.get("BRIDGEKIT_PROFILE")
+    if env:
+        return env, "BRIDGEKIT_PROFILE"
+    data, path = _read_file()
+    if data.get("default_profile"):
+        return str(data["default_profile"]), f"default_profile in {path}"
+    return EMULATOR_PROFILE, "built-in"
+
+
+def list_profiles() -> list[tuple[str, str]]:
+    """(name, source) for every profile available: the built-in one and those in the file."""
+    data, path = _read_file()
+    out = [(EMULATOR_PROFILE, "built-in")]
+    for name in sorted(data.get("profiles", {})):
+        if name != EMULATOR_PROFILE:
+            out.append((name, str(path)))
+        else:
+            out[0] = (name, f"{path} (overrides built-in)")
+    return out
+
+
+def load_profile(name: str | None = None) -> Profile:
+    """Resolve and validate a profile.
+
+    Raises:
+        ConfigError: the profile does not exist, has an unknown key, a literal secret, a missing required
+            key, or a bad value. The message names the key and the fix.
+
+    Example:
+        >>> load_profile("emulator").auth
+        'emulator'
+    """
+    chosen, _origin = resolve_profile_name(name)
+    data, path = _read_file()
+    table = data.get("profiles", {}).get(chosen)
+    if table is None:
+        if chosen == EMULATOR_PROFILE:
+            return _emulator_profile()
+        known = ", ".join(n for n, _ in list_profiles())
+        raise ConfigError(f"profile '{chosen}' not found", profile=chosen, path=str(path) if path else None,
+                          hint=f"known profiles: {known}; add [profiles.{chosen}] to bridgekit.toml")
+    assert path is not None
+    return _parse_profile(chosen, table, path)
+
+
+def _emulator_profile() -> Profile:
+    home = os.environ.get("BRIDGEKIT_EMULATOR_HOME")
+    sources = {"auth": "built-in"}
+    if home:
+        sources["emulator_home"] = "BRIDGEKIT_EMULATOR_HOME"
+    return Profile(name=EMULATOR_PROFILE, auth="emulator", emulator_home=home, sources=sources)
+
+
+def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
+    src = str(path)
+    where = f"[profiles.{name}] in {path}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table", profile=name, path=src, hint=f"write it as [profiles.{name}]")
+    for key, value in table.items():
+        if key in _SECRET_KEYS:
+            instead = _SECRET_KEYS[key]
+            raise ConfigError(
+                f"{where} holds a literal secret under '{key}'; secrets never go in files",
+                key=key, path=src, profile=name,
+                hint=f"remove '{key}', put the secret in an environment variable and set "
+                     f"{instead} = \"BRIDGEKIT_{name.upper().replace('-', '_')}_SECRET\" (the variable's name)"
+                if instead.endswith("_env") else f"remove '{key}' and set {instead} to the PEM/PFX file instead",
+            )
+        if key not in _PROFILE_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {where}", key=key, path=src, profile=name,
+                              hint=f"valid keys: {', '.join(sorted(_PROFILE_KEYS))}")
+        if key not in ("sync", "max_concurrency") and not isinstance(value, str):
+            raise ConfigError(f"'{key}' in {where} must be a string", key=key, path=src, profile=name,
+                              hint=f'write it as {key} = "..."')
+    auth = table.get("auth", "client_secret")
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"auth = '{auth}' in {where} is not a known mode", key="auth", path=src, profile=name,
+                          hint=f"use one of: {', '.join(AUTH_MODES)}")
+    for req in _REQUIRED[auth]:
+        if not table.get(req):
+            raise ConfigError(f"{where} is missing required key '{req}' for auth = '{auth}'", key=req,
+                              path=src, profile=name, hint=f"add {req} = \"...\" to {where}")
+    if auth != "emulator" and not table.get("dataverse_url"):
+        raise ConfigError(f"{where} is missing required key 'dataverse_url'", key="dataverse_url", path=src,
+                          profile=name, hint='add dataverse_url = "https://<org>.crm.dynamics.com"')
+    for url_key in ("dataverse_url", "graph_url", "authority_host"):
+        if url_key in table and not str(table[url_key]).startswith("https://"):
+            raise ConfigError(f"'{url_key}' in {where} must be an https:// URL", key=url_key, path=src,
+                              profile=name, hint="Microsoft endpoints (and the emulator) are https only")
+    env_key = table.get("client_secret_env")
+    if env_key and not env_key.replace("_", "").isalnum():
+        raise ConfigError(f"client_secret_env in {where} must be the NAME of an environment variable",
+                          key="client_secret_env", path=src, profile=name,
+                          hint='write e.g. client_secret_env = "CONTOSO_CLIENT_SECRET" and export that variable')
+    sync = _parse_sync(table.get("sync", {}), where, src, name)
+    values: dict[str, Any] = {k: v for k, v in table.items() if k not in ("sync",)}
+    if "max_concurrency" in values:
+        mc = values["max_concurrency"]
+        if not isinstance(mc, int) or not 1 <= mc <= 52:
+            raise ConfigError(f"max_concurrency in {where} must be an integer from 1 to 52", key="max_concurrency",
+                              path=src, profile=name, hint="Dataverse allows 52 concurrent requests per user")
+    values["auth"] = auth
+    sources = {k: src for k in table}
+    return Profile(name=name, sync=sync, sources=sources, **values)
+
+
+def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:
+    if not isinstance(table, dict):
+        raise ConfigError(f"sync in {where} must be a table", key="sync", path=src, profile=name,
+                          hint=f"write it as [profiles.{name}.sync]")
+    for key in table:
+        if key not in _SYNC_KEYS:
+            raise ConfigError(f"unknown key '{key}' in [profiles.{name}.sync]", key=key, path=src, profile=name,
+                              hint=f"valid keys: {', '.join(sorted(_SYNC_KEYS))}")
+    plan = SyncPlan()
+    for key in ("dataverse", "graph"):
+        if key in table:
+            value = table[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"sync.{key} in {where} must be a list of names", key=key, path=src,
+                                  profile=name, hint=f'write e.g. {key} = ["account", "contact"]')
+            plan = replace(plan, **{key: tuple(value)})
+    if "page_size" in table:
+        ps = table["page_size"]
+        if not isinstance(ps, int) or not 1 <= ps <= 5000:
+            raise ConfigError(f"sync.page_size in {where} must be 1..5000", key="page_size", path=src,
+                              profile=name, hint="Dataverse pages hold at most 5000 rows")
+        plan = replace(plan, page_size=ps)
+    return plan

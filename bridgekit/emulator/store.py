@@ -1,0 +1,355 @@
+"""The emulator's persistent record store: one SQLite file, JSON records, one global row version.
+
+Every collection (a Dataverse table such as ``account`` or a Graph resource such as ``graph.users``) is
+a SQLite table ``c_<name>(id TEXT PRIMARY KEY, version INTEGER, data TEXT)`` where ``data`` is the
+record as it is served (JSON text, keys in service order). Deletes leave a tombstone in
+``tombstones(coll, id, version, deleted_at)`` so change tracking and Graph delta can report them.
+
+Row versions are one global, strictly increasing counter (Dataverse's org-wide ``versionnumber``).
+All writes go through one lock and commit before it is released, so any reader that sees version V
+also sees every write with a version below V. That is what makes ``changes_since`` exact: a delta
+token is just the highest version the reader had seen.
+
+Reads use one connection per thread (WAL mode), so pages can be served while writes go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["Change", "Row", "Store"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (
+    coll TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, deleted_at REAL NOT NULL,
+    PRIMARY KEY (coll, id)
+);
+CREATE INDEX IF NOT EXISTS tombstones_v ON tombstones (coll, version);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A stored record: its id, its row version and its JSON text."""
+
+    id: str
+    version: int
+    data: str
+
+    def load(self) -> dict[str, Any]:
+        """The record as a dict."""
+        result: dict[str, Any] = orjson.loads(self.data)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a change feed: an upsert (``row`` set) or a delete (``row`` None)."""
+
+    id: str
+    version: int
+    row: Row | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.row is None
+
+
+def _table(coll: str) -> str:
+    # Collection names are ours (schema-defined), but quote defensively: "graph.users" has a dot.
+    return '"c_' + coll.replace('"', "") + '"'
+
+
+class Store:
+    """A SQLite-backed, versioned record store shared by the Dataverse and Graph emulators.
+
+    Example:
+        >>> s = Store(":memory:")
+        >>> s.ensure_collection("account")
+        >>> v = s.put("account", "a1", {"accountid": "a1", "name": "Contoso"})
+        >>> s.get("account", "a1").load()["name"]
+        'Contoso'
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._memory = self.path == ":memory:"
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._shared: sqlite3.Connection | None = None
+        if self._memory:
+            self._shared = self._open()
+        with self._write_lock:
+            self._conn().executescript(_SCHEMA)
+            self._conn().execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
+            self._conn().commit()
+        self._collections: set[str] = set(self._existing_collections())
+
+    # -- connections -------------------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        if not self._memory:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA cache_size=-65536")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._shared is not None:
+            return self._shared
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several reads (one SQLite read transaction)."""
+        if self._memory:
+            with self._write_lock:
+                yield self._conn()
+            return
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """An exclusive write transaction; versions allocated inside it are committed together."""
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        conn = self._shared or getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            self._shared = None
+
+    # -- collections -------------------------------------------------------------------------------
+    def _existing_collections(self) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'c\\_%' ESCAPE '\\'"
+        ).fetchall()
+        return [r[0][2:] for r in rows]
+
+    def ensure_collection(self, coll: str) -> None:
+        """Create the collection's table if it does not exist (idempotent)."""
+        if coll in self._collections:
+            return
+        with self.write() as conn:
+            t = _table(coll)
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
+                         "data TEXT NOT NULL) WITHOUT ROWID")
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_v" ON {t} (version)')
+        self._collections.add(coll)
+
+    def collections(self) -> list[str]:
+        """Names of all collections."""
+        return sorted(self._collections)
+
+    def drop_all(self) -> None:
+        """Remove every collection, tombstone and meta value except the version counter."""
+        with self.write() as conn:
+            for coll in list(self._collections):
+                conn.execute(f"DROP TABLE IF EXISTS {_table(coll)}")
+            conn.execute("DELETE FROM tombstones")
+            conn.execute("DELETE FROM meta WHERE k != 'version'")
+        self._collections.clear()
+
+    # -- versions and meta -------------------------------------------------------------------------
+    def current_version(self, conn: sqlite3.Connection | None = None) -> int:
+        """The highest committed row version."""
+        row = (conn or self._conn()).execute("SELECT v FROM meta WHERE k='version'").fetchone()
+        return int(row[0])
+
+    def _next_versions(self, conn: sqlite3.Connection, n: int = 1) -> int:
+        """Reserve ``n`` versions inside a write transaction; returns the first."""
+        cur = self.current_version(conn)
+        conn.execute("UPDATE meta SET v=? WHERE k='version'", (str(cur + n),))
+        return cur + 1
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A JSON value stored under ``key`` (apps, planted defects, settings ...)."""
+        row = self._conn().execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key``."""
+        if key == "version":
+            raise ValueError("the version counter is managed by the store")
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- single-record operations ------------------------------------------------------------------
+    def get(self, coll: str, rid: str) -> Row | None:
+        """The record with id ``rid``, or None."""
+        self.ensure_collection(coll)
+        r = self._conn().execute(f"SELECT id, version, data FROM {_table(coll)} WHERE id=?", (rid,)).fetchone()
+        return Row(*r) if r else None
+
+    def put(self, coll: str, rid: str, record: dict[str, Any], *, version_field: str | None = None) -> int:
+        """Create or replace a record; returns its new version.
+
+        Args:
+            version_field: if given, the new version is also written into the record under this key
+                (Dataverse's ``versionnumber``) before it is stored.
+        """
+        return self.put_many(coll, [(rid, record)], version_field=version_field)[0]
+
+    def put_many(self, coll: str, items: Sequence[tuple[str, dict[str, Any]]], *,
+                 version_field: str | None = None) -> list[int]:
+        """Create or replace several records in one transaction; returns their versions in order."""
+        self.ensure_collection(coll)
+        t = _table(coll)
+        with self.write() as conn:
+            first = self._next_versions(conn, len(items))
+            rows = []
+            for i, (rid, rec) in enumerate(items):
+                if version_field:
+                    rec[version_field] = first + i
+                rows.append((rid, first + i, orjson.dumps(rec).decode()))
+            conn.executemany(f"INSERT OR REPLACE INTO {t} (id, version, data) VALUES (?, ?, ?)", rows)
+            conn.executemany("DELETE FROM tombstones WHERE coll=? AND id=?", [(coll, r[0]) for r in rows])
+        return [first + i for i in range(len(items))]
+
+    def delete(self, coll: str, rid: str) -> int | None:
+        """Delete a record, leaving a tombstone; returns the tombstone's version, or None if absent."""
+        result = self.delete_many(coll, [rid])
+        return result[0] if result else None
+
+    def delete_many(self, coll: str, ids: Iterable[str]) -> list[int]:
+        """Delete several records in one transaction; returns versions of those that existed."""
+        self.ensure_collection(coll)
+        t = _table(coll)
+        out: list[int] = []
+        now = time.time()
+        with self.write() as conn:
+            for rid in ids:
+                if conn.execute(f"DELETE FROM {t} WHERE id=?", (rid,)).rowcount:
+                    v = self._next_versions(conn)
+                    conn.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?)", (coll, rid, v, now))
+                    out.append(v)
+        return out
+
+    def bulk_load(self, coll: str, records: Iterable[tuple[str, dict[str, Any]]], *,
+                  version_field: str | None = None, chunk: int = 20000) -> int:
+        """Load many records fast (synthetic data); returns how many were written."""
+        self.ensure_collection(coll)
+        n = 0
+        buf: list[tuple[str, dict[str, Any]]] = []
+        for item in records:
+            buf.append(item)
+            if len(buf) >= chunk:
+                self._bulk(coll, buf, version_field)
+                n += len(buf)
+                buf = []
+        if buf:
+            self._bulk(coll, buf, version_field)
+            n += len(buf)
+        return n
+
+    def _bulk(self, coll: str, items: list[tuple[str, dict[str, Any]]], version_field: str | None) -> None:
+        t = _table(coll)
+        dumps = orjson.dumps
+        with self.write() as conn:
+            first = self._next_versions(conn, len(items))
+            rows = []
+            for i, (rid, rec) in enumerate(items):
+                if version_field:
+                    rec[version_field] = first + i
+                rows.append((rid, first + i, dumps(rec).decode()))
+            conn.executemany(f"INSERT OR REPLACE INTO {t} (id, version, data) VALUES (?, ?, ?)", rows)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def count(self, coll: str, where: str = "", params: Sequence[Any] = ()) -> int:
+        """Number of records, optionally matching a SQL condition over ``data`` (see :meth:`field`)."""
+        self.ensure_collection(coll)
+        sql = f"SELECT count(*) FROM {_table(coll)}" + (f" WHERE {where}" if where else "")
+        return int(self._conn().execute(sql, tuple(params)).fetchone()[0])
+
+    @staticmethod
+    def field(name: str) -> str:
+        """SQL expression for a top-level JSON field of ``data`` (for WHERE/ORDER BY built by callers).
+
+        Field names come from the schema or are validated by the caller against it; quotes are
+        stripped anyway so a hostile name cannot break out of the JSON path.
+        """
+        safe = name.replace('"', "").replace("'", "")
+        return f"json_extract(data, '$.\"{safe}\"')"
+
+    def query(self, coll: str, *, where: str = "", params: Sequence[Any] = (),
+              order_by: Sequence[tuple[str, bool]] = (), limit: int | None = None,
+              conn: sqlite3.Connection | None = None) -> list[Row]:
+        """Rows matching ``where`` ordered by ``order_by`` (pairs of SQL expression, descending).
+
+        ``id`` is always the last sort key so keyset paging is stable; callers build keyset
+        conditions ("after this row") into ``where`` themselves.
+        """
+        self.ensure_collection(coll)
+        sql = f"SELECT id, version, data FROM {_table(coll)}"
+        if where:
+            sql += f" WHERE {where}"
+        keys = [f"{expr} {'DESC' if desc else 'ASC'}" for expr, desc in order_by]
+        if not any(expr == "id" for expr, _ in order_by):
+            keys.append("id ASC")
+        sql += " ORDER BY " + ", ".join(keys)
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Row(*r) for r in (conn or self._conn()).execute(sql, tuple(params))]
+
+    def changes_since(self, coll: str, since: int, *, upto: int | None = None, after: tuple[int, str] | None = None,
+                      limit: int = 5000, conn: sqlite3.Connection | None = None) -> list[Change]:
+        """Upserts and deletes with ``since < version <= upto``, in version order, at most ``limit``.
+
+        ``after`` is the (version, id) of the last change already returned, for paging a long feed.
+        A record created and then deleted in the window shows up only as a delete; a record updated
+        several times shows up once, with its latest state.
+        """
+        self.ensure_collection(coll)
+        c = conn or self._conn()
+        lo_v, lo_id = after if after else (since, "")
+        hi = upto if upto is not None else self.current_version(c)
+        up = c.execute(
+            f"SELECT id, version, data FROM {_table(coll)} WHERE version <= ? AND (version > ? OR "
+            "(version = ? AND id > ?)) AND version > ? ORDER BY version, id LIMIT ?",
+            (hi, lo_v, lo_v, lo_id, since, limit),
+        ).fetchall()
+        dels = c.execute(
+            "SELECT id, version FROM tombstones WHERE coll=? AND version <= ? AND (version > ? OR "
+            "(version = ? AND id > ?)) AND version > ? ORDER BY version, id LIMIT ?",
+            (coll, hi, lo_v, lo_v, lo_id, since, limit),
+        ).fetchall()
+        merged = [Change(r[0], r[1], Row(*r)) for r in up] + [Change(d[0], d[1], None) for d in dels]
+        merged.sort(key=lambda ch: (ch.version, ch.id))
+        return merged[:limit]
+
+    def oldest_tombstone_time(self) -> float | None:
+        """When the oldest remembered delete happened (for token-expiry decisions)."""
+        r = self._conn().execute("SELECT min(deleted_at) FROM tombstones").fetchone()
+        return float(r[0]) if r and r[0] is not None else None
