@@ -297,7 +297,7 @@ def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"sync.{key} in {where} must be a list of names", key=key, path=src,
                                   profile=name, hint=f'write e.g. {key} = ["account", "contact"]')
-            plan = replace(plan, **{key: tuple(value)})
+            plan = replace(plan, dataverse=tuple(value)) if key == "dataverse" else replace(plan, graph=tuple(value))
     if "page_size" in table:
         ps = table["page_size"]
         if not isinstance(ps, int) or not 1 <= ps <= 5000:

@@ -26,6 +26,7 @@ came from outside (service messages, URLs) before it is stored on an error.
 from __future__ import annotations
 
 import re
+from enum import IntEnum
 from typing import Any
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "EmulatorError",
+    "ExitCode",
     "NotFoundError",
     "PermissionDeniedError",
     "ResyncRequired",
@@ -47,6 +49,20 @@ __all__ = [
     "WarehouseError",
     "redact",
 ]
+
+class ExitCode(IntEnum):
+    """The process exit codes of ``bridgekit`` and ``bridgekit run`` (documented in the README)."""
+
+    OK = 0
+    ERROR = 1  # anything not listed below
+    USAGE = 2  # bad command line, profile, bridgekit.toml or runbook parameter
+    AUTH = 3  # authentication or authorisation failed
+    TRANSIENT = 4  # throttled out or another transient failure: retry later
+    NOTEBOOK_ERROR = 5  # a runbook cell raised
+    CHECK_FAILED = 6  # the run worked and a check found a problem (SLO breached, red finding)
+    KERNEL_DIED = 7  # the kernel died or the run timed out
+    SECRET_LEAK = 8  # a secret or token-shaped string was found in an output; outputs quarantined
+
 
 # JWTs (three base64url segments), bearer headers, and secret-ish query/form parameters.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")

@@ -1,0 +1,75 @@
+"""The Workbench facade: one way in for notebooks, runbooks and the CLI (wiring only)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from bridgekit.config import Profile, load_profile
+from bridgekit.errors import ConfigError
+
+__all__ = ["Workbench"]
+
+
+def resolve_runtime(profile: Profile) -> Profile:
+    """Fill in what only a running emulator knows (URLs, tenant, demo app, CA) for an emulator profile.
+
+    For any other profile this returns the profile unchanged. Starts the emulator when it is not running.
+    """
+    if not profile.is_emulator:
+        return profile
+    from bridgekit.emulator.process import ensure_running
+
+    info = ensure_running(home=profile.emulator_home)
+    src = "running emulator"
+    values: dict[str, Any] = {
+        "auth": "certificate",
+        "tenant_id": info.tenant_id,
+        "client_id": info.client_id,
+        "certificate_path": str(info.certificate_path),
+        "dataverse_url": info.dataverse_url,
+        "graph_url": info.graph_url,
+        "authority_host": info.authority_host,
+        "ca_bundle": str(info.ca_bundle),
+        "emulator_home": str(info.home),
+    }
+    sources = dict(profile.sources) | dict.fromkeys(values, src)
+    return profile.with_values(sources=sources, **values)
+
+
+class Workbench:
+    """bridgekit's facade over one profile: clients, warehouse, sync, SQL.
+
+    Example:
+        >>> wb = bridgekit.connect("emulator")  # doctest: +SKIP
+        >>> wb.sync()                           # doctest: +SKIP
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+
+    @classmethod
+    def open(cls, profile: str | Profile | None = None, **options: Any) -> Workbench:
+        """Resolve ``profile`` (a name, a Profile, or None for the default) and return a Workbench."""
+        if options:
+            raise ConfigError(f"unknown option(s) for connect(): {', '.join(sorted(options))}",
+                              hint="pass only a profile name or a Profile")
+        prof = profile if isinstance(profile, Profile) else load_profile(profile)
+        return cls(resolve_runtime(prof))
+
+    @cached_property
+    def dataverse(self) -> Any:
+        """The Dataverse Web API client for this profile."""
+        from bridgekit.dataverse import DataverseClient
+
+        return DataverseClient(self.profile)
+
+    @cached_property
+    def graph(self) -> Any:
+        """The Microsoft Graph client for this profile."""
+        from bridgekit.graph import GraphClient
+
+        return GraphClient(self.profile)
+
+    def __repr__(self) -> str:
+        return f"Workbench(profile={self.profile.name!r})"
