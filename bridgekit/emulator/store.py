@@ -3,7 +3,8 @@
 Every collection (a Dataverse table such as ``account`` or a Graph resource such as ``graph.users``) is
 a SQLite table ``c_<name>(id TEXT PRIMARY KEY, version INTEGER, data TEXT)`` where ``data`` is the
 record as it is served (JSON text, keys in service order). Deletes leave a tombstone in
-``tombstones(coll, id, version, deleted_at)`` so change tracking and Graph delta can report them.
+``tombstones(coll, id, version, deleted_at, data)`` so change tracking and Graph delta can report them;
+``data`` is the record's last state, so a per-mailbox feed can tell whose item was deleted.
 
 Row versions are one global, strictly increasing counter (Dataverse's org-wide ``versionnumber``).
 All writes go through one lock and commit before it is released, so any reader that sees version V
@@ -33,7 +34,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones (
     coll TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, deleted_at REAL NOT NULL,
-    PRIMARY KEY (coll, id)
+    data TEXT, PRIMARY KEY (coll, id)
 );
 CREATE INDEX IF NOT EXISTS tombstones_v ON tombstones (coll, version);
 """
@@ -93,6 +94,10 @@ class Store:
         with self._write_lock:
             self._conn().executescript(_SCHEMA)
             self._conn().execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
+            # Stores created before tombstones kept the deleted record's last state.
+            cols = {r[1] for r in self._conn().execute("PRAGMA table_info(tombstones)")}
+            if "data" not in cols:
+                self._conn().execute("ALTER TABLE tombstones ADD COLUMN data TEXT")
             self._conn().commit()
         self._collections: set[str] = set(self._existing_collections())
 
@@ -168,6 +173,19 @@ class Store:
                          "data TEXT NOT NULL) WITHOUT ROWID")
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_v" ON {t} (version)')
         self._collections.add(coll)
+
+    def ensure_index(self, coll: str, name: str, fields: Sequence[str]) -> None:
+        """Create an expression index over top-level JSON fields of ``coll`` (idempotent).
+
+        SQLite uses an expression index only when a query spells the expression exactly as indexed, so
+        queries must build their conditions with :meth:`field` (e.g. per-mailbox reads on ``@emu.user``).
+        """
+        self.ensure_collection(coll)
+        t = _table(coll)
+        safe = "".join(ch for ch in name if ch.isalnum() or ch == "_")
+        exprs = ", ".join(self.field(f) for f in fields)
+        with self.write() as conn:
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}" ON {t} ({exprs})')
 
     def collections(self) -> list[str]:
         """Names of all collections."""
@@ -251,9 +269,11 @@ class Store:
         now = time.time()
         with self.write() as conn:
             for rid in ids:
-                if conn.execute(f"DELETE FROM {t} WHERE id=?", (rid,)).rowcount:
+                gone = conn.execute(f"DELETE FROM {t} WHERE id=? RETURNING data", (rid,)).fetchall()
+                if gone:
                     v = self._next_versions(conn)
-                    conn.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?)", (coll, rid, v, now))
+                    conn.execute("INSERT OR REPLACE INTO tombstones (coll, id, version, deleted_at, data) "
+                                 "VALUES (?, ?, ?, ?, ?)", (coll, rid, v, now, gone[0][0]))
                     out.append(v)
         return out
 
@@ -324,10 +344,13 @@ class Store:
         return [Row(*r) for r in (conn or self._conn()).execute(sql, tuple(params))]
 
     def changes_since(self, coll: str, since: int, *, upto: int | None = None, after: tuple[int, str] | None = None,
-                      limit: int = 5000, conn: sqlite3.Connection | None = None) -> list[Change]:
+                      limit: int = 5000, conn: sqlite3.Connection | None = None,
+                      where: str = "", params: Sequence[Any] = ()) -> list[Change]:
         """Upserts and deletes with ``since < version <= upto``, in version order, at most ``limit``.
 
         ``after`` is the (version, id) of the last change already returned, for paging a long feed.
+        ``where`` (a SQL condition over ``data``, see :meth:`field`) narrows both upserts and deletes;
+        deletes are matched against the record's last state (e.g. one mailbox's items).
         A record created and then deleted in the window shows up only as a delete; a record updated
         several times shows up once, with its latest state.
         """
@@ -335,15 +358,16 @@ class Store:
         c = conn or self._conn()
         lo_v, lo_id = after if after else (since, "")
         hi = upto if upto is not None else self.current_version(c)
+        extra = f" AND ({where})" if where else ""
         up = c.execute(
             f"SELECT id, version, data FROM {_table(coll)} WHERE version <= ? AND (version > ? OR "
-            "(version = ? AND id > ?)) AND version > ? ORDER BY version, id LIMIT ?",
-            (hi, lo_v, lo_v, lo_id, since, limit),
+            f"(version = ? AND id > ?)) AND version > ?{extra} ORDER BY version, id LIMIT ?",
+            (hi, lo_v, lo_v, lo_id, since, *params, limit),
         ).fetchall()
         dels = c.execute(
             "SELECT id, version FROM tombstones WHERE coll=? AND version <= ? AND (version > ? OR "
-            "(version = ? AND id > ?)) AND version > ? ORDER BY version, id LIMIT ?",
-            (coll, hi, lo_v, lo_v, lo_id, since, limit),
+            f"(version = ? AND id > ?)) AND version > ?{extra} ORDER BY version, id LIMIT ?",
+            (coll, hi, lo_v, lo_v, lo_id, since, *params, limit),
         ).fetchall()
         merged = [Change(r[0], r[1], Row(*r)) for r in up] + [Change(d[0], d[1], None) for d in dels]
         merged.sort(key=lambda ch: (ch.version, ch.id))
