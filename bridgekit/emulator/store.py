@@ -88,6 +88,7 @@ class Store:
         self._memory = self.path == ":memory:"
         self._local = threading.local()
         self._write_lock = threading.RLock()
+        self._write_depth = 0  # nesting of write() on the thread holding _write_lock
         self._shared: sqlite3.Connection | None = None
         if self._memory:
             self._shared = self._open()
@@ -136,17 +137,33 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """An exclusive write transaction; versions allocated inside it are committed together."""
+        """An exclusive write transaction; versions allocated inside it are committed together.
+
+        Nested calls on the thread that holds the transaction join it instead of starting another, so
+        several store calls (a Dataverse ``$batch`` change set, an activity and its ``activitypointer``
+        row) commit or roll back as one.
+        """
         with self._write_lock:
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+            if self._write_depth:
+                self._write_depth += 1
+                try:
+                    yield conn
+                finally:
+                    self._write_depth -= 1
+                return
+            self._write_depth = 1
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                else:
+                    conn.execute("COMMIT")
+            finally:
+                self._write_depth = 0
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
@@ -312,6 +329,11 @@ class Store:
         self.ensure_collection(coll)
         sql = f"SELECT count(*) FROM {_table(coll)}" + (f" WHERE {where}" if where else "")
         return int(self._conn().execute(sql, tuple(params)).fetchone()[0])
+
+    @staticmethod
+    def table_sql(coll: str) -> str:
+        """The quoted SQL table name of a collection (to qualify columns in correlated subqueries)."""
+        return _table(coll)
 
     @staticmethod
     def field(name: str) -> str:
