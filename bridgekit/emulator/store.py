@@ -101,6 +101,8 @@ class Store:
                 self._conn().execute("ALTER TABLE tombstones ADD COLUMN data TEXT")
             self._conn().commit()
         self._collections: set[str] = set(self._existing_collections())
+        # Indexes asked for with ensure_index, re-created whenever their collection is (after drop_all).
+        self._indexes: dict[str, dict[str, tuple[str, ...]]] = {}
 
     # -- connections -------------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -189,6 +191,8 @@ class Store:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
                          "data TEXT NOT NULL) WITHOUT ROWID")
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_v" ON {t} (version)')
+            for name, fields in self._indexes.get(coll, {}).items():
+                self._create_index(conn, coll, name, fields)
         self._collections.add(coll)
 
     def ensure_index(self, coll: str, name: str, fields: Sequence[str]) -> None:
@@ -196,13 +200,18 @@ class Store:
 
         SQLite uses an expression index only when a query spells the expression exactly as indexed, so
         queries must build their conditions with :meth:`field` (e.g. per-mailbox reads on ``@emu.user``).
+        The index is remembered and re-created when the collection is (after :meth:`drop_all`).
         """
+        self._indexes.setdefault(coll, {})[name] = tuple(fields)
         self.ensure_collection(coll)
+        with self.write() as conn:
+            self._create_index(conn, coll, name, tuple(fields))
+
+    def _create_index(self, conn: sqlite3.Connection, coll: str, name: str, fields: tuple[str, ...]) -> None:
         t = _table(coll)
         safe = "".join(ch for ch in name if ch.isalnum() or ch == "_")
         exprs = ", ".join(self.field(f) for f in fields)
-        with self.write() as conn:
-            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}" ON {t} ({exprs})')
+        conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}" ON {t} ({exprs})')
 
     def collections(self) -> list[str]:
         """Names of all collections."""
