@@ -1,0 +1,281 @@
+"""The emulator's Starlette application: identity, Dataverse and Graph mounts, fault middleware, admin API.
+
+The Dataverse and Graph route modules are imported lazily: a missing module is logged and its
+mount skipped, and a module that fails to import answers 500 under its prefix (with the import error
+in the log), so the identity service keeps working either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bridgekit.emulator import identity
+from bridgekit.emulator.context import AppRegistration, EmulatorContext
+
+__all__ = ["ADMIN_HEADER", "DATAVERSE_PREFIX", "GRAPH_PREFIX", "create_app"]
+
+log = logging.getLogger("bridgekit.emulator")
+
+ADMIN_HEADER = "X-Emulator-Admin-Key"
+DATAVERSE_PREFIX = "/org/api/data/v9.2"
+GRAPH_PREFIX = "/graph/v1.0"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json; charset=utf-8")
+
+
+def _optional_module(name: str) -> tuple[Any | None, str | None]:
+    """Import ``bridgekit.emulator.<name>``: (module, None), (None, None) if absent, (None, error) if broken."""
+    full = f"bridgekit.emulator.{name}"
+    try:
+        return importlib.import_module(full), None
+    except ModuleNotFoundError as exc:
+        if exc.name == full:
+            return None, None
+        log.exception("could not import %s", full)
+        return None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        log.exception("could not import %s", full)
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _broken_service(prefix: str, error: str) -> Mount:
+    async def broken(request: Request) -> Response:
+        return _json({"error": {"code": "EmulatorModuleError",
+                                "message": f"the emulator's module for {prefix} failed to import: {error}"}}, 500)
+    return Mount(prefix, routes=[Route("/{path:path}", broken, methods=["GET", "POST", "PATCH", "PUT", "DELETE"])])
+
+
+def _service_mount(ctx: EmulatorContext, module: str, prefix: str) -> Mount | None:
+    mod, error = _optional_module(module)
+    if error is not None:
+        return _broken_service(prefix, error)
+    if mod is None:
+        log.info("bridgekit.emulator.%s is not available: %s is not served", module, prefix)
+        return None
+    built = mod.routes(ctx)
+    if isinstance(built, list | tuple):
+        return Mount(prefix, routes=list(built))
+    return Mount(prefix, app=built)
+
+
+class _Admin:
+    """``/_emulator/*``: info, faults, settings, reset, mutate, apps. Every call needs the admin key."""
+
+    def __init__(self, ctx: EmulatorContext) -> None:
+        self.ctx = ctx
+        self._reset_lock = asyncio.Lock()
+
+    def guard(self, handler: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            if not self.ctx.check_admin_key(request.headers.get(ADMIN_HEADER)):
+                return _json({"error": f"missing or wrong {ADMIN_HEADER} header (the key is in "
+                                       f"{self.ctx.admin_key_path})"}, 401)
+            try:
+                return await handler(request)
+            except ValueError as exc:
+                return _json({"error": str(exc)}, 400)
+        return wrapped
+
+    @staticmethod
+    async def _body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"request body is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError("request body must be a JSON object")
+        return data
+
+    async def info(self, request: Request) -> Response:
+        data = self.ctx.info()
+        data["collections"] = self.ctx.store.collections()
+        data["services"] = {"dataverse": _has_route(request, DATAVERSE_PREFIX),
+                            "graph": _has_route(request, GRAPH_PREFIX)}
+        return _json(data)
+
+    async def faults(self, request: Request) -> Response:
+        if request.method == "POST":
+            body = await self._body(request)
+            if body.pop("clear", False):
+                self.ctx.faults.__init__()  # type: ignore[misc]
+            self.ctx.faults.update(body)
+            log.info("faults set: %s", self.ctx.faults.to_dict())
+        return _json(self.ctx.faults.to_dict())
+
+    async def settings(self, request: Request) -> Response:
+        if request.method == "POST":
+            body = await self._body(request)
+            if body.pop("defaults", False):
+                self.ctx.settings.__init__()  # type: ignore[misc]
+            self.ctx.settings.update(body)
+            log.info("settings set: %s", self.ctx.settings.to_dict())
+        return _json(self.ctx.settings.to_dict())
+
+    async def reset(self, request: Request) -> Response:
+        body = await self._body(request)
+        scale = str(body.get("scale") or self.ctx.store.get_meta("emulator.scale") or "small")
+        seed = int(body.get("seed", self.ctx.store.get_meta("emulator.seed") or self.ctx.seed))
+        synth, error = _optional_module("synth")
+        if synth is None:
+            return _json({"error": error or "bridgekit.emulator.synth is not available"}, 501)
+        async with self._reset_lock:
+            started = time.monotonic()
+            result = await asyncio.to_thread(regenerate, self.ctx, synth, scale=scale, seed=seed)
+        return _json({"scale": scale, "seed": seed, "seconds": round(time.monotonic() - started, 3),
+                      "result": _jsonable(result), "collections": self.ctx.store.collections()})
+
+    async def mutate(self, request: Request) -> Response:
+        body = await self._body(request)
+        activity, error = _optional_module("activity")
+        if activity is None:
+            return _json({"error": error or "bridgekit.emulator.activity is not available"}, 501)
+        kwargs = {k: int(body.get(k, 0)) for k in ("creates", "updates", "deletes")}
+        seed = body.get("seed")
+        result = await asyncio.to_thread(activity.mutate, self.ctx.store, seed=seed, **kwargs)
+        return _json({"result": _jsonable(result)})
+
+    async def apps(self, request: Request) -> Response:
+        if request.method == "GET":
+            return _json({"apps": [_public_app(a) for a in self.ctx.apps.values()]})
+        body = await self._body(request)
+        app = app_from_request(body)
+        self.ctx.register_app(app)
+        return _json(_public_app(app), 201)
+
+
+def app_from_request(body: dict[str, Any]) -> AppRegistration:
+    """Build an app registration from ``POST /_emulator/apps`` JSON.
+
+    Keys: ``name``, ``client_id`` (default: a new GUID), ``secret``, ``secret_expires_in`` (seconds from
+    now, negative for an already expired secret) or ``secret_expires_at`` (epoch seconds),
+    ``certificate_pem``, ``roles`` (``{"dataverse": [...], "graph": [...]}``; default none),
+    ``public_client`` (bool).
+    """
+    unknown = set(body) - {"name", "client_id", "secret", "secret_expires_in", "secret_expires_at",
+                           "certificate_pem", "roles", "public_client"}
+    if unknown:
+        raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+    client_id = str(body.get("client_id") or uuid.uuid4())
+    try:
+        uuid.UUID(client_id)
+    except ValueError as exc:
+        raise ValueError("client_id must be a GUID") from exc
+    roles = body.get("roles") or {}
+    if not isinstance(roles, dict) or not all(
+            k in ("dataverse", "graph") and isinstance(v, list) and all(isinstance(r, str) for r in v)
+            for k, v in roles.items()):
+        raise ValueError('roles must look like {"dataverse": ["user_impersonation"], "graph": ["User.Read.All"]}')
+    app = AppRegistration(client_id, str(body.get("name") or f"app-{client_id[:8]}"),
+                          roles={k: list(v) for k, v in roles.items()},
+                          public_client=bool(body.get("public_client", False)))
+    if body.get("secret"):
+        expires_at: float | None = None
+        if body.get("secret_expires_at") is not None:
+            expires_at = float(body["secret_expires_at"])
+        elif body.get("secret_expires_in") is not None:
+            expires_at = time.time() + float(body["secret_expires_in"])
+        app.add_secret(str(body["secret"]), expires_at=expires_at)
+    if body.get("certificate_pem"):
+        pem = str(body["certificate_pem"])
+        from bridgekit.emulator.context import cert_thumbprints
+        cert_thumbprints(pem.encode())  # validates the PEM (ValueError -> 400)
+        app.certificates.append(pem)
+    return app
+
+
+def _public_app(app: AppRegistration) -> dict[str, Any]:
+    return {"client_id": app.client_id, "name": app.name, "roles": app.roles, "public_client": app.public_client,
+            "secrets": [{"hint": s.get("hint", "")[:3] + "~", "expires_at": s.get("expires_at")} for s in app.secrets],
+            "certificates": len(app.certificates)}
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return orjson.loads(orjson.dumps(value, default=str))
+    except TypeError:
+        return str(value)
+
+
+def _has_route(request: Request, prefix: str) -> bool:
+    app = request.app
+    return any(isinstance(r, Mount) and r.path == prefix for r in getattr(app, "routes", []))
+
+
+def regenerate(ctx: EmulatorContext, synth: Any, *, scale: str, seed: int) -> Any:
+    """Regenerate the synthetic company, then restore what a data reset must not lose (app registrations)."""
+    log.info("generating synthetic data: scale=%s seed=%s", scale, seed)
+    started = time.monotonic()
+    result = synth.generate(ctx.store, seed=seed, scale=scale)
+    ctx.save_apps()
+    ctx.data_error = None
+    ctx.store.set_meta("emulator.scale", scale)
+    ctx.store.set_meta("emulator.seed", seed)
+    log.info("synthetic data ready in %.1f s", time.monotonic() - started)
+    return result
+
+
+class _ServerHeader:
+    """Tag every response so a stray process on the port is not mistaken for the emulator."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-bridgekit-emulator", b"1"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def create_app(ctx: EmulatorContext) -> ASGIApp:
+    """Build the ASGI application for ``ctx``: service mounts, identity routes, admin API, fault middleware."""
+    admin = _Admin(ctx)
+    route_list: list[BaseRoute] = []
+    for module, prefix in (("dataverse", DATAVERSE_PREFIX), ("graph", GRAPH_PREFIX)):
+        mount = _service_mount(ctx, module, prefix)
+        if mount is not None:
+            route_list.append(mount)
+    route_list += [
+        Route("/_emulator/info", admin.guard(admin.info), methods=["GET"]),
+        Route("/_emulator/faults", admin.guard(admin.faults), methods=["GET", "POST"]),
+        Route("/_emulator/settings", admin.guard(admin.settings), methods=["GET", "POST"]),
+        Route("/_emulator/reset", admin.guard(admin.reset), methods=["POST"]),
+        Route("/_emulator/mutate", admin.guard(admin.mutate), methods=["POST"]),
+        Route("/_emulator/apps", admin.guard(admin.apps), methods=["GET", "POST"]),
+    ]
+    route_list += identity.routes(ctx)
+    app: ASGIApp = Starlette(routes=route_list)
+    faults, error = _optional_module("faults")
+    if faults is not None:
+        app = faults.FaultMiddleware(app, ctx)
+    elif error:
+        raise RuntimeError(f"bridgekit.emulator.faults failed to import: {error}")
+    return _ServerHeader(app)

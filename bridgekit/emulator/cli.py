@@ -1,0 +1,174 @@
+"""``bridgekit emulator ...``: start, stop, status, serve, reset, mutate, faults (thin wrappers over process/admin)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from bridgekit.emulator.process import (
+    EmulatorInfo,
+    default_home,
+    default_port,
+    serve,
+    start,
+    status,
+    stop,
+)
+from bridgekit.errors import EmulatorError
+
+__all__ = ["emulator"]
+
+_home_option = click.option("--home", type=click.Path(file_okay=False), default=None,
+                            help="Emulator data directory (default: $BRIDGEKIT_EMULATOR_HOME or the user data dir).")
+_port_option = click.option("--port", type=int, default=None,
+                            help="Port on 127.0.0.1 (default: $BRIDGEKIT_EMULATOR_PORT or 47443; 0 = any free port).")
+
+
+def _admin(info: EmulatorInfo, path: str, body: dict[str, Any] | None = None) -> Any:
+    ctx = ssl.create_default_context(cafile=info.ca_bundle)
+    data = json.dumps(body).encode() if body is not None else None
+    # The URL is always https://127.0.0.1:<port>/... built from runtime.json, never user input.
+    req = urllib.request.Request(  # noqa: S310
+        f"{info.base_url}/_emulator/{path}", data=data, method="POST" if data else "GET",
+        headers={"X-Emulator-Admin-Key": info.admin_key(),
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3600, context=ctx) as resp:  # noqa: S310 - https only
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise EmulatorError(f"the emulator answered {exc.code} to /_emulator/{path}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise EmulatorError(f"could not reach the emulator at {info.base_url}: {exc}") from exc
+
+
+def _running(home: str | None) -> EmulatorInfo:
+    info = status(home)
+    if info is None:
+        raise click.ClickException(f"no emulator is running for {home or default_home()}; "
+                                   "run `bridgekit emulator start`")
+    return info
+
+
+def _describe(info: EmulatorInfo) -> None:
+    click.echo(f"Emulator running (pid {info.pid}) at {info.base_url}")
+    click.echo(f"  authority:      {info.authority}")
+    click.echo(f"  tenant:         {info.tenant_id}")
+    click.echo(f"  Dataverse:      {info.dataverse_url}   (Web API: {info.dataverse_url}/api/data/v9.2)")
+    click.echo(f"  Graph:          {info.graph_url}   (API: {info.graph_url}/v1.0)")
+    click.echo(f"  CA certificate: {info.ca_bundle}")
+    click.echo(f"  demo client id: {info.client_id}")
+    click.echo(f"    credential:   the certificate at {info.certificate_path} (key {info.private_key_path})")
+    if info.secret_client_id:
+        click.echo(f"  secret app id:  {info.secret_client_id}")
+        click.echo("    credential:   secret from $BRIDGEKIT_EMULATOR_CLIENT_SECRET")
+    else:
+        click.echo("  secret app:     inactive (set BRIDGEKIT_EMULATOR_CLIENT_SECRET before start to enable it)")
+    click.echo(f"  home:           {info.home}")
+    click.echo(f"  log:            {info.log_path}")
+
+
+@click.group()
+def emulator() -> None:
+    """Run the local HTTPS emulator of Entra ID, Dataverse and Microsoft Graph."""
+
+
+@emulator.command("start")
+@_home_option
+@_port_option
+@click.option("--scale", default="small", show_default=True, help="Size of the synthetic company made on first start.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Seed for the synthetic company and tenant ids.")
+def start_cmd(home: str | None, port: int | None, scale: str, seed: int) -> None:
+    """Start the emulator in the background (or show the one already running)."""
+    _describe(start(home, port, scale=scale, seed=seed))
+
+
+@emulator.command("stop")
+@_home_option
+def stop_cmd(home: str | None) -> None:
+    """Stop the background emulator."""
+    click.echo("Emulator stopped." if stop(home) else "No emulator was running.")
+
+
+@emulator.command("status")
+@_home_option
+def status_cmd(home: str | None) -> None:
+    """Say whether the emulator is running, and where."""
+    info = status(home)
+    if info is None:
+        click.echo(f"No emulator is running for {home or default_home()}.")
+        raise SystemExit(1)
+    _describe(info)
+
+
+@emulator.command("serve")
+@_home_option
+@_port_option
+@click.option("--scale", default="small", show_default=True, help="Size of the synthetic company made on first start.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Seed for the synthetic company and tenant ids.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Log level for the emulator log.")
+@click.option("--access-log/--no-access-log", default=False, show_default=True,
+              help="Log one line per request (paths only; never headers or bodies).")
+def serve_cmd(home: str | None, port: int | None, scale: str, seed: int, log_level: str, access_log: bool) -> None:
+    """Run the emulator in the foreground (Ctrl-C stops it)."""
+    serve(home, default_port() if port is None else port, scale, seed, log_level=log_level, access_log=access_log)
+
+
+@emulator.command("reset")
+@_home_option
+@click.option("--scale", default=None, help="Size of the regenerated company (default: the current one).")
+@click.option("--seed", default=None, type=int, help="Seed for the regenerated company (default: the current one).")
+def reset_cmd(home: str | None, scale: str | None, seed: int | None) -> None:
+    """Throw away all data and regenerate the synthetic company (delta tokens become invalid)."""
+    body: dict[str, Any] = {}
+    if scale:
+        body["scale"] = scale
+    if seed is not None:
+        body["seed"] = seed
+    result = _admin(_running(home), "reset", body)
+    click.echo(f"Regenerated scale={result['scale']} seed={result['seed']} in {result['seconds']} s.")
+
+
+@emulator.command("mutate")
+@_home_option
+@click.option("--creates", default=0, show_default=True, type=int, help="Records to create.")
+@click.option("--updates", default=0, show_default=True, type=int, help="Records to update.")
+@click.option("--deletes", default=0, show_default=True, type=int, help="Records to delete.")
+@click.option("--seed", default=None, type=int, help="Seed for choosing what changes (default: random).")
+def mutate_cmd(home: str | None, creates: int, updates: int, deletes: int, seed: int | None) -> None:
+    """Simulate live activity: create, update and delete records across Dataverse and Graph."""
+    result = _admin(_running(home), "mutate", {"creates": creates, "updates": updates, "deletes": deletes,
+                                               "seed": seed})
+    click.echo(json.dumps(result["result"], indent=2))
+
+
+@emulator.command("faults")
+@_home_option
+@click.option("--throttle-rate", type=click.FloatRange(0, 1), default=None, help="Fraction of calls answered 429.")
+@click.option("--error-rate", type=click.FloatRange(0, 1), default=None, help="Fraction of calls answered 503.")
+@click.option("--latency-ms", type=click.IntRange(0), default=None, help="Delay added to every call.")
+@click.option("--drop-rate", type=click.FloatRange(0, 1), default=None,
+              help="Fraction of connections closed without an answer.")
+@click.option("--retry-after", type=click.IntRange(0), default=None,
+              help="Retry-After seconds on injected 429/503 (default 1).")
+@click.option("--expire-deltas/--keep-deltas", default=None,
+              help="Make every delta / change-tracking token expired (forces a resync).")
+@click.option("--clear", is_flag=True, help="Remove all faults first.")
+def faults_cmd(home: str | None, throttle_rate: float | None, error_rate: float | None, latency_ms: int | None,
+               drop_rate: float | None, retry_after: int | None, expire_deltas: bool | None, clear: bool) -> None:
+    """Show or set injected faults for the Dataverse and Graph endpoints."""
+    body: dict[str, Any] = {"clear": clear} if clear else {}
+    for key, value in (("throttle_rate", throttle_rate), ("error_5xx_rate", error_rate),
+                       ("latency_ms", latency_ms), ("drop_rate", drop_rate), ("retry_after_s", retry_after),
+                       ("force_delta_expiry", expire_deltas)):
+        if value is not None:
+            body[key] = value
+    result = _admin(_running(home), "faults", body if body else None)
+    for key, value in result.items():
+        click.echo(f"{key:20} {value}")
