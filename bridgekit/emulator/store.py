@@ -131,6 +131,10 @@ class Store:
                 yield self._conn()
             return
         conn = self._conn()
+        if conn.in_transaction:
+            # Inside this thread's write transaction: read through it (sees its own writes).
+            yield conn
+            return
         conn.execute("BEGIN")
         try:
             yield conn
