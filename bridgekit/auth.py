@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -72,6 +73,18 @@ def is_microsoft_host(url: str) -> bool:
 def resource_scope(resource_url: str) -> str:
     """The client-credentials scope for a resource: ``https://org.crm.dynamics.com/.default``."""
     return resource_url.rstrip("/") + "/.default"
+
+
+def _embedded_json(text: str) -> dict[str, Any] | None:
+    """The OAuth error object MSAL quotes inside an exception message, if any."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(text[start:])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "error" in data else None
 
 
 def _hints(profile: Profile | None) -> dict[str, str]:
@@ -340,7 +353,18 @@ class TokenProvider:
         if isinstance(exc, requests.exceptions.HTTPError):
             return TransientError(f"the identity service failed: {exc}", service="identity")
         text = redact(str(exc))
-        match = _AADSTS.search(text)
+        # MSAL wraps the discovery failure ("OIDC Discovery failed ... AADSTS90002 ...") in a generic
+        # ValueError; the AADSTS code is in the chained exception.
+        chain, item = [], exc
+        while item is not None and len(chain) < 5:
+            chain.append(redact(str(item)))
+            item = item.__cause__ or item.__context__
+        match = next((m for m in (_AADSTS.search(t) for t in chain) if m), None)
+        if match:
+            text = next(t for t in chain if match.group(0) in t)
+            body = _embedded_json(text)
+            if body is not None:
+                return auth_error(body, profile=self.profile)
         if match:
             return auth_error({"error": "invalid_request", "error_description": text,
                                "error_codes": [int(match.group(1))]}, profile=self.profile)

@@ -463,6 +463,11 @@ class ServiceSession:
             raise ApiError(f"{self.service} GET {redact(_short_url(response.url))}: response is not JSON",
                            status=response.status_code, service=self.service) from exc
 
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` (the session's clock: tests substitute it)."""
+        if seconds > 0:
+            self._sleep(seconds)
+
     def close(self) -> None:
         """Close pooled connections."""
         self.session.close()
