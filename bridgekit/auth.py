@@ -355,7 +355,8 @@ class TokenProvider:
         text = redact(str(exc))
         # MSAL wraps the discovery failure ("OIDC Discovery failed ... AADSTS90002 ...") in a generic
         # ValueError; the AADSTS code is in the chained exception.
-        chain, item = [], exc
+        chain: list[str] = []
+        item: BaseException | None = exc
         while item is not None and len(chain) < 5:
             chain.append(redact(str(item)))
             item = item.__cause__ or item.__context__
