@@ -1,0 +1,865 @@
+"""The DuckDB warehouse: files, connections, schema bootstrap and migrations, staging, merges and bookkeeping.
+
+Design (why it looks like this)
+-------------------------------
+DuckDB lets one *process* open a database file read-write, and a read-write connection locks the file
+exclusively (readers in other processes cannot even open it read-only meanwhile). A sync that held the
+warehouse open for its whole run would lock every notebook out, and a sync killed mid-run would leave
+whatever it had written. So a warehouse is three files side by side::
+
+    <name>.duckdb             the warehouse readers see: schemas ``dataverse``, ``graph``, ``bridgekit``
+    <name>.staging.duckdb     owned by the running sync: the pages of the current run, checkpointed
+    <name>.duckdb.sync.lock   an advisory lock (flock) holding the sync's pid: one sync per warehouse
+
+* **Staging, page by page.** Each page a sync fetches is written to the staging file together with the
+  position reached (the next link of its partition) in *one* DuckDB transaction
+  (:meth:`Staging.write_page`). A sync killed at any instant (SIGKILL included) restarts from the last
+  committed position: the page it was fetching is fetched again, nothing is lost or staged twice.
+* **Merge, one short transaction per run.** When the tables of a run are fetched, :meth:`Staging.merge`
+  attaches the warehouse read-write, applies every fetched table (a full load replaces the table, a
+  delta deletes and re-inserts the touched keys), records ``bridgekit.sync_state`` (the new delta link)
+  and ``bridgekit.sync_runs`` in the *same* transaction, commits and detaches. Readers see the state
+  before or after a run, never half of it. The staging rows are cleared afterwards; if the process dies
+  between the two, the next run sees in ``sync_state.stage_id`` that the merge already happened.
+* **Readers retry.** ``bridgekit sql``, :meth:`Warehouse.sql` and notebooks open the warehouse read-only
+  for the duration of one query; while a merge holds the file they back off and retry, and a merge
+  that finds readers in the file retries likewise (:data:`LOCK_TIMEOUT_S` each).
+* **Schema from metadata.** Tables are created from a :class:`TableSpec` (column types derived from
+  Dataverse attribute metadata / Graph resource definitions by the sync engine). A new column is added,
+  a widened type is widened (``ALTER COLUMN ... TYPE``), nothing is dropped.
+
+Staged values arrive as Arrow batches in *carrier* types (strings for UUIDs, timestamps and JSON, floats
+for decimals) and are cast to the column types by DuckDB on insert, so bad data fails at the page that
+brought it, and Python never parses a timestamp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from bridgekit.errors import SyncError, WarehouseError
+
+__all__ = [
+    "BOOKKEEPING_SCHEMA",
+    "LOCK_TIMEOUT_S",
+    "META_COLUMNS",
+    "Column",
+    "MergeCounts",
+    "RunRecord",
+    "StageState",
+    "Staging",
+    "SyncLock",
+    "TableSpec",
+    "Warehouse",
+    "quote",
+]
+
+log = logging.getLogger("bridgekit.warehouse")
+
+BOOKKEEPING_SCHEMA = "bridgekit"
+#: How long a reader or a merge waits for the other side to release the warehouse file.
+LOCK_TIMEOUT_S = 60.0
+_STAGE_ALIAS = "wh"
+_OP_UPSERT, _OP_DELETE = 0, 1
+
+
+def quote(name: str) -> str:
+    """A DuckDB identifier, double-quoted (names come from service metadata, so never trust them)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Column:
+    """One warehouse column: name and DuckDB type (``UUID``, ``VARCHAR``, ``DECIMAL(38,4)``, ``JSON`` ...)."""
+
+    name: str
+    type: str
+
+
+#: bridgekit's per-row columns, after the data columns of every synced table.
+META_COLUMNS: tuple[Column, ...] = (
+    Column("_bk_version", "VARCHAR"),      # the row's version as served (Dataverse versionnumber / etag)
+    Column("_bk_synced_at", "TIMESTAMPTZ"),  # when the merge that wrote the row committed
+    Column("_bk_run_id", "VARCHAR"),       # the sync run that wrote the row
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """The shape of one mirrored table.
+
+    Attributes:
+        schema: ``dataverse`` or ``graph``.
+        name: The Dataverse logical name or Graph resource name.
+        key: The primary-key column (unique per row).
+        columns: The data columns, key included, in order (no ``_bk_`` columns).
+        labels: Option-set labels per choice column (column -> value -> label), for
+            ``bridgekit.option_labels``.
+    """
+
+    schema: str
+    name: str
+    key: str
+    columns: tuple[Column, ...]
+    labels: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """``schema.name``: how the bookkeeping tables and reports name the table."""
+        return f"{self.schema}.{self.name}"
+
+    def to_json(self) -> str:
+        """Serialise (stored with a staged table so a resumed run uses the same shape)."""
+        return json.dumps({"schema": self.schema, "name": self.name, "key": self.key,
+                           "columns": [[c.name, c.type] for c in self.columns],
+                           "labels": {k: {str(v): lab for v, lab in m.items()} for k, m in self.labels.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> TableSpec:
+        """The inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        return cls(d["schema"], d["name"], d["key"], tuple(Column(n, t) for n, t in d["columns"]),
+                   {k: {int(v): lab for v, lab in m.items()} for k, m in d.get("labels", {}).items()})
+
+
+@dataclass
+class MergeCounts:
+    """What a merge changed in one table."""
+
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    rows: int = 0  # rows in the table after the merge
+
+
+@dataclass
+class RunRecord:
+    """One ``bridgekit.sync_runs`` row (one table in one run)."""
+
+    run_id: str
+    table: str
+    mode: str  # full | delta | skipped
+    started_at: datetime
+    ended_at: datetime
+    status: str  # ok | error | skipped | pending
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    fetched: int = 0
+    pages: int = 0
+    resynced: bool = False
+    error: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class StageState:
+    """A table's in-progress fetch in the staging file."""
+
+    table: str
+    stage_id: str
+    run_id: str
+    mode: str  # full | delta
+    resynced: bool
+    spec: TableSpec
+    base_token: str | None  # the delta link a delta fetch started from
+    token: str | None  # the delta link to store after the merge (known once fetched)
+    status: str  # fetching | fetched
+    started_at: datetime
+    pages: int
+    fetched: int
+    cursors: dict[int, str | None]  # partition -> next position (None: partition done)
+    message: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """True when every partition reached its end."""
+        return all(c is None for c in self.cursors.values())
+
+
+# -- migrations -----------------------------------------------------------------------------------------
+
+_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "bookkeeping tables", (
+        "CREATE SCHEMA IF NOT EXISTS {b}",
+        "CREATE SCHEMA IF NOT EXISTS dataverse",
+        "CREATE SCHEMA IF NOT EXISTS graph",
+        "CREATE TABLE IF NOT EXISTS {b}.sync_state (table_name VARCHAR NOT NULL, source VARCHAR, "
+        "delta_link VARCHAR, phase VARCHAR, stage_id VARCHAR, last_run_id VARCHAR, last_status VARCHAR, "
+        "last_started_at TIMESTAMPTZ, last_ended_at TIMESTAMPTZ, row_count BIGINT, spec JSON, "
+        "updated_at TIMESTAMPTZ)",
+        "CREATE TABLE IF NOT EXISTS {b}.sync_runs (run_id VARCHAR NOT NULL, table_name VARCHAR NOT NULL, "
+        "mode VARCHAR, started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, duration_s DOUBLE, created BIGINT, "
+        "updated BIGINT, deleted BIGINT, fetched BIGINT, pages BIGINT, resynced BOOLEAN, status VARCHAR, "
+        "error VARCHAR, message VARCHAR)",
+        "CREATE TABLE IF NOT EXISTS {b}.option_labels (table_name VARCHAR NOT NULL, column_name VARCHAR "
+        "NOT NULL, value INTEGER NOT NULL, label VARCHAR)",
+    )),
+)
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
+
+def _migrate(conn: duckdb.DuckDBPyConnection, db: str | None = None) -> None:
+    """Apply pending migrations (in the caller's transaction) to the database ``db`` (default: main)."""
+    prefix = f"{quote(db)}." if db else ""
+    b = f"{prefix}{BOOKKEEPING_SCHEMA}"
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {b}")
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {b}._migrations (version INTEGER NOT NULL, name VARCHAR, "
+                 "applied_at TIMESTAMPTZ)")
+    row = conn.execute(f"SELECT max(version) FROM {b}._migrations").fetchone()
+    current = int(row[0]) if row and row[0] is not None else 0
+    for version, name, statements in _MIGRATIONS:
+        if version <= current:
+            continue
+        for stmt in statements:
+            sql = stmt.format(b=b)
+            if db:
+                # Unqualified schema names in the migration text live in the attached database.
+                sql = re.sub(r"SCHEMA IF NOT EXISTS (dataverse|graph)$", rf"SCHEMA IF NOT EXISTS {prefix}\1", sql)
+            conn.execute(sql)
+        conn.execute(f"INSERT INTO {b}._migrations VALUES (?, ?, ?)", [version, name, _now()])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Could not set lock" in text or "Conflicting lock" in text
+
+
+def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> None:
+    # Timestamps without an offset (Graph's dateTimeTimeZone values after shaping) are UTC.
+    conn.execute("SET TimeZone = 'UTC'")
+    if memory_limit:
+        conn.execute(f"SET memory_limit = '{memory_limit}'")
+
+
+# -- the lock ---------------------------------------------------------------------------------------------
+
+
+class SyncLock:
+    """An advisory, crash-safe lock on a warehouse: one sync at a time.
+
+    ``flock`` is released by the kernel when the holder dies (even SIGKILL), so a stale lock file never
+    blocks the next sync; the pid written in it only serves the error message.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`SyncError` naming the holder's pid."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SyncError(f"another sync (pid {holder}) is running on this warehouse ({self.path.name})",
+                            hint="wait for it to finish, or stop it; readers (bridgekit sql) are not "
+                                 "affected") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SyncLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# -- the warehouse (readers' side) -------------------------------------------------------------------------
+
+
+class Warehouse:
+    """A bridgekit DuckDB warehouse file and its staging and lock files.
+
+    Example:
+        >>> wh = Warehouse("/tmp/demo.duckdb")                     # doctest: +SKIP
+        >>> wh.sql("select count(*) as n from dataverse.account")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, *, lock_timeout: float = LOCK_TIMEOUT_S,
+                 memory_limit: str | None = "512MB") -> None:
+        self.path = Path(path).expanduser()
+        self.lock_timeout = lock_timeout
+        self.memory_limit = memory_limit
+
+    @property
+    def staging_path(self) -> Path:
+        """The sync process's staging file."""
+        return self.path.with_name(self.path.stem + ".staging" + (self.path.suffix or ".duckdb"))
+
+    @property
+    def lock_path(self) -> Path:
+        """The one-sync-at-a-time lock file."""
+        return self.path.with_name(self.path.name + ".sync.lock")
+
+    def exists(self) -> bool:
+        """True once a sync (or :meth:`bootstrap`) created the file."""
+        return self.path.exists()
+
+    def bootstrap(self) -> None:
+        """Create the file and the bookkeeping tables (idempotent; takes the write lock briefly)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._retry_open(read_only=False) as conn:
+            conn.execute("BEGIN")
+            _migrate(conn)
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _retry_open(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                conn = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise WarehouseError(f"cannot open warehouse {self.path}: {exc}", path=str(self.path),
+                                         hint="check the file is a DuckDB database and readable") from exc
+                if time.monotonic() >= deadline:
+                    raise WarehouseError(f"warehouse {self.path} stayed locked for {self.lock_timeout:.0f}s",
+                                         path=str(self.path),
+                                         hint="a sync merge or another writer holds it; retry, or stop "
+                                              "the other process") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            _configure(conn, self.memory_limit)
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-only connection; waits (with backoff) while a sync merge holds the file.
+
+        Keep it brief: while it is open, a sync's merge waits for it.
+
+        Raises:
+            WarehouseError: the warehouse does not exist yet, or stayed locked past ``lock_timeout``.
+        """
+        if not self.exists():
+            raise WarehouseError(f"no warehouse at {self.path} yet", path=str(self.path),
+                                 hint="run `bridgekit sync` first")
+        with self._retry_open(read_only=True) as conn:
+            yield conn
+
+    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:
+        """Run a read-only query and return a pandas DataFrame.
+
+        Raises:
+            WarehouseError: bad SQL, missing table, or the warehouse stayed locked.
+        """
+        with self.reader() as conn:
+            try:
+                return conn.execute(query, params).df()
+            except duckdb.Error as exc:
+                raise WarehouseError(f"query failed: {exc}", path=str(self.path),
+                                     hint="list tables with: select * from duckdb_tables()") from exc
+
+    def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
+        """Like :meth:`sql` but returns an Arrow table."""
+        with self.reader() as conn:
+            try:
+                result: pa.Table = conn.execute(query, params).to_arrow_table()
+            except duckdb.Error as exc:
+                raise WarehouseError(f"query failed: {exc}", path=str(self.path)) from exc
+            return result
+
+    def tables(self) -> list[str]:
+        """``schema.table`` of every mirrored table."""
+        with self.reader() as conn:
+            rows = conn.execute("SELECT schema_name, table_name FROM duckdb_tables() "
+                                "WHERE schema_name IN ('dataverse', 'graph') ORDER BY 1, 2").fetchall()
+        return [f"{s}.{t}" for s, t in rows]
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """``bridgekit.sync_state`` by table (empty before the first sync)."""
+        if not self.exists():
+            return {}
+        with self.reader() as conn:
+            has = conn.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND "
+                               "table_name = 'sync_state'", [BOOKKEEPING_SCHEMA]).fetchone()
+            if not has or not has[0]:
+                return {}
+            cur = conn.execute(f"SELECT * FROM {BOOKKEEPING_SCHEMA}.sync_state")
+            names = [d[0] for d in cur.description]
+            return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+    def export(self, to: str | Path, *, format: str = "parquet", tables: Sequence[str] | None = None) -> list[Path]:
+        """Write each mirrored table to ``to/<schema>/<table>`` as Parquet or a Delta table.
+
+        Tables stream out as Arrow record batches, so memory stays flat.
+
+        Returns:
+            The paths written.
+        """
+        if format not in ("parquet", "delta"):
+            raise WarehouseError(f"unknown export format {format!r}", hint="use parquet or delta")
+        out = Path(to).expanduser()
+        names = list(tables) if tables else self.tables()
+        written: list[Path] = []
+        for name in names:
+            schema, _, table = name.partition(".")
+            target = out / schema / (table + (".parquet" if format == "parquet" else ""))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.reader() as conn:
+                select = f"SELECT * FROM {quote(schema)}.{quote(table)}"
+                if format == "parquet":
+                    conn.execute(f"COPY ({select}) TO '{_sql_string(str(target))}' (FORMAT parquet)")
+                else:
+                    from deltalake import write_deltalake
+
+                    reader = conn.execute(_delta_select(conn, schema, table)).to_arrow_reader()
+                    write_deltalake(str(target), reader, mode="overwrite", schema_mode="overwrite")
+            written.append(target)
+        return written
+
+    def staging(self) -> Staging:
+        """Open the staging file read-write (only the sync process holding :meth:`lock` may)."""
+        return Staging(self)
+
+    def lock(self) -> SyncLock:
+        """The one-sync-per-warehouse lock."""
+        return SyncLock(self.lock_path)
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _delta_select(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> str:
+    """SELECT for a Delta export: Delta has no UUID or JSON type, so those become strings."""
+    cols = conn.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND "
+                        "table_name = ? ORDER BY column_index", [schema, table]).fetchall()
+    parts = []
+    for name, typ in cols:
+        if typ in ("UUID", "JSON"):
+            parts.append(f"CAST({quote(name)} AS VARCHAR) AS {quote(name)}")
+        else:
+            parts.append(quote(name))
+    return f"SELECT {', '.join(parts)} FROM {quote(schema)}.{quote(table)}"
+
+
+# -- types ---------------------------------------------------------------------------------------------------
+
+_INT_RANK = {"TINYINT": 1, "SMALLINT": 2, "INTEGER": 3, "BIGINT": 4, "HUGEINT": 5}
+_DECIMAL = re.compile(r"DECIMAL\((\d+),\s*(\d+)\)")
+
+
+def widen(old: str, new: str) -> str | None:
+    """The type to alter an existing ``old`` column to when metadata now says ``new`` (None: keep).
+
+    Widening only: integers grow, decimals gain scale/precision, numbers may become DOUBLE or VARCHAR.
+    A narrowing or unrelated change keeps the existing type (values still cast on insert).
+    """
+    o, n = old.upper().replace("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ"), new.upper()
+    if o == n:
+        return None
+    if o in _INT_RANK and n in _INT_RANK:
+        return n if _INT_RANK[n] > _INT_RANK[o] else None
+    mo, mn = _DECIMAL.fullmatch(o), _DECIMAL.fullmatch(n)
+    if mo and mn:
+        p, s = max(int(mo[1]), int(mn[1])), max(int(mo[2]), int(mn[2]))
+        return f"DECIMAL({p},{s})" if (p, s) != (int(mo[1]), int(mo[2])) else None
+    if (o in _INT_RANK or mo) and (mn or n == "DOUBLE"):
+        return n
+    if o == "DATE" and n == "TIMESTAMPTZ":
+        return n
+    if n == "VARCHAR" and o not in ("JSON",) and not o.endswith("[]"):
+        return n
+    return None
+
+
+def carrier(duck_type: str) -> pa.DataType:
+    """The Arrow type a staged value travels in before DuckDB casts it to ``duck_type``."""
+    t = duck_type.upper()
+    if t in _INT_RANK:
+        return pa.int64()
+    if t in ("DOUBLE", "FLOAT", "REAL") or t.startswith("DECIMAL"):
+        return pa.float64()
+    if t == "BOOLEAN":
+        return pa.bool_()
+    if t.endswith("[]"):
+        return pa.list_(carrier(t[:-2]))
+    return pa.string()  # UUID, VARCHAR, JSON, DATE, TIMESTAMPTZ: DuckDB parses the text
+
+
+# -- staging (the sync process's side) --------------------------------------------------------------------
+
+
+def _stage_table(table_id: str) -> str:
+    return quote("s_" + table_id.replace(".", "__"))
+
+
+_STAGING_DDL = (
+    "CREATE TABLE IF NOT EXISTS stage_tables (table_name VARCHAR NOT NULL, stage_id VARCHAR, run_id VARCHAR, "
+    "mode VARCHAR, resynced BOOLEAN, spec VARCHAR, base_token VARCHAR, token VARCHAR, status VARCHAR, "
+    "started_at TIMESTAMPTZ, pages BIGINT, fetched BIGINT, message VARCHAR)",
+    "CREATE TABLE IF NOT EXISTS stage_cursors (table_name VARCHAR NOT NULL, part INTEGER NOT NULL, "
+    "cursor VARCHAR)",
+)
+
+
+class Staging:
+    """The staging file of one sync process: checkpointed pages and positions, and the merge.
+
+    Only the process holding the warehouse's :class:`SyncLock` opens it.
+    """
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        self.warehouse = warehouse
+        path = warehouse.staging_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = duckdb.connect(str(path))
+        except duckdb.Error as exc:
+            raise SyncError(f"cannot open the staging file {path}: {exc}",
+                            hint="another sync may be running on this warehouse") from exc
+        _configure(self.conn, warehouse.memory_limit)
+        # Staged rows are re-ordered by key at merge time anyway; not preserving order saves memory.
+        self.conn.execute("SET preserve_insertion_order = false")
+        for ddl in _STAGING_DDL:
+            self.conn.execute(ddl)
+
+    def close(self) -> None:
+        """Close the staging connection."""
+        self.conn.close()
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state ---------------------------------------------------------------------------------------
+    def get(self, table_id: str) -> StageState | None:
+        """The staged state of ``table_id`` or None when nothing is in progress."""
+        row = self.conn.execute("SELECT stage_id, run_id, mode, resynced, spec, base_token, token, status, "
+                                "started_at, pages, fetched, message FROM stage_tables WHERE table_name = ?",
+                                [table_id]).fetchone()
+        if row is None:
+            return None
+        cursors = {int(p): c for p, c in self.conn.execute(
+            "SELECT part, cursor FROM stage_cursors WHERE table_name = ? ORDER BY part", [table_id]).fetchall()}
+        return StageState(table_id, row[0], row[1], row[2], bool(row[3]), TableSpec.from_json(row[4]), row[5],
+                          row[6], row[7], row[8], int(row[9]), int(row[10]), cursors, row[11])
+
+    def begin(self, spec: TableSpec, *, run_id: str, mode: str, cursors: Sequence[str | None],
+              base_token: str | None = None, token: str | None = None, resynced: bool = False,
+              message: str | None = None) -> StageState:
+        """Start staging ``spec`` afresh (dropping anything staged before) from the given positions."""
+        tid = spec.id
+        st = _stage_table(tid)
+        cols = ", ".join(f"{quote(c.name)} {c.type}" for c in spec.columns)
+        self.conn.execute("BEGIN")
+        try:
+            self._drop(tid)
+            self.conn.execute(f"CREATE TABLE {st} ({cols}, _bk_version VARCHAR, _bk_op UTINYINT, "
+                              "_bk_seq BIGINT)")
+            self.conn.execute("INSERT INTO stage_tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'fetching', ?, 0, 0, ?)",
+                              [tid, uuid.uuid4().hex, run_id, mode, resynced, spec.to_json(), base_token, token,
+                               _now(), message])
+            for i, cur in enumerate(cursors):
+                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?)", [tid, i, cur])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        state = self.get(tid)
+        assert state is not None
+        return state
+
+    def _drop(self, table_id: str) -> None:
+        self.conn.execute(f"DROP TABLE IF EXISTS {_stage_table(table_id)}")
+        self.conn.execute("DELETE FROM stage_tables WHERE table_name = ?", [table_id])
+        self.conn.execute("DELETE FROM stage_cursors WHERE table_name = ?", [table_id])
+
+    def discard(self, table_id: str) -> None:
+        """Forget a staged table (a resync restarts it; a finished merge clears it)."""
+        self.conn.execute("BEGIN")
+        self._drop(table_id)
+        self.conn.execute("COMMIT")
+
+    def write_page(self, state: StageState, part: int, rows: pa.Table | None, deletes: Sequence[str],
+                   versions: Sequence[str | None] | None, next_cursor: str | None, *,
+                   token: str | None = None) -> None:
+        """Stage one page and the position reached, atomically (the checkpoint).
+
+        Args:
+            state: The table's stage state (updated in place).
+            part: The partition the page belongs to.
+            rows: Upserted rows in carrier types (columns named as the spec's), or None.
+            deletes: Keys of deleted rows.
+            versions: Each upserted row's version string (or None).
+            next_cursor: The partition's next position, None when the partition is finished.
+            token: The delta link, when this page carried it.
+        """
+        spec = state.spec
+        st = _stage_table(spec.id)
+        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
+        self.conn.execute("BEGIN")
+        try:
+            if rows is not None and rows.num_rows:
+                # The sequence is built here, not with row_number(): a page may repeat a key (Graph
+                # delta replays) and the later occurrence must win.
+                batch = rows.append_column("_bk_version", pa.array(
+                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string()))
+                batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
+                self.conn.register("_bk_page", batch)
+                casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
+                self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
+                                  "FROM _bk_page p")
+                self.conn.unregister("_bk_page")
+            if deletes:
+                key = next(c for c in spec.columns if c.name == spec.key)
+                # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
+                first = seq0 + (1 << 19)
+                dels = pa.table({"k": pa.array(list(deletes), pa.string()),
+                                 "s": pa.array(range(first, first + len(deletes)), pa.int64())})
+                self.conn.register("_bk_dels", dels)
+                self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
+                                  f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
+                self.conn.unregister("_bk_dels")
+            n = (rows.num_rows if rows is not None else 0) + len(deletes)
+            self.conn.execute("UPDATE stage_cursors SET cursor = ? WHERE table_name = ? AND part = ?",
+                              [next_cursor, spec.id, part])
+            self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ?, "
+                              "token = coalesce(?, token) WHERE table_name = ?", [n, token, spec.id])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        state.pages += 1
+        state.fetched += n
+        state.cursors[part] = next_cursor
+        if token:
+            state.token = token
+
+    def mark_fetched(self, state: StageState, token: str | None) -> None:
+        """Record that every page is staged (and the delta link to keep); the table awaits its merge."""
+        self.conn.execute("UPDATE stage_tables SET status = 'fetched', token = coalesce(?, token) "
+                          "WHERE table_name = ?", [token, state.table])
+        state.status = "fetched"
+        if token:
+            state.token = token
+
+    def pending(self) -> list[StageState]:
+        """Every staged table (fetching or fetched)."""
+        names = [r[0] for r in self.conn.execute("SELECT table_name FROM stage_tables ORDER BY 1").fetchall()]
+        return [s for s in (self.get(n) for n in names) if s is not None]
+
+    # -- merge ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[None]:
+        wh = self.warehouse
+        wh.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wh.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                self.conn.execute(f"ATTACH '{_sql_string(str(wh.path))}' AS {_STAGE_ALIAS}")
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise WarehouseError(f"cannot open warehouse {wh.path}: {exc}", path=str(wh.path)) from exc
+                if time.monotonic() >= deadline:
+                    raise WarehouseError(f"warehouse {wh.path} stayed busy with readers for "
+                                         f"{wh.lock_timeout:.0f}s; the sync's data is staged and will be "
+                                         "merged by the next run", path=str(wh.path),
+                                         hint="close long-running notebook connections to the warehouse "
+                                              "and run the sync again") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        try:
+            yield
+        finally:
+            self.conn.execute(f"DETACH {_STAGE_ALIAS}")
+
+    def merge(self, states: Sequence[StageState], records: Sequence[RunRecord], *, run_id: str,
+              source: str = "") -> dict[str, MergeCounts]:
+        """Apply fetched tables to the warehouse and record the run, in one transaction.
+
+        Args:
+            states: Fetched tables to apply (``status == 'fetched'``).
+            records: ``sync_runs`` rows for this run; those of merged tables get their counts filled in.
+            run_id: The run applying them.
+            source: Free text stored in ``sync_state.source`` (e.g. the profile name).
+
+        Returns:
+            Counts per merged table id.
+        """
+        counts: dict[str, MergeCounts] = {}
+        by_table = {r.table: r for r in records}
+        with self._attached():
+            self.conn.execute("BEGIN")
+            try:
+                _migrate(self.conn, _STAGE_ALIAS)
+                done = dict(self.conn.execute(
+                    f"SELECT table_name, stage_id FROM {_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.sync_state").fetchall())
+                now = _now()
+                for state in states:
+                    if done.get(state.table) == state.stage_id:
+                        continue  # merged by an earlier process that died before clearing its staging
+                    c = self._apply(state, run_id=run_id, now=now)
+                    counts[state.table] = c
+                    rec = by_table.get(state.table)
+                    if rec is not None:
+                        rec.created, rec.updated, rec.deleted = c.created, c.updated, c.deleted
+                    self._record_state(state, c, run_id=run_id, now=now, source=source,
+                                       started=rec.started_at if rec else state.started_at)
+                for rec in records:
+                    self._record_run(rec)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+        for state in states:
+            self.discard(state.table)
+        return counts
+
+    def record(self, records: Sequence[RunRecord]) -> None:
+        """Record runs that merged nothing (errors, skips)."""
+        if records:
+            self.merge([], records, run_id=records[0].run_id)
+
+    def _columns(self, spec: TableSpec) -> dict[str, str] | None:
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? AND schema_name = ? "
+            "AND table_name = ? ORDER BY column_index", [_STAGE_ALIAS, spec.schema, spec.name]).fetchall()
+        return {n: t for n, t in rows} if rows else None
+
+    def _apply(self, state: StageState, *, run_id: str, now: datetime) -> MergeCounts:
+        spec = state.spec
+        target = f"{_STAGE_ALIAS}.{quote(spec.schema)}.{quote(spec.name)}"
+        k = quote(spec.key)
+        st = _stage_table(spec.id)
+        latest = (f"(SELECT * FROM {st} QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1)")
+        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_STAGE_ALIAS}.{quote(spec.schema)}")
+        old = self._columns(spec)
+        meta = "_bk_version, CAST(? AS TIMESTAMPTZ) AS _bk_synced_at, CAST(? AS VARCHAR) AS _bk_run_id"
+        data_names = [c.name for c in spec.columns]
+        c = MergeCounts()
+        if state.mode == "full":
+            final = {col.name: col.type for col in spec.columns}
+            if old is not None:
+                for col in spec.columns:
+                    if col.name in old:
+                        final[col.name] = widen(old[col.name], col.type) or old[col.name]
+            select = [f"CAST({quote(n)} AS {t}) AS {quote(n)}" for n, t in final.items()]
+            kept = [n for n in (old or {}) if n not in final and not n.startswith("_bk_")]
+            select += [f"CAST(NULL AS {old[n]}) AS {quote(n)}" for n in kept] if old else []
+            if old is not None:
+                common = ", ".join(quote(n) for n in data_names if n in old)
+                c.created = _scalar(self.conn, f"SELECT count(*) FROM {latest} n ANTI JOIN {target} o USING ({k}) "
+                                    f"WHERE n._bk_op = {_OP_UPSERT}")
+                c.deleted = _scalar(self.conn, f"SELECT count(*) FROM {target} o ANTI JOIN (SELECT {k} FROM "
+                                    f"{latest} WHERE _bk_op = {_OP_UPSERT}) n USING ({k})")
+                changed = _scalar(self.conn, f"SELECT count(*) FROM (SELECT {common} FROM {latest} WHERE "
+                                  f"_bk_op = {_OP_UPSERT} EXCEPT SELECT {common} FROM {target})")
+                c.updated = max(changed - c.created, 0)
+            self.conn.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {', '.join(select)}, {meta} "
+                              f"FROM {latest} WHERE _bk_op = {_OP_UPSERT}", [now, run_id])
+            if old is None:
+                c.created = _scalar(self.conn, f"SELECT count(*) FROM {target}")
+        else:
+            if old is None:
+                cols = ", ".join(f"{quote(col.name)} {col.type}" for col in (*spec.columns, *META_COLUMNS))
+                self.conn.execute(f"CREATE TABLE {target} ({cols})")
+                old = {col.name: col.type for col in (*spec.columns, *META_COLUMNS)}
+            self._evolve(target, old, spec)
+            row = self.conn.execute(
+                f"SELECT count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NULL), "
+                f"count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NOT NULL), "
+                f"count(*) FILTER (WHERE n._bk_op = {_OP_DELETE} AND o.{k} IS NOT NULL) "
+                f"FROM {latest} n LEFT JOIN (SELECT DISTINCT {k} FROM {target}) o USING ({k})").fetchone()
+            assert row is not None
+            c.created, c.updated, c.deleted = (int(v or 0) for v in row)
+            self.conn.execute(f"DELETE FROM {target} WHERE {k} IN (SELECT {k} FROM {st})")
+            names = ", ".join(quote(n) for n in data_names)
+            self.conn.execute(f"INSERT INTO {target} ({names}, _bk_version, _bk_synced_at, _bk_run_id) "
+                              f"SELECT {names}, {meta} FROM {latest} WHERE _bk_op = {_OP_UPSERT}", [now, run_id])
+        c.rows = _scalar(self.conn, f"SELECT count(*) FROM {target}")
+        # Option-set labels, replaced wholesale with what the metadata says now.
+        self.conn.execute(f"DELETE FROM {_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels WHERE table_name = ?",
+                          [spec.id])
+        labels = [(spec.id, col, int(v), lab) for col, m in spec.labels.items() for v, lab in m.items()]
+        if labels:
+            self.conn.executemany(f"INSERT INTO {_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels VALUES "
+                                  "(?, ?, ?, ?)", labels)
+        return c
+
+    def _evolve(self, target: str, old: dict[str, str], spec: TableSpec) -> None:
+        """Add new columns and widen widened ones (nothing is ever dropped)."""
+        for col in (*spec.columns, *META_COLUMNS):
+            if col.name not in old:
+                log.info("%s: new column %s %s", spec.id, col.name, col.type)
+                self.conn.execute(f"ALTER TABLE {target} ADD COLUMN {quote(col.name)} {col.type}")
+            else:
+                wider = widen(old[col.name], col.type)
+                if wider:
+                    log.info("%s: widening %s from %s to %s", spec.id, col.name, old[col.name], wider)
+                    self.conn.execute(f"ALTER TABLE {target} ALTER COLUMN {quote(col.name)} TYPE {wider}")
+
+    def _record_state(self, state: StageState, c: MergeCounts, *, run_id: str, now: datetime, source: str,
+                      started: datetime) -> None:
+        b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
+        phase = "delta" if state.token else "full"
+        self.conn.execute(f"DELETE FROM {b}.sync_state WHERE table_name = ?", [state.table])
+        self.conn.execute(f"INSERT INTO {b}.sync_state VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?)",
+                          [state.table, source, state.token, phase, state.stage_id, run_id, started, now,
+                           c.rows, state.spec.to_json(), now])
+
+    def _record_run(self, rec: RunRecord) -> None:
+        b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
+        duration = (rec.ended_at - rec.started_at).total_seconds()
+        self.conn.execute(f"INSERT INTO {b}.sync_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          [rec.run_id, rec.table, rec.mode, rec.started_at, rec.ended_at, duration, rec.created,
+                           rec.updated, rec.deleted, rec.fetched, rec.pages, rec.resynced, rec.status, rec.error,
+                           rec.message])
+        if rec.status in ("error", "skipped"):
+            self.conn.execute(f"UPDATE {b}.sync_state SET last_run_id = ?, last_status = ?, last_started_at = ?, "
+                              "last_ended_at = ? WHERE table_name = ?",
+                              [rec.run_id, rec.status, rec.started_at, rec.ended_at, rec.table])
+
+
+def _scalar(conn: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> int:
+    row = conn.execute(sql, list(params)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
