@@ -1,0 +1,199 @@
+"""``$batch`` for the emulated Dataverse Web API: multipart/mixed parsing, change sets, multipart answers.
+
+Facts from protocols.md §1.13: at most 1,000 requests; parts run in order; change sets are atomic
+(here: one store write transaction, rolled back when any part fails); ``Content-ID`` lets later parts
+of a change set refer to ``$n``; without ``Prefer: odata.continue-on-error`` processing stops at the
+first failure and the batch answers with that failure's status. The parser accepts CRLF or LF line
+ends, quoted or bare boundaries, absolute URLs or root-relative paths in request lines.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from bridgekit.emulator.dv_common import DvError, Reply
+
+__all__ = ["MAX_REQUESTS", "BatchPart", "BatchRequest", "ChangeSet", "format_batch", "parse_batch"]
+
+MAX_REQUESTS = 1000
+
+
+@dataclass
+class BatchRequest:
+    """One HTTP request inside a batch."""
+
+    method: str
+    target: str  # path after the service root, with the query string ("accounts?$select=name")
+    headers: dict[str, str]
+    body: bytes
+    content_id: str | None = None
+
+
+@dataclass
+class ChangeSet:
+    """An atomic group of requests."""
+
+    requests: list[BatchRequest] = field(default_factory=list)
+
+
+BatchPart = BatchRequest | ChangeSet
+
+
+def _boundary(content_type: str) -> str:
+    m = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', content_type, re.I)
+    if m is None:
+        raise DvError(400, "0x80060888", "The batch request must have a Content-Type of multipart/mixed with a "
+                                         "boundary parameter.")
+    return m.group(1) or m.group(2)
+
+
+def _split_parts(body: str, boundary: str) -> list[str]:
+    delim = re.compile(r"(?:^|\r?\n)--" + re.escape(boundary) + r"(--)?[ \t]*(?:\r?\n|$)")
+    parts: list[str] = []
+    pos = None
+    for m in delim.finditer(body):
+        if pos is not None:
+            parts.append(body[pos:m.start()])
+        if m.group(1):
+            return parts
+        pos = m.end()
+    if pos is None:
+        raise DvError(400, "0x80060888", "The batch body does not contain the boundary declared in Content-Type.")
+    raise DvError(400, "0x80060888", "The batch body is not terminated by its closing boundary.")
+
+
+_LINE = re.compile(r"([^\r\n]*)(\r?\n|$)")
+
+
+def _headers_and_rest(text: str) -> tuple[dict[str, str], str]:
+    """Header lines up to the first blank line (lower-cased names), and what follows it."""
+    headers: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        m = _LINE.match(text, pos)
+        assert m is not None  # the pattern matches at any position
+        pos = m.end()
+        line = m.group(1)
+        if not line.strip():
+            break
+        k, sep, v = line.partition(":")
+        if sep:
+            headers[k.strip().lower()] = v.strip()
+    return headers, text[pos:]
+
+
+def _relative(url: str, service_path: str) -> str:
+    """Reduce an absolute URL or a root-relative path to the part after the service root."""
+    parts = urlsplit(url)
+    path = parts.path
+    if parts.scheme or path.startswith("/"):
+        idx = path.find("/api/data/v")
+        if idx >= 0:
+            path = path[idx:]
+            path = re.sub(r"^/api/data/v\d+\.\d+/?", "", path)
+        elif path.startswith(service_path):
+            path = path[len(service_path):].lstrip("/")
+        else:
+            path = path.lstrip("/")
+    return path + (f"?{parts.query}" if parts.query else "")
+
+
+def _request(text: str, part_headers: dict[str, str], service_path: str) -> BatchRequest:
+    ctype = part_headers.get("content-type", "application/http")
+    if not ctype.lower().startswith("application/http"):
+        raise DvError(400, "0x80060888", f"A batch part has the unsupported Content-Type '{ctype}'.")
+    text = text.lstrip("\r\n")
+    line_end = re.search(r"\r?\n", text)
+    request_line = text[: line_end.start()] if line_end else text
+    rest = text[line_end.end():] if line_end else ""
+    m = re.fullmatch(r"(GET|POST|PATCH|PUT|DELETE)\s+(\S+)(?:\s+HTTP/\d\.\d)?\s*", request_line)
+    if m is None:
+        raise DvError(400, "0x80060888", f"The batch part's request line '{request_line[:100]}' is not valid.")
+    headers, body = _headers_and_rest(rest)
+    return BatchRequest(m.group(1), _relative(m.group(2), service_path), headers,
+                        body.rstrip("\r\n").encode(), part_headers.get("content-id"))
+
+
+def parse_batch(body: bytes, content_type: str, service_path: str) -> list[BatchPart]:
+    """Parse a multipart/mixed ``$batch`` body into requests and change sets (DvError when malformed)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DvError(400, "0x80060888", "The batch body is not UTF-8 text.") from None
+    out: list[BatchPart] = []
+    count = 0
+    for raw in _split_parts(text, _boundary(content_type)):
+        headers, rest = _headers_and_rest(raw)
+        ctype = headers.get("content-type", "")
+        if ctype.lower().startswith("multipart/mixed"):
+            cs = ChangeSet()
+            for inner in _split_parts(rest, _boundary(ctype)):
+                ih, irest = _headers_and_rest(inner)
+                req = _request(irest, ih, service_path)
+                if req.method == "GET":
+                    raise DvError(400, "0x80060888", "GET requests are not allowed inside a change set.")
+                cs.requests.append(req)
+            count += len(cs.requests)
+            out.append(cs)
+        else:
+            out.append(_request(rest, headers, service_path))
+            count += 1
+        if count > MAX_REQUESTS:
+            # The documented limit (§1.13); the exact Web API code is not documented.
+            raise DvError(400, "0x80060888", f"The number of requests in the batch exceeds the limit of "
+                                             f"{MAX_REQUESTS}.")
+    return out
+
+
+def _http_part(reply: Reply, content_id: str | None) -> str:
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        lines.append(f"Content-ID: {content_id}")
+    lines.append("")
+    try:
+        phrase = HTTPStatus(reply.status).phrase
+    except ValueError:
+        phrase = ""
+    lines.append(f"HTTP/1.1 {reply.status} {phrase}".rstrip())
+    headers = {"OData-Version": "4.0", **reply.headers}
+    if reply.body and reply.content_type:
+        ctype = reply.content_type
+        if ctype.startswith("application/json"):
+            ctype += "; odata.streaming=true"
+        headers["Content-Type"] = ctype
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append("")
+    lines.append(reply.body.decode("utf-8") if reply.body else "")
+    return "\r\n".join(lines)
+
+
+@dataclass
+class PartResult:
+    """The outcome of one top-level part: a reply, or a change set's replies (with Content-IDs)."""
+
+    reply: Reply | None = None
+    changeset: list[tuple[str | None, Reply]] | None = None
+
+
+def format_batch(results: list[PartResult]) -> tuple[str, bytes]:
+    """(content type, body) of a multipart batch response (§1.13)."""
+    boundary = f"batchresponse_{uuid.uuid4()}"
+    chunks: list[str] = []
+    for res in results:
+        if res.changeset is not None:
+            cs_boundary = f"changesetresponse_{uuid.uuid4()}"
+            inner = "".join(f"--{cs_boundary}\r\n{_http_part(r, cid)}\r\n" for cid, r in res.changeset)
+            chunks.append(f"--{boundary}\r\nContent-Type: multipart/mixed; boundary={cs_boundary}\r\n\r\n"
+                          f"{inner}--{cs_boundary}--\r\n")
+        elif res.reply is not None:
+            chunks.append(f"--{boundary}\r\n{_http_part(res.reply, None)}\r\n")
+    body = "".join(chunks) + f"--{boundary}--\r\n"
+    return f"multipart/mixed; boundary={boundary}", body.encode("utf-8")
+
+
+Executor = Callable[[BatchRequest, dict[str, str]], Reply]

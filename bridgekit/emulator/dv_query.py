@@ -1,0 +1,732 @@
+"""Reads of the emulated Dataverse Web API: entity-set queries, keyset paging, change tracking, shaping.
+
+Paging uses a keyset, not an offset: the ``$skiptoken`` paging cookie (§1.7) carries the last row's
+sort-key values and id, so a page starts strictly after the previous one and rows written by other
+clients between pages can neither shift a row into a page twice nor push one out. A change-tracking
+full read additionally pins the store version seen by its first page (``version <= snapshot``), so the
+pages form one consistent snapshot and the delta link (token = snapshot) picks up everything after it.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+
+from bridgekit.emulator.dv_common import (
+    CRM,
+    FORMATTED,
+    LOOKUP_NAME,
+    NAV_NAME,
+    DvError,
+    NavProp,
+    Prefer,
+    Reply,
+    annotation_filter,
+    edm_type,
+    formatted_value,
+    lookup_target,
+    nav_for_value,
+    nav_props,
+    unknown_property,
+)
+from bridgekit.emulator.odata_filter import FieldRef, FilterError, compile_filter, register_functions
+from bridgekit.emulator.schema import Column, Table
+from bridgekit.emulator.store import Store
+
+__all__ = ["MAX_PAGE", "QueryOptions", "Reader", "parse_options"]
+
+#: Dataverse's maximum (and default) page size (§1.7) and the cap of ``$count`` (§1.6).
+MAX_PAGE = 5000
+_SUPPORTED = {"$select", "$filter", "$orderby", "$top", "$expand", "$count", "$skiptoken", "$deltatoken"}
+_REJECTED = {"$skip", "$search", "$format"}
+_TRACKING_REJECTS = ("$filter", "$orderby", "$expand", "$top")
+#: Error for an expired or forcibly invalidated delta token. The Web API code is not documented (§1.11,
+#: §6). Dataverse's RetrieveEntityChanges (the SDK message behind change tracking) reports an old
+#: version stamp as ExpiredVersionStamp 0x80044352, "Version stamp associated with the client has
+#: expired. Please perform a full sync." (seen in third-party sync code), so the emulator answers 400
+#: with that code and message, plus a hint to re-initialise with Prefer: odata.track-changes.
+DELTA_EXPIRED_CODE = "0x80044352"
+_DELTA_DATE = "%m/%d/%Y %H:%M:%S"
+
+
+@dataclass
+class Expand:
+    """One ``$expand`` item: a single-valued navigation property, optionally with ``$select``/``$ref``."""
+
+    nav: NavProp
+    target: Table
+    select: list[Column] | None = None
+    ref: bool = False
+
+
+@dataclass
+class QueryOptions:
+    """Parsed system query options of one request."""
+
+    raw: dict[str, str] = field(default_factory=dict)
+    select: list[Column] | None = None
+    where: str = ""
+    params: list[Any] = field(default_factory=list)
+    orderby: list[tuple[Column, bool]] = field(default_factory=list)
+    top: int | None = None
+    expand: list[Expand] = field(default_factory=list)
+    count: bool = False
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside parentheses and quotes."""
+    out: list[str] = []
+    buf: list[str] = []
+    depth, quoted = 0, False
+    for ch in text:
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        if ch == sep and depth == 0 and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return [s.strip() for s in out if s.strip()]
+
+
+def _select(table: Table, text: str) -> list[Column]:
+    cols: list[Column] = []
+    for name in _split_top(text):
+        col = next((c for c in table.columns if c.json_name == name), None)
+        if col is None:
+            # Lookups must be selected as _x_value; the bare name or the navigation property fails (§1.4).
+            raise unknown_property(name, table.logical_name)
+        if col not in cols:
+            cols.append(col)
+    return cols
+
+
+def parse_options(table: Table, tables: Mapping[str, Table], query: Sequence[tuple[str, str]]) -> QueryOptions:
+    """Validate and parse ``$select``/``$filter``/``$orderby``/``$top``/``$expand``/``$count``.
+
+    Raises:
+        DvError: 0x80060888 for unknown properties, syntax errors and unsupported options.
+    """
+    opts = QueryOptions()
+    aliases: dict[str, str] = {}
+    for key, value in query:
+        if key.startswith("@"):
+            aliases[key] = value
+        elif key.startswith("$"):
+            if key in _REJECTED:
+                raise DvError(400, "0x80060888", f"The query parameter {key} is not supported")
+            if key not in _SUPPORTED and key != "$apply":
+                raise DvError(400, "0x80060888", f"The query parameter {key} is not supported")
+            if key == "$apply":
+                raise DvError(501, "0x80060888", "The query parameter $apply is not implemented by the emulator")
+            opts.raw[key] = value
+    if "$select" in opts.raw:
+        opts.select = _select(table, opts.raw["$select"])
+    if "$filter" in opts.raw:
+        try:
+            opts.where, opts.params = compile_filter(opts.raw["$filter"], resolver(table, tables), aliases)
+        except FilterError as exc:
+            raise DvError(400, "0x80060888", exc.message) from None
+    if "$orderby" in opts.raw:
+        for item in _split_top(opts.raw["$orderby"]):
+            name, _, direction = item.partition(" ")
+            direction = direction.strip().lower() or "asc"
+            col = next((c for c in table.columns if c.json_name == name.strip()), None)
+            if col is None:
+                raise unknown_property(name.strip(), table.logical_name)
+            if direction not in ("asc", "desc"):
+                raise DvError(400, "0x80060888", f"Syntax error at position {len(name) + 1} in '{item}'.")
+            opts.orderby.append((col, direction == "desc"))
+    if "$top" in opts.raw:
+        try:
+            opts.top = int(opts.raw["$top"])
+        except ValueError:
+            raise DvError(400, "0x80060888", f"Invalid value '{opts.raw['$top']}' for $top query option found. "
+                          "The $top query option requires a non-negative integer value.") from None
+        if opts.top < 0:
+            raise DvError(400, "0x80060888", f"Invalid value '{opts.top}' for $top query option found. "
+                          "The $top query option requires a non-negative integer value.")
+    if "$count" in opts.raw:
+        value = opts.raw["$count"].lower()
+        if value not in ("true", "false"):
+            raise DvError(400, "0x80060888", f"'{opts.raw['$count']}' is not a valid count option.")
+        opts.count = value == "true"
+    if "$expand" in opts.raw:
+        opts.expand = _expand(table, tables, opts.raw["$expand"])
+    return opts
+
+
+def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand]:
+    navs = nav_props(table)
+    out: list[Expand] = []
+    items = _split_top(text)
+    if len(items) > 15:
+        raise DvError(400, "0x80060888", "The number of $expand options exceeds the limit of 15.")
+    for item in items:
+        m = re.fullmatch(r"([A-Za-z0-9_]+)(/\$ref)?\s*(?:\((.*)\))?", item, re.S)
+        if not m:
+            raise DvError(400, "0x80060888", f"Syntax error in $expand at '{item}'.")
+        name, ref, inner = m.group(1), bool(m.group(2)), m.group(3)
+        nav = navs.get(name)
+        if nav is None:
+            raise unknown_property(name, table.logical_name)
+        target = tables.get(nav.targets[0]) if len(nav.targets) == 1 else None
+        if target is None:
+            # ownerid points at systemuser or team (principal): expand with the first known target.
+            target = next((tables[t] for t in nav.targets if t in tables), None)
+        if target is None:
+            raise DvError(400, "0x80060888", f"The navigation property '{name}' cannot be expanded by the emulator.")
+        exp = Expand(nav, target, ref=ref)
+        for opt in _split_top(inner or "", ";"):
+            key, _, value = opt.partition("=")
+            if key.strip() == "$select":
+                exp.select = _select(target, value)
+            else:
+                raise DvError(400, "0x80060888", f"The query option '{key.strip()}' is not supported inside "
+                                                 "$expand by the emulator.")
+        out.append(exp)
+    return out
+
+
+def resolver(table: Table, tables: Mapping[str, Table]) -> Callable[[str], FieldRef]:
+    """The ``$filter`` property resolver for ``table`` (columns, ``_x_value`` lookups, ``nav/column``)."""
+    navs = nav_props(table)
+    outer = Store.table_sql(table.logical_name)
+
+    def resolve(path: str) -> FieldRef:
+        if "/" in path:
+            nav_name, _, rest = path.partition("/")
+            nav = navs.get(nav_name)
+            target = tables.get(nav.targets[0]) if nav and nav.targets else None
+            col = target.column(rest) if target and "/" not in rest else None
+            if nav is None or target is None or col is None or (col.is_lookup and rest == col.name):
+                raise FilterError(f"Could not find a property named '{rest if nav else nav_name}' on type "
+                                  f"'{CRM}.{target.logical_name if target else table.logical_name}'.")
+            # Lookup traversal (filter-rows.md): a correlated subquery on the target table; the outer
+            # table is qualified because both tables have a "data" column.
+            inner_field = Store.field(col.json_name).replace("data", "t.data", 1)
+            link = Store.field(nav.column.json_name).replace("data", f"{outer}.data", 1)
+            sql = (f"(SELECT {inner_field} FROM {Store.table_sql(target.logical_name)} t "
+                   f"WHERE t.id = {link})")
+            return FieldRef(sql, edm_type(col), path)
+        col = next((c for c in table.columns if c.json_name == path), None)
+        if col is None:
+            raise FilterError(f"Could not find a property named '{path}' on type '{CRM}.{table.logical_name}'.")
+        if col.name == table.primary_id:
+            return FieldRef("id", "Edm.Guid", path)
+        return FieldRef(Store.field(col.json_name), edm_type(col), path)
+
+    return resolve
+
+
+# -- paging cookie ----------------------------------------------------------------------------------------
+
+_ATTR = re.compile(r'([\w.-]+)="([^"]*)"')
+
+
+def _attrs(text: str) -> dict[str, str]:
+    return {k: html.unescape(v) for k, v in _ATTR.findall(text)}
+
+
+def _xml_attr(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+@dataclass
+class Cookie:
+    """Position of the next page: the paging cookie of §1.7 plus the emulator's keyset and snapshot."""
+
+    page: int = 1
+    last: list[Any] = field(default_factory=list)  # sort-key values of the last row served
+    last_id: str = ""
+    first_id: str = ""
+    tracking: bool = False
+    snapshot: int | None = None  # store version pinned by a tracked full read / a delta feed
+    at: float | None = None  # when the snapshot was taken (becomes the delta token's date)
+    last_version: int | None = None  # delta feeds page by (version, id)
+
+
+def encode_cookie(c: Cookie, pk: str, sort_names: Sequence[str]) -> str:
+    """The decoded-once ``$skiptoken``: ``<cookie pagenumber=.. pagingcookie=.. istracking=.. />`` (§1.7)."""
+    extra = ""
+    if c.snapshot is not None:
+        extra += f' snapshot="{c.snapshot}" at="{c.at or 0:.3f}"'
+    if c.last_version is not None:
+        extra += f' lastversion="{c.last_version}"'
+    inner = f'<cookie page="{c.page}"{extra}>'
+    for name, value in zip(sort_names, c.last, strict=True):
+        # Sort values keep their JSON type so the next page binds them exactly as compared.
+        inner += f'<{name} last="{_xml_attr(orjson.dumps(value).decode())}" />'
+    inner += (f'<{pk} last="{{{c.last_id.upper()}}}" first="{{{c.first_id.upper()}}}" /></cookie>')
+    return (f'<cookie pagenumber="{c.page + 1}" pagingcookie="{quote(inner, safe="")}" '
+            f'istracking="{"True" if c.tracking else "False"}" />')
+
+
+def decode_cookie(token: str, pk: str, sort_names: Sequence[str]) -> Cookie:
+    """Parse a ``$skiptoken`` produced by :func:`encode_cookie` (raises DvError when it is not one)."""
+    bad = DvError(400, "0x80060888", "The $skiptoken value is not a valid paging cookie for this query. "
+                                     "Use @odata.nextLink unchanged, with the same query options.")
+    outer = _attrs(token)
+    if "pagingcookie" not in outer:
+        raise bad
+    inner = unquote(outer["pagingcookie"])
+    head = re.match(r"<cookie\s([^>]*)>", inner)
+    elems = dict(re.findall(r"<([\w.]+)\s([^>]*?)/>", inner))
+    if head is None or pk not in elems:
+        raise bad
+    h = _attrs(head.group(1))
+    try:
+        c = Cookie(page=int(h.get("page", "1")) + 1, tracking=outer.get("istracking") == "True")
+        if "snapshot" in h:
+            c.snapshot, c.at = int(h["snapshot"]), float(h["at"])
+        if "lastversion" in h:
+            c.last_version = int(h["lastversion"])
+        for name in sort_names:
+            if name not in elems:
+                raise bad
+            c.last.append(orjson.loads(_attrs(elems[name])["last"]))
+        pk_attrs = _attrs(elems[pk])
+        c.last_id = pk_attrs["last"].strip("{}").lower()
+        c.first_id = pk_attrs.get("first", "").strip("{}").lower()
+    except (KeyError, ValueError, orjson.JSONDecodeError):
+        raise bad from None
+    return c
+
+
+def _keyset(sort: Sequence[tuple[str, bool, bool]], values: Sequence[Any], last_id: str) -> tuple[str, list[Any]]:
+    """SQL for "strictly after this row" under ORDER BY sort..., id (nulls first ascending, as SQLite)."""
+    ors: list[str] = []
+    params: list[Any] = []
+    prefix: list[str] = []
+    prefix_params: list[Any] = []
+    for (expr, desc, text), value in zip(sort, values, strict=True):
+        coll = " COLLATE NOCASE" if text else ""
+        if value is None:
+            after, after_p = ("0", []) if desc else (f"{expr} IS NOT NULL", [])
+            equal, equal_p = f"{expr} IS NULL", []
+        else:
+            after = f"({expr} < ?{coll} OR {expr} IS NULL)" if desc else f"{expr} > ?{coll}"
+            after_p = [value]
+            equal, equal_p = f"{expr} = ?{coll}", [value]
+        ors.append("(" + " AND ".join([*prefix, after]) + ")")
+        params += prefix_params + after_p
+        prefix.append(equal)
+        prefix_params += equal_p
+    ors.append("(" + " AND ".join([*prefix, "id > ?"]) + ")")
+    params += [*prefix_params, last_id]
+    return "(" + " OR ".join(ors) + ")", params
+
+
+def delta_token(version: int, at: float) -> str:
+    """``<version>!<MM/dd/yyyy HH:mm:ss>`` (§1.11)."""
+    return f"{version}!{datetime.fromtimestamp(at, UTC).strftime(_DELTA_DATE)}"
+
+
+def parse_delta_token(token: str) -> tuple[int, float]:
+    """(version, epoch seconds) of a delta token; DvError when malformed."""
+    version, _, stamp = token.partition("!")
+    try:
+        when = datetime.strptime(stamp, _DELTA_DATE).replace(tzinfo=UTC).timestamp()
+        return int(version), when
+    except ValueError:
+        raise DvError(400, "0x80060888", f"The delta token '{token}' is not valid.") from None
+
+
+# -- the reader ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadContext:
+    """What a read needs besides the query: the service root URL, settings and the fault flag."""
+
+    root: str
+    prefer: Prefer
+    max_delta_age_s: float
+    force_delta_expiry: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Reader:
+    """Serves entity-set reads, single-record reads and change-tracking feeds from the store."""
+
+    def __init__(self, store: Store, tables: Mapping[str, Table]) -> None:
+        self.store = store
+        self.tables = tables
+        self._fast_strip: dict[str, list[str]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _internal_keys(self, table: Table) -> list[str]:
+        """Internal keys a table's records may carry (polymorphic lookup types)."""
+        keys = self._fast_strip.get(table.logical_name)
+        if keys is None:
+            keys = [f"@emu.{c.json_name}.type" for c in table.columns if c.is_lookup]
+            self._fast_strip[table.logical_name] = keys
+        return keys
+
+    @staticmethod
+    def _context(root: str, table: Table, opts: QueryOptions, suffix: str = "") -> str:
+        parts = [c.json_name for c in opts.select] if opts.select else []
+        parts += [f"{e.nav.name}({','.join(c.json_name for c in e.select or [])})" for e in opts.expand]
+        sel = f"({','.join(parts)})" if parts else ""
+        return f"{root}/$metadata#{table.entity_set}{sel}{suffix}"
+
+    def _projection(self, table: Table, select: list[Column]) -> str:
+        """SQL building the served JSON of a ``$select`` in SQLite (no per-row Python work)."""
+        names = [c.json_name for c in select]
+        if table.primary_id not in names:
+            names.append(table.primary_id)
+        if any(c.type == "Money" for c in select) and table.column("transactioncurrencyid") is not None \
+                and "_transactioncurrencyid_value" not in names:
+            # Money columns bring the currency lookup along (§1.4).
+            names.append("_transactioncurrencyid_value")
+        args = ["'@odata.etag'", "'W/\"' || version || '\"'"]
+        for n in names:
+            safe = n.replace("'", "").replace('"', "")
+            args += [f"'{safe}'", f"data -> '$.\"{safe}\"'"]
+        return f"json_object({', '.join(args)})"
+
+    def _fast_rows(self, table: Table, rows: Iterable[tuple[str, int, str]]) -> list[str]:
+        """Stored JSON text with the etag spliced in; internal keys removed (the hot path of full reads)."""
+        out: list[str] = []
+        append = out.append
+        for _rid, version, data in rows:
+            if '"@emu.' in data:
+                rec = orjson.loads(data)
+                data = orjson.dumps({k: v for k, v in rec.items() if not k.startswith("@emu.")}).decode()
+            if len(data) > 2:
+                append(f'{{"@odata.etag":"W/\\"{version}\\"",{data[1:]}')
+            else:
+                append(f'{{"@odata.etag":"W/\\"{version}\\""}}')
+        return out
+
+    def lookup_names(self, targets: Mapping[str, set[str]], conn: sqlite3.Connection) -> dict[str, str]:
+        """Primary names of referenced records, by id (one query per target table)."""
+        names: dict[str, str] = {}
+        c = conn
+        for logical, ids in targets.items():
+            target = self.tables.get(logical)
+            if target is None or not ids or logical not in self.store.collections():
+                continue
+            id_list = sorted(ids)
+            for i in range(0, len(id_list), 500):
+                chunk = id_list[i:i + 500]
+                sql = (f"SELECT id, {Store.field(target.primary_name)} FROM {Store.table_sql(logical)} "
+                       f"WHERE id IN ({', '.join('?' * len(chunk))})")
+                for rid, name in c.execute(sql, chunk):
+                    if name is not None:
+                        names[rid] = str(name)
+        return names
+
+    def shape(self, table: Table, rec: dict[str, Any], version: int, *, select: list[Column] | None,
+              wants: Callable[[str], bool] | None, names: Mapping[str, str],
+              expands: Sequence[Expand] = (), expanded: Mapping[str, dict[str, Any]] | None = None,
+              root: str = "", etag: bool = True) -> dict[str, Any]:
+        """One served record: etag, selected columns with requested annotations, expanded lookups."""
+        out: dict[str, Any] = {"@odata.etag": f'W/"{version}"'} if etag else {}
+        if select is None:
+            keys = [k for k in rec if not k.startswith("@emu.")]
+        else:
+            keys = [c.json_name for c in select]
+            if table.primary_id not in keys:
+                keys.append(table.primary_id)
+            if any(c.type == "Money" for c in select) and table.column("transactioncurrencyid") \
+                    and "_transactioncurrencyid_value" not in keys:
+                keys.append("_transactioncurrencyid_value")
+        for key in keys:
+            value = rec.get(key)
+            col = table.column(key) if wants else None
+            if col is not None and wants is not None and value is not None:
+                if col.is_lookup:
+                    target = lookup_target(col, rec)
+                    if wants(FORMATTED) and str(value) in names:
+                        out[f"{key}@{FORMATTED}"] = names[str(value)]
+                    if wants(NAV_NAME):
+                        out[f"{key}@{NAV_NAME}"] = nav_for_value(table, col, target)
+                    if wants(LOOKUP_NAME) and target:
+                        out[f"{key}@{LOOKUP_NAME}"] = target
+                elif wants(FORMATTED):
+                    text = formatted_value(col, value, tables=self.tables)
+                    if text is not None:
+                        out[f"{key}@{FORMATTED}"] = text
+            out[key] = value
+        for exp in expands:
+            col = exp.nav.column
+            rid = rec.get(col.json_name)
+            target_ok = rid is not None and lookup_target(col, rec) in exp.nav.targets
+            hit = (expanded or {}).get(str(rid)) if target_ok else None
+            if exp.ref:
+                out[exp.nav.name] = ({"@odata.id": f"{root}/{exp.target.entity_set}({rid})"}
+                                     if hit is not None else None)
+            elif hit is None:
+                out[exp.nav.name] = None
+            else:
+                inner = self.shape(exp.target, hit["data"], hit["version"], select=exp.select, wants=wants,
+                                   names={}, root=root)
+                out[exp.nav.name] = inner
+        return out
+
+    def _expanded(self, expands: Sequence[Expand], recs: Sequence[dict[str, Any]],
+                  conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for exp in expands:
+            ids = {str(r[exp.nav.column.json_name]) for r in recs if r.get(exp.nav.column.json_name)}
+            logical = exp.target.logical_name
+            if not ids or logical not in self.store.collections():
+                continue
+            id_list = sorted(ids)
+            for i in range(0, len(id_list), 500):
+                chunk = id_list[i:i + 500]
+                sql = (f"SELECT id, version, data FROM {Store.table_sql(logical)} "
+                       f"WHERE id IN ({', '.join('?' * len(chunk))})")
+                for rid, version, data in conn.execute(sql, chunk):
+                    found[rid] = {"version": version, "data": orjson.loads(data)}
+        return found
+
+    def _lookup_ids(self, table: Table, recs: Sequence[dict[str, Any]], select: list[Column] | None
+                    ) -> dict[str, set[str]]:
+        cols = [c for c in (select or table.columns) if c.is_lookup]
+        targets: dict[str, set[str]] = {}
+        for rec in recs:
+            for col in cols:
+                value = rec.get(col.json_name)
+                if value:
+                    target = lookup_target(col, rec)
+                    if target:
+                        targets.setdefault(target, set()).add(str(value))
+        return targets
+
+    def render(self, table: Table, rows: Sequence[tuple[str, int, str]], opts: QueryOptions,
+               wants: Callable[[str], bool] | None, root: str, conn: sqlite3.Connection, *,
+               projected: bool = False) -> list[str]:
+        """JSON text of each row; ``rows`` hold stored data, or the SQL projection when ``projected``."""
+        if projected:
+            return [data for _, _, data in rows]
+        if wants is None and not opts.expand and opts.select is None:
+            return self._fast_rows(table, rows)
+        recs = [orjson.loads(data) for _, _, data in rows]
+        names = self.lookup_names(self._lookup_ids(table, recs, opts.select), conn) \
+            if wants is not None and wants(FORMATTED) else {}
+        expanded = self._expanded(opts.expand, recs, conn) if opts.expand else {}
+        return [orjson.dumps(self.shape(table, rec, version, select=opts.select, wants=wants, names=names,
+                                        expands=opts.expand, expanded=expanded, root=root)).decode()
+                for rec, (_, version, _) in zip(recs, rows, strict=True)]
+
+    # -- collection reads --------------------------------------------------------------------------
+    def read_collection(self, table: Table, query: Sequence[tuple[str, str]], rc: ReadContext, *,
+                        count_only: bool = False) -> Reply:
+        """``GET <set>`` (and ``GET <set>/$count``): filter, order, page, count, annotate, track."""
+        opts = parse_options(table, self.tables, query)
+        pref = rc.prefer
+        wants = annotation_filter(pref.annotations)
+        applied: list[str] = []
+        if "$deltatoken" in opts.raw:
+            return self.read_delta(table, opts, rc, count_only=count_only)
+        sort_names = [c.json_name for c, _ in opts.orderby]
+        cookie = decode_cookie(opts.raw["$skiptoken"], table.primary_id, sort_names) \
+            if "$skiptoken" in opts.raw else None
+        tracking = pref.track_changes or bool(cookie and cookie.tracking)
+        if tracking:
+            if not table.change_tracking:
+                raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
+            for opt in _TRACKING_REJECTS:
+                if opt in opts.raw:
+                    raise DvError(400, "0x80060888",
+                                  f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
+            applied.append("odata.track-changes")
+        page_size = MAX_PAGE
+        if pref.maxpagesize is not None:
+            page_size = max(1, min(pref.maxpagesize, MAX_PAGE))
+            applied.append(f"odata.maxpagesize={page_size}")
+        paged = True
+        if opts.top is not None and pref.maxpagesize is None:
+            # $top limits the total; with odata.maxpagesize it is ignored (page-results.md, 2024).
+            page_size, paged = min(opts.top, MAX_PAGE), False
+        if pref.annotations:
+            applied.append(f'odata.include-annotations="{pref.annotations}"')
+
+        coll = Store.table_sql(table.logical_name)
+        sort = [(Store.field(c.json_name) if c.name != table.primary_id else "id", desc,
+                 edm_type(c) in ("Edm.String", "Edm.Guid")) for c, desc in opts.orderby]
+        order_sql = ", ".join(f"{e}{' COLLATE NOCASE' if text else ''} {'DESC' if d else 'ASC'}"
+                              for e, d, text in sort)
+        order_sql = (order_sql + ", " if order_sql else "") + "id ASC"
+        conds = [f"({opts.where})"] if opts.where else []
+        params: list[Any] = list(opts.params)
+
+        self.store.ensure_collection(table.logical_name)
+        with self.store.read() as conn:
+            register_functions(conn)
+            snapshot = at = None
+            if tracking:
+                if cookie is not None and cookie.snapshot is not None:
+                    snapshot, at = cookie.snapshot, cookie.at
+                else:
+                    snapshot, at = self.store.current_version(conn), time.time()
+                conds.append("version <= ?")
+                params.append(snapshot)
+            base_conds, base_params = list(conds), list(params)
+            if count_only:
+                n = conn.execute(f"SELECT count(*) FROM {coll}" +
+                                 (f" WHERE {' AND '.join(conds)}" if conds else ""), params).fetchone()[0]
+                # /$count answers a bare number as text/plain, capped like $count (count-rows.md).
+                return Reply(200, str(min(int(n), MAX_PAGE)).encode(), content_type="text/plain")
+            if cookie is not None:
+                ks, ks_params = _keyset(sort, cookie.last, cookie.last_id)
+                conds.append(ks)
+                params += ks_params
+            projected = opts.select is not None and wants is None and not opts.expand
+            cols = self._projection(table, opts.select or []) if projected else "data"
+            sort_cols = "".join(f", {e}" for e, _, _ in sort)
+            sql = (f"SELECT id, version, {cols}{sort_cols} FROM {coll}"
+                   + (f" WHERE {' AND '.join(conds)}" if conds else "")
+                   + f" ORDER BY {order_sql} LIMIT ?")
+            raw = conn.execute(sql, [*params, page_size + 1 if paged else page_size]).fetchall()
+            more = paged and len(raw) > page_size
+            raw = raw[:page_size]
+            total = None
+            if opts.count or (wants and wants(f"{CRM}.totalrecordcount")):
+                total = int(conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {coll}"
+                                         + (f" WHERE {' AND '.join(base_conds)}" if base_conds else "")
+                                         + f" LIMIT {MAX_PAGE + 1})", base_params).fetchone()[0])
+            rows_json = self.render(table, [(r[0], r[1], r[2]) for r in raw], opts, wants, rc.root, conn,
+                                    projected=projected)
+
+        head: dict[str, Any] = {"@odata.context": self._context(rc.root, table, opts)}
+        if total is not None:
+            if wants and wants(f"{CRM}.totalrecordcount"):
+                head[f"@{CRM}.totalrecordcount"] = min(total, MAX_PAGE) if opts.count else -1
+            if wants and wants(f"{CRM}.totalrecordcountlimitexceeded"):
+                head[f"@{CRM}.totalrecordcountlimitexceeded"] = total > MAX_PAGE
+            if opts.count:
+                head["@odata.count"] = min(total, MAX_PAGE)
+        tail: dict[str, Any] = {}
+        if more:
+            last = raw[-1]
+            nxt = Cookie(page=cookie.page if cookie else 1, last=list(last[3:]), last_id=last[0],
+                         first_id=raw[0][0], tracking=tracking, snapshot=snapshot, at=at)
+            tail["@odata.nextLink"] = self._link(rc.root, table, query, skiptoken=encode_cookie(
+                nxt, table.primary_id, sort_names))
+        elif tracking:
+            assert snapshot is not None and at is not None
+            tail["@odata.deltaLink"] = self._link(rc.root, table, query, deltatoken=delta_token(snapshot, at))
+        return self._page(head, rows_json, tail, applied)
+
+    @staticmethod
+    def _page(head: dict[str, Any], rows: list[str], tail: dict[str, Any], applied: list[str]) -> Reply:
+        body = (orjson.dumps(head)[:-1] + b',"value":[' + ",".join(rows).encode() + b"]"
+                + (b"," + orjson.dumps(tail)[1:] if tail else b"}"))
+        headers = {"Preference-Applied": ",".join(applied)} if applied else {}
+        return Reply(200, body, headers)
+
+    @staticmethod
+    def _link(root: str, table: Table, query: Sequence[tuple[str, str]], *, skiptoken: str | None = None,
+              deltatoken: str | None = None) -> str:
+        keep = [(k, v) for k, v in query if k not in ("$skiptoken", "$deltatoken")]
+        if skiptoken is not None:
+            keep.append(("$skiptoken", skiptoken))
+        if deltatoken is not None:
+            keep.append(("$deltatoken", deltatoken))
+        qs = "&".join(f"{quote(k, safe='$@')}={quote(v, safe='')}" for k, v in keep)
+        return f"{root}/{table.entity_set}" + (f"?{qs}" if qs else "")
+
+    # -- change tracking ---------------------------------------------------------------------------
+    def read_delta(self, table: Table, opts: QueryOptions, rc: ReadContext, *, count_only: bool = False) -> Reply:
+        """``GET <set>?$deltatoken=..``: rows changed since the token and ``$deletedEntity`` entries (§1.11)."""
+        if not table.change_tracking:
+            raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
+        for opt in _TRACKING_REJECTS:
+            if opt in opts.raw:
+                raise DvError(400, "0x80060888",
+                              f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
+        since, issued = parse_delta_token(opts.raw["$deltatoken"])
+        if rc.force_delta_expiry or time.time() - issued > rc.max_delta_age_s:
+            raise DvError(400, DELTA_EXPIRED_CODE,
+                          "Version stamp associated with the client has expired. Please perform a full sync. "
+                          "(The change-tracking token is older than the organization's change-tracking "
+                          "retention: re-initialise with a full read sent with Prefer: odata.track-changes.)")
+        cookie = decode_cookie(opts.raw["$skiptoken"], table.primary_id, []) if "$skiptoken" in opts.raw else None
+        pref = rc.prefer
+        page_size = MAX_PAGE
+        applied: list[str] = ["odata.track-changes"] if pref.track_changes else []
+        if pref.maxpagesize is not None:
+            page_size = max(1, min(pref.maxpagesize, MAX_PAGE))
+            applied.append(f"odata.maxpagesize={page_size}")
+        wants = annotation_filter(pref.annotations)
+        if pref.annotations:
+            applied.append(f'odata.include-annotations="{pref.annotations}"')
+        self.store.ensure_collection(table.logical_name)
+        with self.store.read() as conn:
+            current = self.store.current_version(conn)
+            if since > current:
+                raise DvError(400, "0x80060888", f"The delta token '{opts.raw['$deltatoken']}' is not valid.")
+            if cookie is not None and cookie.snapshot is not None:
+                upto, at = cookie.snapshot, cookie.at or time.time()
+                after = (cookie.last_version or since, cookie.last_id)
+            else:
+                upto, at, after = current, time.time(), None
+            if count_only:
+                n = len(self.store.changes_since(table.logical_name, since, upto=upto, limit=MAX_PAGE, conn=conn))
+                return Reply(200, str(n).encode(), content_type="text/plain")
+            changes = self.store.changes_since(table.logical_name, since, upto=upto, after=after,
+                                               limit=page_size + 1, conn=conn)
+            more = len(changes) > page_size
+            changes = changes[:page_size]
+            live = [(ch.id, ch.version, ch.row.data) for ch in changes if ch.row is not None]
+            shaped = self.render(table, live, opts, wants, rc.root, conn)
+        by_id = dict(zip((r[0] for r in live), shaped, strict=True))
+        deleted_ctx = orjson.dumps(f"{rc.root}/$metadata#{table.entity_set}/$deletedEntity").decode()
+        rows_json = []
+        for ch in changes:
+            if ch.row is not None:
+                rows_json.append(by_id[ch.id])
+            else:
+                rows_json.append(f'{{"@odata.context":{deleted_ctx},"id":"{ch.id}","reason":"deleted"}}')
+        head = {"@odata.context": self._context(rc.root, table, opts, "/$delta")}
+        query = [(k, v) for k, v in opts.raw.items() if k == "$select"]
+        tail: dict[str, Any] = {}
+        if more:
+            last = changes[-1]
+            nxt = Cookie(page=cookie.page if cookie else 1, last_id=last.id, first_id=changes[0].id,
+                         tracking=True, snapshot=upto, at=at, last_version=last.version)
+            tail["@odata.nextLink"] = self._link(rc.root, table, [*query, ("$deltatoken", opts.raw["$deltatoken"])],
+                                                 skiptoken=encode_cookie(nxt, table.primary_id, []))
+        else:
+            tail["@odata.deltaLink"] = self._link(rc.root, table, query, deltatoken=delta_token(upto, at))
+        return self._page(head, rows_json, tail, applied)
+
+    # -- single records ----------------------------------------------------------------------------
+    def read_one(self, table: Table, rid: str, query: Sequence[tuple[str, str]], rc: ReadContext) -> Reply:
+        """``GET <set>(<key>)``: one record, 304 when ``If-None-Match`` matches (§1.8)."""
+        opts = parse_options(table, self.tables, query)
+        for opt in ("$filter", "$orderby", "$top", "$skiptoken", "$deltatoken"):
+            if opt in opts.raw:
+                raise DvError(400, "0x80060888", f"The query parameter {opt} is not supported on a single record")
+        row = self.store.get(table.logical_name, rid)
+        if row is None:
+            raise DvError(404, "0x80040217", f"{table.logical_name} With Id = {rid} Does Not Exist")
+        etag = f'W/"{row.version}"'
+        wants = annotation_filter(rc.prefer.annotations)
+        inm = rc.headers.get("if-none-match")
+        # Never 304 with $expand or annotations (§1.5, §1.8).
+        if inm and inm.strip() == etag and wants is None and not opts.expand:
+            return Reply(304, b"", {"ETag": etag}, content_type=None)
+        with self.store.read() as conn:
+            body = self.render(table, [(row.id, row.version, row.data)], opts, wants, rc.root, conn)[0]
+        ctx = orjson.dumps(self._context(rc.root, table, opts, "/$entity"))
+        applied = {"Preference-Applied": f'odata.include-annotations="{rc.prefer.annotations}"'} \
+            if rc.prefer.annotations else {}
+        return Reply(200, b'{"@odata.context":' + ctx + b"," + body.encode()[1:], {"ETag": etag, **applied})
