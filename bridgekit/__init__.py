@@ -29,6 +29,7 @@ from bridgekit.errors import (
 )
 
 if TYPE_CHECKING:
+    from bridgekit.runbooks import RunResult
     from bridgekit.workbench import Workbench
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "connect",
     "load_profile",
+    "run_runbook",
 ]
 
 
@@ -60,7 +62,28 @@ def connect(profile: str | Profile | None = None, **options: Any) -> Workbench:
     return Workbench.open(profile, **options)
 
 
+def run_runbook(name: str, parameters: dict[str, Any] | None = None, *, profile: str | None = None,
+                out: str | None = None, **options: Any) -> RunResult:
+    """Run a runbook headless (as ``bridgekit run``): executed notebook, HTML report and manifest under ``out``.
+
+    Parameters are checked against the runbook's ``parameters`` cell before the kernel starts; a failed run
+    raises :class:`RunbookFailed` (``.exit_code``, ``.run_dir``) after writing its outputs. See
+    :func:`bridgekit.runbooks.run_runbook` for every option.
+
+    Example:
+        >>> result = bridgekit.run_runbook("sync", {"full": False}, profile="emulator")  # doctest: +SKIP
+        >>> result.manifest["data_watermark"]                                           # doctest: +SKIP
+    """
+    from bridgekit.runbooks import run_runbook as _run_runbook
+
+    return _run_runbook(name, parameters, profile=profile, out=out, **options)
+
+
 def __getattr__(name: str) -> Any:
+    if name == "record":  # bridgekit.record.result(...) in runbooks, without importing the module first
+        import importlib
+
+        return importlib.import_module("bridgekit.record")
     if name == "Workbench":
         from bridgekit.workbench import Workbench
 

@@ -123,6 +123,8 @@ try:
         cli.add_command(_cmd)
 except ImportError:  # pragma: no cover - only while the module is absent
     pass
+for _cmd in __import__("bridgekit.cli_runbooks", fromlist=["COMMANDS"]).COMMANDS:
+    cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

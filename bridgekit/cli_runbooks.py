@@ -1,0 +1,122 @@
+"""The ``bridgekit runbooks`` and ``bridgekit run`` commands: thin translators over bridgekit.runbooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bridgekit.errors import ExitCode, RunbookError
+
+__all__ = ["COMMANDS", "run", "runbooks"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.command("runbooks", context_settings=_CONTEXT)
+@click.option("--path", "path", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Where runbooks are (a directory or one .ipynb; default ./runbooks).")
+@click.option("--json", "as_json", is_flag=True, help="Print the runbooks and their parameters as JSON.")
+def runbooks(path: Path | None, as_json: bool) -> None:
+    """List runbooks with their parameters (type, default, help) from each tagged `parameters` cell."""
+    from bridgekit.runbooks import discover
+
+    found = discover(path)
+    if as_json:
+        click.echo(json.dumps([rb.to_dict() for rb in found], indent=2, default=str))
+        return
+    if not found:
+        click.echo(f"no runbooks in {path or 'runbooks'}")
+        return
+    for rb in found:
+        heading = f"{rb.name}  ({rb.path})"
+        click.echo(heading)
+        if rb.title or rb.description:
+            click.echo("  " + " - ".join(t for t in (rb.title, rb.description) if t))
+        if not rb.parameters:
+            click.echo("  (no parameters)")
+        decls = [p.describe().split("  # ")[0] for p in rb.parameters]
+        width = max((len(d) for d in decls), default=0)
+        for p, decl in zip(rb.parameters, decls, strict=True):
+            extra = f"  # {p.help}" if p.help else ""
+            click.echo(f"  {decl:<{width}}{extra}")
+        for problem in rb.problems:
+            click.echo(f"  ! {problem}")
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunbookError(f"cannot read parameters file {path}: {exc}",
+                           hint="write one `name: value` per line (YAML or JSON)") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise RunbookError(f"parameters file {path} must hold a mapping of names to values",
+                           hint="write one `name: value` per line (YAML or JSON)")
+    return data
+
+
+@click.command("run", context_settings=_CONTEXT)
+@click.argument("name")
+@click.option("-p", "--parameter", "params", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Set a parameter (repeatable); VALUE is parsed as the declared type (lists/dicts as JSON).")
+@click.option("-f", "--parameters-file", "params_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Parameters from a YAML/JSON file; -p values override it.")
+@click.option("--profile", "profile", metavar="NAME", default=None,
+              help="Profile the runbook uses (default: bridgekit --profile, $BRIDGEKIT_PROFILE, bridgekit.toml, "
+                   "then the runbook's own default).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True, help="Directory for run outputs; each run writes <out>/<UTC time>-<name>/.")
+@click.option("--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Deadline for the whole run; past it the run stops with exit code 7.")
+@click.option("--path", "path", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Where runbooks are (default ./runbooks).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's manifest as JSON instead of a summary.")
+@click.pass_context
+def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], params_file: Path | None,
+        profile: str | None, out: Path, timeout: float | None, path: Path | None, as_json: bool) -> None:
+    """Run runbook NAME headless: executed notebook, HTML report and manifest.json under --out.
+
+    Exit codes: 0 success, 2 bad parameter or profile (nothing ran), 3 auth failure, 4 throttled or
+    transient (retry later), 5 a cell raised, 6 a check is red, 7 kernel died or timeout, 8 a secret was
+    found in an output (outputs quarantined).
+    """
+    from bridgekit.runbooks import coerce_text_parameters, find_runbook, run_runbook
+
+    rb = find_runbook(name, path)
+    values: dict[str, Any] = _load_file(params_file) if params_file else {}
+    values.update(coerce_text_parameters(rb, dict(params)))
+    chosen = profile or (ctx.obj or {}).get("profile")
+    result = run_runbook(str(rb.path), values, profile=chosen, out=out, timeout=timeout,
+                         raise_on_failure=False)
+    m = result.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2, default=str))
+    else:
+        click.echo(f"runbook:  {result.runbook}")
+        click.echo(f"status:   {result.status} (exit {result.exit_code})")
+        click.echo(f"profile:  {m.get('profile')}")
+        click.echo(f"run dir:  {result.run_dir}")
+        if result.report is not None:
+            click.echo(f"report:   {result.report}")
+        for c in m.get("checks", []):
+            click.echo(f"check:    {c['status']:<5} {c['name']}" + (f"  {c['detail']}" if c.get("detail") else ""))
+        for table, w in m.get("data_watermark", {}).items():
+            click.echo(f"data:     {table} sync {w.get('sync_run_id')} position {w.get('position')} "
+                       f"rows {w.get('rows')}")
+    err = result.error
+    if err:
+        click.echo(f"error: {err.get('message', '')}", err=True)
+        if err.get("hint"):
+            click.echo(f"hint: {err['hint']}", err=True)
+    if result.exit_code != ExitCode.OK:
+        ctx.exit(result.exit_code)
+
+
+COMMANDS: list[click.Command] = [runbooks, run]
