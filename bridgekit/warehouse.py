@@ -73,7 +73,7 @@ log = logging.getLogger("bridgekit.warehouse")
 BOOKKEEPING_SCHEMA = "bridgekit"
 #: How long a reader or a merge waits for the other side to release the warehouse file.
 LOCK_TIMEOUT_S = 60.0
-_STAGE_ALIAS = "wh"
+_STAGE_ALIAS = "__bk_warehouse"  # never a file stem, which DuckDB uses to name the main catalog
 _OP_UPSERT, _OP_DELETE = 0, 1
 
 

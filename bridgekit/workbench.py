@@ -71,5 +71,38 @@ class Workbench:
 
         return GraphClient(self.profile)
 
+    @cached_property
+    def warehouse(self) -> Any:
+        """The DuckDB warehouse of this profile (``profile.warehouse_path``)."""
+        from bridgekit.warehouse import Warehouse
+
+        return Warehouse(self.profile.warehouse_path)
+
+    def sync_engine(self, *, progress: bool | None = None, untracked: str = "reload") -> Any:
+        """A :class:`~bridgekit.sync.SyncEngine` over this profile's sync plan and clients."""
+        from bridgekit.sync import SyncEngine, sources_for
+
+        tables, factory = sources_for(self)
+        return SyncEngine(self.warehouse, tables, factory, concurrency=max(1, min(self.profile.max_concurrency, 8)),
+                          progress=progress, untracked=untracked, label=self.profile.name)
+
+    def sync(self, only: str | list[str] | None = None, full: bool = False, *,
+             progress: bool | None = None) -> Any:
+        """Mirror the profile's tables into the warehouse (deltas after the first run); returns a SyncReport.
+
+        Example:
+            >>> report = wb.sync(only=["account", "graph.users"])  # doctest: +SKIP
+            >>> report.to_frame()                                  # doctest: +SKIP
+        """
+        return self.sync_engine(progress=progress).run(only, full=full)
+
+    def sql(self, query: str, params: Any = None) -> Any:
+        """Run a read-only SQL query on the warehouse; returns a pandas DataFrame.
+
+        Example:
+            >>> wb.sql("select name from dataverse.account limit 5")  # doctest: +SKIP
+        """
+        return self.warehouse.sql(query, params)
+
     def __repr__(self) -> str:
         return f"Workbench(profile={self.profile.name!r})"
