@@ -132,7 +132,7 @@ _TOKEN = re.compile(r"""
       (?P<str>'(?:[^']|'')*')
     | (?P<dt>\d{4}-\d{2}-\d{2}(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)
     | (?P<num>-?\d+(?:\.\d+)?)
-    | (?P<punct>[(),])
+    | (?P<punct>[(),:])
     | (?P<word>[A-Za-z_@][A-Za-z0-9_@./]*)
     )""", re.VERBOSE)
 _COMPARE = {"eq": "=", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -273,10 +273,11 @@ class _FilterParser:
             self.expect(")")
             return inner
         nxt = self.peek()
+        if tok.kind == "word" and "/" in tok.text and tok.text.split("/")[-1].lower() in ("any", "all"):
+            # Lambda operators over collections (assignedLicenses/any(...)) are not emulated.
+            raise self.unsupported(tok.text.split("/")[0])
         if tok.kind == "word" and nxt is not None and nxt.text == "(":
             return self.function(tok.text)
-        if tok.kind == "word" and "/" in tok.text and tok.text.split("/")[-1].startswith(("any", "all")):
-            raise self.unsupported(tok.text.split("/")[0])
         prop = self.prop(tok)
         op_tok = self.take()
         op = op_tok.text.lower()
