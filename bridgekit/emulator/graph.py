@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
+import random
 import re
 import secrets
 import time
@@ -25,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import anyio.from_thread
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from bridgekit.emulator.context import GRAPH_APP_ID, EmulatorContext, RoleMissing, TokenRejected
+from bridgekit.emulator.faults import graph_error_body
 from bridgekit.emulator.graph_query import (
     DIRECTORY,
     OUTLOOK,
@@ -278,9 +282,8 @@ class GraphService:
         self.store.ensure_index("graph.events", "owner", ["@emu.user"])
         self.store.ensure_index("graph.contacts", "owner", ["@emu.user"])
         self.store.ensure_index("graph.users", "upn", ["userPrincipalName"])
-        #: Optional per-item fault hook for $batch (set by the fault layer): returns an error response
-        #: (e.g. a 429 with Retry-After) for an item, or None.
-        self.item_fault: Callable[[GraphRequest], GraphResponse | None] | None = None
+        #: Per-item throttling for $batch: an error response (a 429 with Retry-After) for an item, or None.
+        self.item_fault: Callable[[GraphRequest, dict[str, Any]], GraphResponse | None] | None = None
 
     # -- entry points ------------------------------------------------------------------------------
     @property
@@ -1028,7 +1031,7 @@ class GraphService:
                     sub = GraphResponse(424, _error_body(req, "FailedDependency",
                                                          "The request depends on a request that failed."))
                 else:
-                    sub = self._batch_item(req, item)
+                    sub = self._batch_item(req, claims, item)
                 done[rid] = sub.status
                 headers = {"Content-Type": sub.media_type, **sub.headers}
                 entry: dict[str, Any] = {"id": str(item["id"]), "status": sub.status, "headers": headers}
@@ -1037,7 +1040,7 @@ class GraphService:
                 responses.append(entry)
         return _ok({"responses": responses})
 
-    def _batch_item(self, outer: GraphRequest, item: dict[str, Any]) -> GraphResponse:
+    def _batch_item(self, outer: GraphRequest, claims: dict[str, Any], item: dict[str, Any]) -> GraphResponse:
         url = str(item["url"])
         headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
         # The outer request's credentials authenticate every item (§2.3).
@@ -1056,7 +1059,7 @@ class GraphService:
         if path == "$batch":
             return GraphResponse(400, _error_body(sub, "BadRequest", "A batch cannot contain another batch."))
         if self.item_fault is not None:
-            faulted = self.item_fault(sub)
+            faulted = self.item_fault(sub, claims)
             if faulted is not None:
                 return faulted
         return self.handle(sub)
@@ -1064,9 +1067,53 @@ class GraphService:
 
 # -- HTTP adapter -----------------------------------------------------------------------------------------
 
+class _ItemThrottle:
+    """Throttling for each ``$batch`` item (protocols.md §2.3: items are throttled one by one).
+
+    The fault middleware sees a batch as one request; this applies the same two rules to every item:
+    injected throttles (``ctx.faults.throttle_rate``) and the per-app request window the middleware keeps
+    in ``ctx.limiter``. The limiter lives on the event loop, so checks hop there from the worker thread.
+    """
+
+    def __init__(self, ctx: EmulatorContext) -> None:
+        self.ctx = ctx
+        self._rng = random.Random()  # noqa: S311 - fault dice, not secrets
+        self._seed: int | None = None
+
+    def __call__(self, sub: GraphRequest, claims: dict[str, Any]) -> GraphResponse | None:
+        try:
+            return anyio.from_thread.run_sync(self._check, sub, claims)
+        except RuntimeError:  # not called from a worker thread (direct use of GraphService)
+            return self._check(sub, claims)
+
+    def _check(self, sub: GraphRequest, claims: dict[str, Any]) -> GraphResponse | None:
+        f = self.ctx.faults
+        if "graph" in f.services and f.throttle_rate:
+            if f.seed != self._seed:
+                self._rng, self._seed = random.Random(f.seed), f.seed  # noqa: S311
+            if self._rng.random() < f.throttle_rate:
+                return self._too_many(sub, f.retry_after_s)
+        limiter = getattr(self.ctx, "limiter", None)
+        caller = limiter.graph.get(str(claims.get("azp") or claims.get("appid"))) if limiter else None
+        if caller is not None:
+            now, window = time.monotonic(), float(self.ctx.settings.graph_window_s)
+            caller.expire(now, window)
+            if len(caller.starts) >= self.ctx.settings.graph_requests_per_window:
+                return self._too_many(sub, max(1, math.ceil(caller.starts[0] + window - now)))
+            caller.starts.append(now)
+        return None
+
+    @staticmethod
+    def _too_many(sub: GraphRequest, retry_after: int) -> GraphResponse:
+        body = graph_error_body("TooManyRequests", "Please retry again later.", status=429,
+                                client_request_id=sub.client_request_id)
+        return GraphResponse(429, body, {"Retry-After": str(retry_after)})
+
+
 def routes(ctx: EmulatorContext) -> list[BaseRoute]:
     """The Graph v1.0 routes, to be mounted at ``/graph/v1.0``."""
     service = GraphService(ctx)
+    service.item_fault = _ItemThrottle(ctx)
 
     async def endpoint(request: Request) -> Response:
         body = await request.body() if request.method in ("POST", "PATCH", "PUT") else b""
