@@ -71,7 +71,7 @@ class Page:
         deletes: Keys of deleted rows.
         versions: Each row's version string (``_bk_version``), or None.
         next: The position to fetch the next page of this partition from; None at its end.
-        token: The delta link, on the last page of a tracked read.
+        token: The delta link, on the last page of a tracked read (of this partition).
     """
 
     rows: list[dict[str, Any]] | pa.Table = field(default_factory=list)
@@ -113,8 +113,12 @@ class Source(Protocol):
         """Start positions for a full read in up to ``partitions`` disjoint partitions."""
         ...
 
-    def delta_start(self, token: str) -> str:
-        """The position of the first page of changes since ``token`` (a stored delta link)."""
+    def delta_start(self, token: str) -> list[str]:
+        """The positions (one per partition) of the first pages of changes since ``token``."""
+        ...
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        """The table's delta token from its partitions' delta links (in partition order)."""
         ...
 
     def page(self, cursor: str) -> Page:
@@ -468,14 +472,11 @@ class SyncEngine:
                 state = self._begin_full(staging, source, run_id, resynced=False)
             else:
                 state = staging.begin(source.spec(), run_id=run_id, mode="delta",
-                                      cursors=[source.delta_start(token)], base_token=token)
+                                      cursors=source.delta_start(token), base_token=token)
         resyncs = 0
         while True:
             try:
-                if state.mode == "delta":
-                    self._fetch_delta(staging, source, state)
-                else:
-                    self._fetch_full(staging, source, state)
+                self._fetch_parts(staging, source, state)
                 break
             except ResyncRequired as exc:
                 resyncs += 1
@@ -484,12 +485,16 @@ class SyncEngine:
                                     table=table) from exc
                 log.warning("%s: %s; reloading in full", table, exc.message)
                 state = self._begin_full(staging, source, run_id, resynced=True)
+        token = state.token if state.mode == "full" else None  # a delta link taken before a full load
         if not source.tracked:
             state.message = "change tracking is not enabled on this table: reloaded in full"
-        elif state.token is None:
-            raise SyncError(f"{table}: the read ended without a delta link", table=table,
-                            hint="the service did not return @odata.deltaLink; run the sync again")
-        staging.mark_fetched(state, state.token)
+        elif token is None:
+            parts = [state.part_tokens.get(p) for p in sorted(state.cursors)]
+            if any(t is None for t in parts):
+                raise SyncError(f"{table}: the read ended without a delta link", table=table,
+                                hint="the service did not return @odata.deltaLink; run the sync again")
+            token = source.join_tokens([t for t in parts if t is not None])
+        staging.mark_fetched(state, token)
         return state
 
     def _begin_full(self, staging: Staging, source: Source, run_id: str, *, resynced: bool) -> StageState:
@@ -506,21 +511,11 @@ class SyncEngine:
         staging.write_page(state, part, batch, page.deletes, page.versions, page.next, token=page.token)
         bar.update(len(page.rows) + len(page.deletes))
 
-    def _fetch_delta(self, staging: Staging, source: Source, state: StageState) -> None:
-        bar = _Progress(self._show_progress(), source.table, None)
-        try:
-            cursor = state.cursors.get(0)
-            while cursor is not None:
-                page = source.page(cursor)
-                self._write(staging, state, 0, page, bar)
-                cursor = page.next
-        finally:
-            bar.close()
-
-    def _fetch_full(self, staging: Staging, source: Source, state: StageState) -> None:
+    def _fetch_parts(self, staging: Staging, source: Source, state: StageState) -> None:
         """Fetch the unfinished partitions concurrently; one thread writes the checkpoints, in order."""
         todo = [(p, c) for p, c in state.cursors.items() if c is not None]
-        bar = _Progress(self._show_progress(), source.table, self._estimates.get(source.table))
+        bar = _Progress(self._show_progress(), source.table,
+                        self._estimates.get(source.table) if state.mode == "full" else None)
         if state.fetched:
             bar.update(state.fetched)
         try:
@@ -735,8 +730,11 @@ class DataverseSource:
         filters: list[Any] = list(self.client.partitions(self.name, partitions))
         return filters
 
-    def delta_start(self, token: str) -> str:
-        return _DELTA + token
+    def delta_start(self, token: str) -> list[str]:
+        return [_DELTA + token]
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        return tokens[0]
 
     def _headers(self, *, track: bool, page_size: int | None = None, annotations: bool = True) -> dict[str, str]:
         from bridgekit.odata import prefer
@@ -801,10 +799,225 @@ class DataverseSource:
         return pa.Table.from_arrays([arrays[c.name] for c in spec.columns], names=[c.name for c in spec.columns])
 
 
-class GraphSource:  # placeholder until the Graph client lands
-    """Graph resource source (see :func:`sources_for`)."""
+# -- Graph ------------------------------------------------------------------------------------------------
 
-    table: str
+
+def _prop(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda item: item.get(name)
+
+
+def _json_prop(name: str) -> Callable[[dict[str, Any]], Any]:
+    import orjson
+
+    def get(item: dict[str, Any]) -> Any:
+        v = item.get(name)
+        return None if v is None else orjson.dumps(v).decode()
+    return get
+
+
+def _address(name: str) -> Callable[[dict[str, Any]], Any]:
+    def get(item: dict[str, Any]) -> Any:
+        v = item.get(name) or {}
+        return (v.get("emailAddress") or {}).get("address") if isinstance(v, dict) else None
+    return get
+
+
+def _addresses(name: str) -> Callable[[dict[str, Any]], Any]:
+    def get(item: dict[str, Any]) -> Any:
+        v = item.get(name)
+        if v is None:
+            return None
+        return [str((r.get("emailAddress") or {}).get("address")) for r in v if isinstance(r, dict)]
+    return get
+
+
+def _utc(name: str) -> Callable[[dict[str, Any]], Any]:
+    """A ``dateTimeTimeZone`` as UTC text (Graph answers in UTC unless ``Prefer: outlook.timezone``)."""
+    def get(item: dict[str, Any]) -> Any:
+        v = item.get(name)
+        if not isinstance(v, dict) or not v.get("dateTime"):
+            return None
+        text, zone = str(v["dateTime"]), str(v.get("timeZone") or "UTC")
+        if zone.upper() in ("UTC", "ETC/UTC", "Z"):
+            return text + "Z" if not text.endswith("Z") else text
+        from zoneinfo import ZoneInfo
+
+        local = datetime.fromisoformat(text[:26]).replace(tzinfo=ZoneInfo(zone))
+        return local.astimezone(UTC).isoformat()
+    return get
+
+
+@dataclass(frozen=True)
+class _GraphResource:
+    """How a Graph resource becomes a table: columns (name, type, extractor) and where its delta lives."""
+
+    name: str
+    columns: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...]
+    select: tuple[str, ...]  # $select sent on the delta's first request (empty: the resource allows none)
+    per_user: str | None = None  # "folders" (message delta is per mail folder), "calendar", "contacts"
+
+
+def _cols(*specs: tuple[str, str] | tuple[str, str, Callable[[dict[str, Any]], Any]]) -> tuple[
+        tuple[str, str, Callable[[dict[str, Any]], Any]], ...]:
+    out = []
+    for spec in specs:
+        if len(spec) == 2:
+            name, typ = spec  # type: ignore[misc]
+            out.append((name, typ, _json_prop(name) if typ == "JSON" else _prop(name)))
+        else:
+            out.append(spec)  # type: ignore[arg-type]
+    return tuple(out)  # type: ignore[return-value]
+
+
+_V, _TS, _B, _L, _J = "VARCHAR", "TIMESTAMPTZ", "BOOLEAN", "VARCHAR[]", "JSON"
+# Types follow the Graph v1.0 $metadata (Edm.String/Boolean/DateTimeOffset, collections, complex types as
+# JSON with the commonly queried fields flattened next to them).
+_GRAPH_RESOURCES: dict[str, _GraphResource] = {r.name: r for r in (
+    _GraphResource("users", _cols(
+        ("id", _V), ("displayName", _V), ("givenName", _V), ("surname", _V), ("mail", _V),
+        ("userPrincipalName", _V), ("accountEnabled", _B), ("jobTitle", _V), ("department", _V),
+        ("officeLocation", _V), ("businessPhones", _L), ("mobilePhone", _V), ("preferredLanguage", _V),
+        ("createdDateTime", _TS)), select=(
+        "id", "displayName", "givenName", "surname", "mail", "userPrincipalName", "accountEnabled", "jobTitle",
+        "department", "officeLocation", "businessPhones", "mobilePhone", "preferredLanguage", "createdDateTime")),
+    _GraphResource("groups", _cols(
+        ("id", _V), ("displayName", _V), ("description", _V), ("mail", _V), ("mailEnabled", _B),
+        ("mailNickname", _V), ("securityEnabled", _B), ("groupTypes", _L), ("visibility", _V),
+        ("createdDateTime", _TS)), select=(
+        "id", "displayName", "description", "mail", "mailEnabled", "mailNickname", "securityEnabled",
+        "groupTypes", "visibility", "createdDateTime")),
+    _GraphResource("messages", _cols(
+        ("id", _V), ("user_id", _V, _prop("@bk.user")), ("subject", _V), ("bodyPreview", _V), ("body", _J),
+        ("from", _J), ("from_address", _V, _address("from")), ("sender", _J),
+        ("sender_address", _V, _address("sender")), ("toRecipients", _J),
+        ("to_addresses", _L, _addresses("toRecipients")), ("ccRecipients", _J),
+        ("cc_addresses", _L, _addresses("ccRecipients")), ("receivedDateTime", _TS), ("sentDateTime", _TS),
+        ("createdDateTime", _TS), ("lastModifiedDateTime", _TS), ("isRead", _B), ("isDraft", _B),
+        ("importance", _V), ("conversationId", _V), ("internetMessageId", _V), ("parentFolderId", _V),
+        ("hasAttachments", _B), ("categories", _L)), select=(
+        "id", "subject", "bodyPreview", "body", "from", "sender", "toRecipients", "ccRecipients",
+        "receivedDateTime", "sentDateTime", "createdDateTime", "lastModifiedDateTime", "isRead", "isDraft",
+        "importance", "conversationId", "internetMessageId", "parentFolderId", "hasAttachments", "categories"),
+        per_user="folders"),
+    _GraphResource("events", _cols(
+        ("id", _V), ("user_id", _V, _prop("@bk.user")), ("subject", _V), ("bodyPreview", _V), ("start", _J),
+        ("start_utc", _TS, _utc("start")), ("end", _J), ("end_utc", _TS, _utc("end")), ("organizer", _J),
+        ("organizer_address", _V, _address("organizer")), ("attendees", _J),
+        ("attendee_addresses", _L, _addresses("attendees")), ("location", _J),
+        ("location_name", _V, lambda i: (i.get("location") or {}).get("displayName")),
+        ("isOnlineMeeting", _B), ("isCancelled", _B), ("isAllDay", _B), ("showAs", _V), ("importance", _V),
+        ("iCalUId", _V), ("type", _V), ("createdDateTime", _TS), ("lastModifiedDateTime", _TS)),
+        select=(), per_user="calendar"),
+    _GraphResource("contacts", _cols(
+        ("id", _V), ("user_id", _V, _prop("@bk.user")), ("displayName", _V), ("givenName", _V), ("surname", _V),
+        ("emailAddresses", _J), ("email_addresses", _L, lambda i: None if i.get("emailAddresses") is None else
+                                 [str(e.get("address")) for e in i["emailAddresses"] if isinstance(e, dict)]),
+        ("companyName", _V), ("jobTitle", _V), ("businessPhones", _L), ("mobilePhone", _V),
+        ("createdDateTime", _TS), ("lastModifiedDateTime", _TS)), select=(
+        "id", "displayName", "givenName", "surname", "emailAddresses", "companyName", "jobTitle",
+        "businessPhones", "mobilePhone", "createdDateTime", "lastModifiedDateTime"), per_user="contacts"),
+)}
+#: The calendarView window mirrored for events (the window is part of the delta token, protocols.md §2.2).
+EVENTS_WINDOW = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+
+
+class GraphSource:
+    """A Graph resource as resumable delta pages, over :class:`bridgekit.graph.GraphClient`.
+
+    Directory resources (users, groups) have one delta; mailbox resources have one per scope (a user's
+    mail folder, calendar or contacts), each a partition of the full load and of every delta, and the
+    table's token is the JSON object ``{scope: deltaLink}``. Mailboxes of users created after the first
+    load join at their next delta run (an initial round); the positions are ``<scope> <link>``.
+    """
 
     def __init__(self, client: Any, name: str) -> None:
-        raise SyncError("the Graph client is not available yet")
+        if name not in _GRAPH_RESOURCES:
+            raise SyncError(f"Graph resource {name!r} cannot be synced", table=f"graph.{name}",
+                            hint=f"choose from: {', '.join(_GRAPH_RESOURCES)}")
+        self.client = client
+        self.name = name
+        self.table = f"graph.{name}"
+        self.res = _GRAPH_RESOURCES[name]
+        self._spec: TableSpec | None = None
+
+    @property
+    def tracked(self) -> bool:
+        return True
+
+    def spec(self) -> TableSpec:
+        if self._spec is None:
+            from bridgekit.warehouse import Column
+
+            self._spec = TableSpec("graph", self.name, "id", tuple(Column(n, t) for n, t, _ in self.res.columns))
+        return self._spec
+
+    def _initial(self, scope: str) -> str:
+        from bridgekit.odata import with_query
+
+        select = ",".join(self.res.select) or None
+        if self.res.per_user is None:
+            return str(with_query(f"{self.name}/delta", {"$select": select}))
+        user, _, folder = scope.partition("/")
+        if self.res.per_user == "folders":
+            return str(with_query(f"users/{user}/mailFolders/{folder}/messages/delta", {"$select": select}))
+        if self.res.per_user == "calendar":
+            start, end = (d.strftime("%Y-%m-%dT%H:%M:%S") for d in EVENTS_WINDOW)
+            return str(with_query(f"users/{user}/calendarView/delta", {"startDateTime": start, "endDateTime": end}))
+        return str(with_query(f"users/{user}/contacts/delta", {"$select": select}))
+
+    def _scopes(self) -> list[str]:
+        if self.res.per_user is None:
+            return [""]
+        users = [str(u["id"]) for page in self.client.users(select=["id"]) for u in page.value]
+        if self.res.per_user != "folders":
+            return users
+        scopes = []
+        for uid in users:
+            for page in self.client.pages(f"users/{uid}/mailFolders", select=["id"]):
+                scopes += [f"{uid}/{f['id']}" for f in page.value]
+        return scopes
+
+    def plan_full(self, partitions: int) -> FullPlan:
+        return FullPlan([f"{scope} {self._initial(scope)}" for scope in self._scopes()])
+
+    def delta_start(self, token: str) -> list[str]:
+        import json
+
+        links: dict[str, str] = json.loads(token) if token.startswith("{") else {"": token}
+        cursors = [f"{scope} {link}" for scope, link in links.items()]
+        if self.res.per_user is not None:
+            # New mailboxes join with an initial round (everything in them is new).
+            cursors += [f"{scope} {self._initial(scope)}" for scope in self._scopes() if scope not in links]
+        return cursors
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        import json
+
+        links = dict(t.split(" ", 1) for t in tokens)
+        return links.get("", "") if self.res.per_user is None else json.dumps(links, sort_keys=True)
+
+    def page(self, cursor: str) -> Page:
+        scope, _, url = cursor.partition(" ")
+        try:
+            page = next(iter(self.client.delta_changes(url)))
+        except ResyncRequired as exc:
+            exc.table = self.table
+            raise
+        items = page.items
+        if self.res.per_user is not None:
+            user = scope.split("/", 1)[0]
+            for item in items:
+                item["@bk.user"] = user
+        spec = self.spec()
+        arrays = []
+        for name, typ, get in self.res.columns:
+            try:
+                arrays.append(pa.array([get(i) for i in items], carrier(typ)))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise SyncError(f"{self.table}.{name}: a value does not fit {typ}: {exc}", table=self.table) from exc
+        rows = pa.Table.from_arrays(arrays, names=[c.name for c in spec.columns])
+        versions = [i.get("@odata.etag") or i.get("changeKey") for i in items]
+        # Graph may list one object twice in a round (replays); the later occurrence wins in staging.
+        return Page(rows=rows, deletes=[r.id for r in page.removed], versions=versions,
+                    next=f"{scope} {page.next_link}" if page.next_link else None,
+                    token=f"{scope} {page.delta_link}" if page.delta_link else None)

@@ -184,6 +184,7 @@ class StageState:
     fetched: int
     cursors: dict[int, str | None]  # partition -> next position (None: partition done)
     message: str | None = None
+    part_tokens: dict[int, str | None] = field(default_factory=dict)  # partition -> its delta link
 
     @property
     def done(self) -> bool:
@@ -533,7 +534,7 @@ _STAGING_DDL = (
     "mode VARCHAR, resynced BOOLEAN, spec VARCHAR, base_token VARCHAR, token VARCHAR, status VARCHAR, "
     "started_at TIMESTAMPTZ, pages BIGINT, fetched BIGINT, message VARCHAR)",
     "CREATE TABLE IF NOT EXISTS stage_cursors (table_name VARCHAR NOT NULL, part INTEGER NOT NULL, "
-    "cursor VARCHAR)",
+    "cursor VARCHAR, token VARCHAR)",
 )
 
 
@@ -576,10 +577,11 @@ class Staging:
                                 [table_id]).fetchone()
         if row is None:
             return None
-        cursors = {int(p): c for p, c in self.conn.execute(
-            "SELECT part, cursor FROM stage_cursors WHERE table_name = ? ORDER BY part", [table_id]).fetchall()}
+        parts = self.conn.execute("SELECT part, cursor, token FROM stage_cursors WHERE table_name = ? ORDER BY part",
+                                  [table_id]).fetchall()
         return StageState(table_id, row[0], row[1], row[2], bool(row[3]), TableSpec.from_json(row[4]), row[5],
-                          row[6], row[7], row[8], int(row[9]), int(row[10]), cursors, row[11])
+                          row[6], row[7], row[8], int(row[9]), int(row[10]), {int(p): c for p, c, _ in parts},
+                          row[11], {int(p): t for p, _, t in parts})
 
     def begin(self, spec: TableSpec, *, run_id: str, mode: str, cursors: Sequence[str | None],
               base_token: str | None = None, token: str | None = None, resynced: bool = False,
@@ -597,7 +599,7 @@ class Staging:
                               [tid, uuid.uuid4().hex, run_id, mode, resynced, spec.to_json(), base_token, token,
                                _now(), message])
             for i, cur in enumerate(cursors):
-                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?)", [tid, i, cur])
+                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [tid, i, cur])
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -629,7 +631,7 @@ class Staging:
             deletes: Keys of deleted rows.
             versions: Each upserted row's version string (or None).
             next_cursor: The partition's next position, None when the partition is finished.
-            token: The delta link, when this page carried it.
+            token: The partition's delta link, when this page carried it.
         """
         spec = state.spec
         st = _stage_table(spec.id)
@@ -658,10 +660,10 @@ class Staging:
                                   f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
                 self.conn.unregister("_bk_dels")
             n = (rows.num_rows if rows is not None else 0) + len(deletes)
-            self.conn.execute("UPDATE stage_cursors SET cursor = ? WHERE table_name = ? AND part = ?",
-                              [next_cursor, spec.id, part])
-            self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ?, "
-                              "token = coalesce(?, token) WHERE table_name = ?", [n, token, spec.id])
+            self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
+                              "AND part = ?", [next_cursor, token, spec.id, part])
+            self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
+                              [n, spec.id])
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -670,7 +672,7 @@ class Staging:
         state.fetched += n
         state.cursors[part] = next_cursor
         if token:
-            state.token = token
+            state.part_tokens[part] = token
 
     def mark_fetched(self, state: StageState, token: str | None) -> None:
         """Record that every page is staged (and the delta link to keep); the table awaits its merge."""
