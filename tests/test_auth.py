@@ -276,3 +276,25 @@ def test_device_code_login_status_logout(emulator: Any, monkeypatch: pytest.Monk
     assert logout(profile) is True
     after = status(profile)
     assert after["signed_in"] is False and "auth login" in after["hint"]
+
+
+def test_auth_cli_status_and_logout(emulator: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bridgekit.cli import cli
+
+    toml = tmp_path / "bridgekit.toml"
+    toml.write_text(
+        "[profiles.dev]\n"
+        'auth = "device_code"\n'
+        f'tenant_id = "{emulator.tenant_id}"\nclient_id = "{emulator.client_id}"\n'
+        f'dataverse_url = "{emulator.dataverse_url}"\ngraph_url = "{emulator.graph_url}"\n'
+        f'authority_host = "{emulator.authority_host}"\nca_bundle = "{emulator.ca_bundle}"\n')
+    monkeypatch.setenv("BRIDGEKIT_CONFIG", str(toml))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--profile", "dev", "auth", "status"])
+    assert result.exit_code == 3
+    assert "signed_in  False" in result.output and "bridgekit --profile dev auth login" in result.output
+    result = runner.invoke(cli, ["--profile", "dev", "auth", "logout"])
+    assert result.exit_code == 0 and "no cached sign-in" in result.output
