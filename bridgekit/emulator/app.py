@@ -23,7 +23,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridgekit.emulator import identity
-from bridgekit.emulator.context import AppRegistration, EmulatorContext
+from bridgekit.emulator.context import AppRegistration, EmulatorContext, cert_thumbprints
+from bridgekit.emulator.faults import FaultMiddleware
 
 __all__ = ["ADMIN_HEADER", "DATAVERSE_PREFIX", "GRAPH_PREFIX", "create_app"]
 
@@ -128,6 +129,7 @@ class _Admin:
             if body.pop("defaults", False):
                 self.ctx.settings.__init__()  # type: ignore[misc]
             self.ctx.settings.update(body)
+            self.ctx.reset_limits()
             log.info("settings set: %s", self.ctx.settings.to_dict())
         return _json(self.ctx.settings.to_dict())
 
@@ -197,7 +199,6 @@ def app_from_request(body: dict[str, Any]) -> AppRegistration:
         app.add_secret(str(body["secret"]), expires_at=expires_at)
     if body.get("certificate_pem"):
         pem = str(body["certificate_pem"])
-        from bridgekit.emulator.context import cert_thumbprints
         cert_thumbprints(pem.encode())  # validates the PEM (ValueError -> 400)
         app.certificates.append(pem)
     return app
@@ -272,10 +273,5 @@ def create_app(ctx: EmulatorContext) -> ASGIApp:
         Route("/_emulator/apps", admin.guard(admin.apps), methods=["GET", "POST"]),
     ]
     route_list += identity.routes(ctx)
-    app: ASGIApp = Starlette(routes=route_list)
-    faults, error = _optional_module("faults")
-    if faults is not None:
-        app = faults.FaultMiddleware(app, ctx)
-    elif error:
-        raise RuntimeError(f"bridgekit.emulator.faults failed to import: {error}")
-    return _ServerHeader(app)
+    # The fault middleware is outermost: it needs uvicorn's own send to drop connections.
+    return FaultMiddleware(_ServerHeader(Starlette(routes=route_list)), ctx)

@@ -283,6 +283,7 @@ class EmulatorContext:
         self._lock = threading.RLock()
         self.device_codes: dict[str, dict[str, Any]] = {}
         self.data_error: str | None = None  # why the synthetic data could not be generated, if it failed
+        self.limiter: Any = None  # the fault middleware's usage counters (faults.Limiter), once it exists
 
         ident = self._load_identity(seed)
         self.seed: int = ident["seed"]
@@ -384,6 +385,11 @@ class EmulatorContext:
                         "name": str(u.get("displayName", ""))}
         return {"oid": str(uuid.uuid5(_NS, f"user:demo:{self.tenant_id}")),
                 "upn": "demo.user@bridgekit-emulator.onmicrosoft.com", "name": "Demo User"}
+
+    def reset_limits(self) -> None:
+        """Forget service-protection / throttling usage (called when settings change)."""
+        if self.limiter is not None:
+            self.limiter.reset()
 
     # -- admin -------------------------------------------------------------------------------------
     def check_admin_key(self, presented: str | None) -> bool:
