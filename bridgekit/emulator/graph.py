@@ -318,9 +318,9 @@ class GraphService:
                              messages.get(exc.code, "Access token validation failure."),
                              {"WWW-Authenticate": challenge}) from None
 
-    def _require(self, claims: dict[str, Any], kind: str) -> None:
+    def _require(self, claims: dict[str, Any], kind: str, *also: str) -> None:
         try:
-            self.ctx.require_role(claims, *_ROLES[kind])
+            self.ctx.require_role(claims, *_ROLES[kind], *also)
         except RoleMissing:
             if kind in ("users", "groups", "members"):
                 raise GraphError(403, "Authorization_RequestDenied",
@@ -361,7 +361,8 @@ class GraphService:
                                                ("", ()), "users", "changed", "#microsoft.graph.user"))
         key = rest[0]
         if len(rest) == 1:
-            self._require(claims, "users")
+            # Delegated User.Read reads the signed-in user's own profile (/me).
+            self._require(claims, "users", *(("User.Read",) if key == claims.get("oid") and "scp" in claims else ()))
             row = self._find_user(key)
             if row is None:
                 raise GraphError(404, "Request_ResourceNotFound", f"Resource '{key}' does not exist or one of "
@@ -802,10 +803,7 @@ class GraphService:
             if dtoken == "latest":
                 state = self._delta_options(req, spec)
                 state.update(k="dpage", sc=spec.scope_key)
-                with self.store.read() as conn:
-                    version = self.store.current_version(conn)
-                if state.get("m"):
-                    self._save_members(version)
+                version = self._round_start(bool(state.get("m")))
                 return self._delta_link_page(req, spec, state, version, [], initial=True)
             state = codec.decode(dtoken)
             if state is None or state.get("k") != "delta" or state.get("sc") != spec.scope_key:
@@ -824,10 +822,7 @@ class GraphService:
         if state.get("hi") is None:
             # Start of a round: fix the upper version so changes committed while the client pages land in
             # the next round, exactly once.
-            with self.store.read() as conn:
-                state["hi"] = self.store.current_version(conn)
-            if state.get("m"):
-                self._save_members(int(state["hi"]))
+            state["hi"] = self._round_start(bool(state.get("m")))
         if state.get("v") is None:
             return self._delta_initial(req, spec, state, ps, pref)
         return self._delta_changes(req, spec, state, ps, pref)
@@ -963,13 +958,18 @@ class GraphService:
         return GraphError(410, "resyncRequired", "The delta token is no longer valid, and the app must reset the "
                           "sync state.", {"Location": location})
 
-    def _save_members(self, version: int) -> None:
-        """Remember every group's members at ``version`` so the next round can report member removals."""
-        key = f"{_MEMBERS_SNAPSHOT}{version}"
-        if self.store.get_meta(key) is not None:
-            return
+    def _round_start(self, members: bool) -> int:
+        """The store version a round runs up to; with ``members``, also remember every group's members then.
+
+        Version and members are read in one snapshot: the next round reports member changes as the
+        difference from exactly this state (protocols.md §2.2, ``members@delta``).
+        """
         with self.store.read() as conn:
-            rows = self.store.query("graph.groups", conn=conn)
+            version = self.store.current_version(conn)
+            rows = self.store.query("graph.groups", conn=conn) if members else []
+        key = f"{_MEMBERS_SNAPSHOT}{version}"
+        if not members or self.store.get_meta(key) is not None:
+            return version
         snapshot = {r.id: r.load().get("@emu.members", []) for r in rows}
         now = time.time()
         horizon = now - self.ctx.settings.delta_token_max_age_s
@@ -979,6 +979,7 @@ class GraphService:
             # Snapshots older than the token lifetime can no longer be asked for.
             conn.execute("DELETE FROM meta WHERE k LIKE ? AND CAST(json_extract(v, '$.t') AS REAL) < ?",
                          (_MEMBERS_SNAPSHOT + "%", horizon))
+        return version
 
     # -- $batch ------------------------------------------------------------------------------------
     def _batch(self, req: GraphRequest, claims: dict[str, Any]) -> GraphResponse:
