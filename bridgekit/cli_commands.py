@@ -1,0 +1,108 @@
+"""The warehouse commands of the ``bridgekit`` CLI: ``sync``, ``sql`` and ``export`` (thin translators over the Workbench)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+__all__ = ["COMMANDS", "export", "sql", "sync"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _workbench(ctx: click.Context, profile: str | None) -> Any:
+    from bridgekit.workbench import Workbench
+
+    root = ctx.find_root().obj or {}
+    return Workbench.open(profile or root.get("profile"))
+
+
+@click.command(context_settings=_CONTEXT)
+@click.option("--profile", "-P", "profile", metavar="NAME", help="Profile to use (overrides the global --profile).")
+@click.option("--only", metavar="TABLES",
+              help="Comma-separated tables to sync (account,contact,graph.users); default: the profile's plan.")
+@click.option("--full", is_flag=True, help="Reload the selected tables in full instead of applying deltas.")
+@click.option("--watch", is_flag=True, help="Keep running: poll deltas every --interval seconds (Ctrl-C stops).")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between delta polls with --watch.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no report (errors still go to stderr).")
+@click.pass_context
+def sync(ctx: click.Context, profile: str | None, only: str | None, full: bool, watch: bool, interval: float,
+         quiet: bool) -> None:
+    """Mirror Dataverse tables and Graph resources into the local DuckDB warehouse.
+
+    The first run loads every table in full; later runs apply change-tracking / delta changes. An
+    interrupted sync resumes where it stopped. Prints a report per table (created, updated, deleted,
+    duration, throughput, resynced). Exits 1 when a table failed.
+    """
+    wb = _workbench(ctx, profile)
+    # Progress bars only on an interactive terminal (tqdm would litter logs and CI output).
+    progress = not quiet and sys.stderr.isatty()
+    if not quiet:
+        logging.getLogger("bridgekit.sync").setLevel(logging.INFO)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = wb.sync_engine(progress=progress)
+    if watch:
+        def show(report: Any) -> None:
+            if not quiet:
+                click.echo(report.render())
+        click.echo(f"watching {wb.warehouse.path} every {interval:g}s (Ctrl-C to stop)", err=True)
+        try:
+            engine.watch(only, interval=interval, on_report=show, full=full)
+        except KeyboardInterrupt:
+            click.echo("stopped", err=True)
+        return
+    report = engine.run(only, full=full)
+    if not quiet:
+        click.echo(report.render())
+    if not report.ok:
+        ctx.exit(1)
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("query")
+@click.option("--profile", "-P", "profile", metavar="NAME", help="Profile to use (overrides the global --profile).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Output format.")
+@click.option("--max-rows", default=100, show_default=True, type=int, help="Rows shown in table format (0: all).")
+def sql(query: str, profile: str | None, fmt: str, max_rows: int) -> None:
+    """Run a read-only SQL QUERY on the warehouse (waits briefly while a sync merge holds it).
+
+    Example: bridgekit sql "select name, revenue from dataverse.account order by revenue desc limit 5"
+    """
+    ctx = click.get_current_context()
+    wb = _workbench(ctx, profile)
+    df = wb.sql(query)
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps(json.loads(df.to_json(orient="records", date_format="iso")), indent=1, default=str))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", max_rows or None, "display.max_columns", None,
+                               "display.width", 200):
+            click.echo(df.to_string(index=False, max_rows=max_rows or None))
+
+
+@click.command(context_settings=_CONTEXT)
+@click.option("--profile", "-P", "profile", metavar="NAME", help="Profile to use (overrides the global --profile).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "delta"]), default="parquet", show_default=True,
+              help="Parquet files or Delta Lake tables.")
+@click.option("--to", "to", required=True, metavar="PATH", help="Directory to write <schema>/<table> into.")
+@click.option("--only", metavar="TABLES", help="Comma-separated schema.table names (default: every mirrored table).")
+def export(profile: str | None, fmt: str, to: str, only: str | None) -> None:
+    """Export the mirrored tables as Parquet files or Delta tables under PATH."""
+    ctx = click.get_current_context()
+    wb = _workbench(ctx, profile)
+    tables = [t.strip() for t in only.split(",") if t.strip()] if only else None
+    for path in wb.warehouse.export(to, format=fmt, tables=tables):
+        click.echo(str(path))
+
+
+COMMANDS: list[click.Command] = [sync, sql, export]
