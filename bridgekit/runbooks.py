@@ -19,6 +19,7 @@ This module is the only one that imports Papermill (and nbconvert); both are imp
 from __future__ import annotations
 
 import ast
+import contextlib
 import datetime as _dt
 import functools
 import html
@@ -627,6 +628,29 @@ def _describe_returncode(rc: Any) -> str:
     return "the kernel process stopped answering"
 
 
+class _ValidatedParameterNoise(logging.Filter):
+    """Drops papermill's own parameter-cell warnings: the runner has already checked every parameter with
+    a full Python parser, and papermill's line regex misreads valid cells (an apostrophe in a help comment
+    opens a "string" for it), which would put a false "unknown parameter" warning in every cron mail."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Passed unknown parameter") or msg.startswith("Unable to parse line"))
+
+
+@contextlib.contextmanager
+def _quiet_papermill_parameter_warnings() -> Iterator[None]:
+    noise = _ValidatedParameterNoise()
+    loggers = [logging.getLogger("papermill"), logging.getLogger("papermill.translators")]
+    for lg in loggers:
+        lg.addFilter(noise)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(noise)
+
+
 def _where(index: int | None, count: Any) -> str:
     if index is None:
         return ""
@@ -651,7 +675,7 @@ def _execute(runbook: Runbook, nb_path: Path, values: Mapping[str, Any], env: Ma
         return max(1, math.ceil(deadline - time.monotonic()))
 
     try:
-        with kernel_log.open("w", encoding="utf-8") as log_file:
+        with kernel_log.open("w", encoding="utf-8") as log_file, _quiet_papermill_parameter_warnings():
             pm.execute_notebook(
                 str(runbook.path), str(nb_path), parameters=dict(values) or None,
                 progress_bar=False, log_output=False, request_save_on_cell_execute=True,
