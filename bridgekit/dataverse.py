@@ -34,6 +34,7 @@ from bridgekit.errors import (
     ConfigError,
     NotFoundError,
     ResyncRequired,
+    TransientError,
 )
 from bridgekit.http import ServiceSession, build_session, error_from_response, parse_retry_after
 from bridgekit.odata import Expr, Page, Scalar, and_, ge, literal, lt, prefer, with_query
@@ -58,7 +59,9 @@ MAX_PAGE_SIZE = 5000
 _CT_NOT_ENABLED = "0x80072491"
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\)\s*$")
 _STATUS_LINE = re.compile(r"^HTTP/\d\.\d\s+(\d{3})")
-_FORMATTED = "OData.Community.Display.V1.FormattedValue"
+# A failed $batch without continue-on-error answers the failing part's status with a multipart body
+# (execute-batch-operations); those come back as results. 401/403/429 concern the whole call: retried or raised.
+_BATCH_ALLOW = tuple(s for s in range(400, 500) if s not in (401, 403, 429))
 # Messages of an expired/invalid change-tracking token: the Web API code is undocumented (protocols.md
 # §1.11, [U]); the known message is "Version stamp associated with the client has expired".
 _RESYNC_HINTS = ("expired", "full sync", "delta token", "deltatoken", "version stamp")
@@ -640,10 +643,11 @@ class DataverseClient:
         safe = all(ops[i].idempotent for i in indices)
         try:
             response = self.session.request("POST", "$batch", data=body, headers=headers, idempotent=safe,
-                                            allow=tuple(range(400, 500)))
-        except BridgekitError as exc:
-            # The whole request failed (transient after retries, or not safe to repeat): every item shares it.
-            return [BatchResult(i, getattr(exc, "status", None), error=exc) for i in indices]
+                                            allow=_BATCH_ALLOW)
+        except TransientError as exc:
+            # The whole call failed transiently (after retries, or not safe to repeat): every item shares it.
+            # Auth, permission and configuration errors concern the call itself and are raised.
+            return [BatchResult(i, exc.status, error=exc) for i in indices]
         ctype = response.headers.get("Content-Type", "")
         if "multipart/mixed" not in ctype:
             err = error_from_response(response, "dataverse")

@@ -21,7 +21,7 @@ import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
 from bridgekit.config import Profile
-from bridgekit.errors import ApiError, BridgekitError, ResyncRequired
+from bridgekit.errors import ApiError, BridgekitError, ResyncRequired, TransientError
 from bridgekit.http import ServiceSession, build_session, error_from_response, parse_retry_after
 from bridgekit.odata import Expr, Page, prefer, with_query
 
@@ -321,8 +321,9 @@ class GraphClient:
         try:
             response = self.session.request("POST", "$batch", json=payload, idempotent=safe,
                                             headers={"Content-Type": "application/json"})
-        except BridgekitError as exc:
-            return out + [GraphResponse(r.id, int(getattr(exc, "status", None) or 0), error=exc) for r in to_send]
+        except TransientError as exc:
+            # Auth, permission and configuration errors concern the whole call and are raised.
+            return out + [GraphResponse(r.id, int(exc.status or 0), error=exc) for r in to_send]
         answers = {str(a.get("id")).lower(): a for a in response.json().get("responses", [])}
         for r in to_send:
             a = answers.get(r.id.lower())

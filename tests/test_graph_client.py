@@ -130,8 +130,10 @@ def graph(emulator: Any) -> Iterator[GraphClient]:
 def test_paged_read_returns_every_user_once_under_faults(graph: GraphClient, emulator: Any) -> None:
     expected = sorted(u["id"] for u in graph.items("users", select=["id"]))
     assert len(expected) > 7
+    throttled_before = graph.session.governor.throttle_count
     with emulator.faults(throttle_rate=0.3, error_5xx_rate=0.05, retry_after_s=0, services=["graph"], seed=7):
         pages = list(graph.users(select=["id", "displayName"], top=7))
+    assert graph.session.governor.throttle_count > throttled_before  # the faults were there
     got = [u["id"] for p in pages for u in p.value]
     assert len(pages) > 1
     assert sorted(got) == expected  # every user exactly once
