@@ -12,10 +12,14 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
+
+from bridgekit.emulator.odata_filter import Call, Compare, FilterError, Literal, Logical, Member, Node, Not
+from bridgekit.emulator.odata_filter import parse_filter as parse_ast
 
 __all__ = [
     "DIRECTORY",
@@ -127,84 +131,20 @@ def parse_orderby(raw: str | None, *, allowed: tuple[str, ...], dialect: str,
 
 # -- $filter ----------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"""
-    \s*(?:
-      (?P<str>'(?:[^']|'')*')
-    | (?P<dt>\d{4}-\d{2}-\d{2}(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)
-    | (?P<num>-?\d+(?:\.\d+)?)
-    | (?P<punct>[(),:])
-    | (?P<word>[A-Za-z_@][A-Za-z0-9_@./]*)
-    )""", re.VERBOSE)
 _COMPARE = {"eq": "=", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_FLIP = {"eq": "eq", "ne": "ne", "gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
+_LAMBDA = re.compile(r"([A-Za-z_][\w/]*)/(any|all)\s*\(", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
-class _Tok:
-    kind: str
-    text: str
+class _FilterCompiler:
+    """Compiles the OData AST (parsed by the Dataverse emulator's parser) with Graph's rules and errors."""
 
-
-def _tokenize(text: str) -> list[_Tok]:
-    out: list[_Tok] = []
-    pos = 0
-    text = text.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise QueryError("BadRequest", f"Invalid filter clause: syntax error at position {pos} in '{text}'.")
-        kind = m.lastgroup or ""
-        out.append(_Tok(kind, m.group(kind)))
-        pos = m.end()
-    return out
-
-
-def _utc_literal(text: str) -> str:
-    """A DateTimeOffset literal as the UTC ``YYYY-MM-DDTHH:MM:SSZ`` text the records use."""
-    if "T" not in text:
-        return text
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise QueryError("BadRequest", f"Invalid filter clause: '{text}' is not a valid DateTimeOffset.") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class _FilterParser:
-    """Recursive descent over or / and / not / comparisons / startswith, endswith / in."""
-
-    def __init__(self, text: str, fields: tuple[str, ...], dialect: str, advanced: bool, type_name: str) -> None:
-        self.toks = _tokenize(text)
-        self.i = 0
+    def __init__(self, fields: tuple[str, ...], dialect: str, advanced: bool, type_name: str) -> None:
         self.fields = set(fields)
         self.dialect = dialect
         self.advanced = advanced
         self.type_name = type_name
         self.params: list[Any] = []
-
-    # helpers
-    def peek(self) -> _Tok | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
-    def take(self) -> _Tok:
-        tok = self.peek()
-        if tok is None:
-            raise QueryError("BadRequest", "Invalid filter clause: the expression ends too early.")
-        self.i += 1
-        return tok
-
-    def expect(self, text: str) -> None:
-        tok = self.take()
-        if tok.text != text:
-            raise QueryError("BadRequest", f"Invalid filter clause: expected '{text}' but found '{tok.text}'.")
-
-    def keyword(self, word: str) -> bool:
-        tok = self.peek()
-        if tok is not None and tok.kind == "word" and tok.text.lower() == word:
-            self.i += 1
-            return True
-        return False
 
     def unsupported(self, prop: str) -> QueryError:
         if self.dialect == DIRECTORY:
@@ -218,77 +158,52 @@ class _FilterParser:
         if self.dialect == DIRECTORY and not self.advanced:
             raise self.unsupported(prop)
 
-    def prop(self, tok: _Tok) -> str:
-        if tok.kind != "word" or tok.text.lower() in ("true", "false", "null"):
-            raise QueryError("BadRequest", f"Invalid filter clause: expected a property but found '{tok.text}'.")
-        name = tok.text
+    def prop(self, node: Member) -> str:
+        name = node.path
         if self.fields and name.split("/")[0] not in self.fields:
             raise QueryError("Request_BadRequest" if self.dialect == DIRECTORY else "BadRequest",
-                             f"Could not find a property named '{name.split('/')[0]}' on type "
-                             f"'{self.type_name}'.")
+                             f"Could not find a property named '{name.split('/')[0]}' on type '{self.type_name}'.")
         return name
 
-    def literal(self, tok: _Tok) -> Any:
-        if tok.kind == "str":
-            return tok.text[1:-1].replace("''", "'")
-        if tok.kind == "dt":
-            return _utc_literal(tok.text)
-        if tok.kind == "num":
-            return float(tok.text) if "." in tok.text else int(tok.text)
-        if tok.kind == "word" and tok.text.lower() in ("true", "false"):
-            return 1 if tok.text.lower() == "true" else 0
-        if tok.kind == "word" and tok.text.lower() == "null":
-            return None
-        raise QueryError("BadRequest", f"Invalid filter clause: expected a literal but found '{tok.text}'.")
+    @staticmethod
+    def value(lit: Literal) -> Any:
+        v = lit.value
+        if isinstance(v, bool):
+            return int(v)
+        if isinstance(v, datetime):
+            # The records keep UTC ``YYYY-MM-DDTHH:MM:SSZ`` text, which sorts like the instant.
+            return v.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if isinstance(v, date):
+            return v.isoformat()
+        if isinstance(v, Decimal):
+            return float(v)
+        return v
 
-    # grammar
-    def parse(self) -> str:
-        sql = self.or_expr()
-        if self.peek() is not None:
-            raise QueryError("BadRequest", f"Invalid filter clause: unexpected '{self.take().text}'.")
-        return sql
-
-    def or_expr(self) -> str:
-        parts = [self.and_expr()]
-        while self.keyword("or"):
-            parts.append(self.and_expr())
-        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
-
-    def and_expr(self) -> str:
-        parts = [self.not_expr()]
-        while self.keyword("and"):
-            parts.append(self.not_expr())
-        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
-
-    def not_expr(self) -> str:
-        if self.keyword("not"):
+    def compile(self, node: Node) -> str:
+        if isinstance(node, Logical):
+            return f"({self.compile(node.left)} {node.op.upper()} {self.compile(node.right)})"
+        if isinstance(node, Not):
             self.needs_advanced("not")
-            return f"NOT coalesce({self.not_expr()}, 0)"
-        return self.primary()
+            return f"NOT coalesce({self.compile(node.operand)}, 0)"
+        if isinstance(node, Compare):
+            return self.compare(node)
+        if isinstance(node, Call):
+            return self.call(node)
+        if isinstance(node, Member):
+            raise self.unsupported(node.path)
+        raise QueryError("BadRequest", "Invalid filter clause: expected a condition.")
 
-    def primary(self) -> str:
-        tok = self.take()
-        if tok.text == "(":
-            inner = self.or_expr()
-            self.expect(")")
-            return inner
-        nxt = self.peek()
-        if tok.kind == "word" and "/" in tok.text and tok.text.split("/")[-1].lower() in ("any", "all"):
-            # Lambda operators over collections (assignedLicenses/any(...)) are not emulated.
-            raise self.unsupported(tok.text.split("/")[0])
-        if tok.kind == "word" and nxt is not None and nxt.text == "(":
-            return self.function(tok.text)
-        prop = self.prop(tok)
-        op_tok = self.take()
-        op = op_tok.text.lower()
-        if op == "in":
-            return self.in_list(prop)
-        if op not in _COMPARE:
-            raise QueryError("BadRequest", f"Invalid filter clause: unknown operator '{op_tok.text}'.")
+    def compare(self, node: Compare) -> str:
+        op, left, right = node.op, node.left, node.right
+        if isinstance(left, Literal) and isinstance(right, Member):
+            op, left, right = _FLIP[op], right, left
+        if not isinstance(left, Member) or not isinstance(right, Literal):
+            raise QueryError("BadRequest", "Invalid filter clause: compare a property with a literal value.")
+        prop = self.prop(left)
         if op == "ne":
             self.needs_advanced(prop)
-        value = self.literal(self.take())
         expr = json_path(prop)
+        value = self.value(right)
         if value is None:
             if op not in ("eq", "ne"):
                 raise self.unsupported(prop)
@@ -298,38 +213,22 @@ class _FilterParser:
         collate = " COLLATE NOCASE" if isinstance(value, str) else ""
         return f"{expr} {_COMPARE[op]} ?{collate}"
 
-    def in_list(self, prop: str) -> str:
-        self.expect("(")
-        values: list[Any] = []
-        while True:
-            values.append(self.literal(self.take()))
-            tok = self.take()
-            if tok.text == ")":
-                break
-            if tok.text != ",":
-                raise QueryError("BadRequest", "Invalid filter clause: expected ',' or ')' in an 'in' list.")
-        if self.dialect != DIRECTORY:
-            raise self.unsupported(prop)
-        self.params.extend(values)
-        marks = ", ".join("?" for _ in values)
-        return f"{json_path(prop)} COLLATE NOCASE IN ({marks})"
-
-    def function(self, name: str) -> str:
-        fn = name.lower()
-        self.expect("(")
-        prop = self.prop(self.take())
-        self.expect(",")
-        value = self.literal(self.take())
-        self.expect(")")
-        if fn not in ("startswith", "endswith") or not isinstance(value, str):
-            raise self.unsupported(prop)
-        if fn == "endswith":
-            if self.dialect != DIRECTORY:
+    def call(self, node: Call) -> str:
+        args = node.args
+        if len(args) != 2 or not isinstance(args[0], Member) or not isinstance(args[1], Literal) \
+                or not isinstance(args[1].value, str):
+            raise QueryError("BadRequest", f"Invalid filter clause: {node.name}(property, 'text') expected.")
+        prop = self.prop(args[0])
+        fn = node.name
+        if fn == "endswith" or (fn == "contains" and self.dialect == DIRECTORY):
+            if self.dialect != DIRECTORY or fn == "contains":
                 raise self.unsupported(prop)
             self.needs_advanced(prop)
-        escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        # SQLite's LIKE is case-insensitive for ASCII, like Graph's startswith.
-        self.params.append(escaped + "%" if fn == "startswith" else "%" + escaped)
+        elif fn not in ("startswith", "contains"):
+            raise self.unsupported(prop)
+        text = args[1].value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        # SQLite's LIKE is case-insensitive for ASCII, like Graph's string functions.
+        self.params.append({"startswith": text + "%", "endswith": "%" + text}.get(fn, "%" + text + "%"))
         return f"{json_path(prop)} LIKE ? ESCAPE '\\'"
 
 
@@ -338,11 +237,20 @@ def parse_filter(text: str, *, fields: tuple[str, ...], dialect: str, advanced: 
     """Translate a ``$filter`` expression into a SQL condition over ``data`` and its parameters.
 
     Supported: ``eq ne gt ge lt le`` on properties (including ``a/b`` paths), ``startswith``, ``endswith``
-    (directory, advanced), ``in`` (directory), ``and``/``or``/``not`` and parentheses. Lambda operators
-    (``any``/``all``) and other functions raise :class:`QueryError` with the dialect's error code.
+    (directory, advanced), ``contains`` (Outlook), ``and``/``or``/``not`` and parentheses. Lambda
+    operators (``any``/``all``) and other functions raise :class:`QueryError` with the dialect's code.
     """
-    parser = _FilterParser(text, fields, dialect, advanced, type_name)
-    return parser.parse(), parser.params
+    compiler = _FilterCompiler(fields, dialect, advanced, type_name)
+    lam = _LAMBDA.search(text)
+    if lam:
+        raise compiler.unsupported(lam.group(1).split("/")[0])
+    try:
+        node = parse_ast(text)
+    except FilterError as exc:
+        if "unknown function" in exc.message:
+            raise compiler.unsupported(text.split("(")[0].strip()) from None
+        raise QueryError("BadRequest", f"Invalid filter clause: {exc.message}") from None
+    return compiler.compile(node), compiler.params
 
 
 # -- opaque tokens ----------------------------------------------------------------------------------
