@@ -153,3 +153,53 @@ def test_cli_faults_sets_and_clears(emulator):
         result = runner.invoke(emulator_group, ["faults", "--home", emulator.home, "--clear"])
     assert result.exit_code == 0
     assert emulator.admin("faults")["latency_ms"] == 0
+
+
+def test_reset_regenerates_data_and_keeps_app_registrations(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGEKIT_EMULATOR_CLIENT_SECRET", "reset-secret-1")
+    home = tmp_path / "reset"
+    info = process.start(home=home, port=0, scale="tiny", seed=5)
+    session = CASession(info.ca_bundle)
+    admin = {"X-Emulator-Admin-Key": info.admin_key()}
+    try:
+        before = session.get(f"{info.base_url}/_emulator/info", headers=admin, timeout=30).json()
+        assert before["scale"] == "tiny" and before["collections"]
+        created = session.post(f"{info.base_url}/_emulator/apps", headers=admin, timeout=30,
+                               json={"name": "survivor", "secret": "survivor-secret"}).json()
+        result = CliRunner().invoke(emulator_group, ["reset", "--home", str(home), "--seed", "6"])
+        assert result.exit_code == 0, result.output
+        after = session.get(f"{info.base_url}/_emulator/info", headers=admin, timeout=30).json()
+        assert (after["scale"], after["data_seed"]) == ("tiny", 6)
+        assert after["tenant_id"] == before["tenant_id"]
+        for client_id, secret in ((created["client_id"], "survivor-secret"),
+                                  (info.secret_client_id, "reset-secret-1")):
+            token = session.post(f"{info.authority}/oauth2/v2.0/token", timeout=30, data={
+                "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret,
+                "scope": f"{info.dataverse_url}/.default"})
+            assert token.status_code == 200, token.text
+        bad = session.post(f"{info.base_url}/_emulator/reset", headers=admin, json={"scale": "galactic"},
+                           timeout=30)
+        assert bad.status_code in (400, 500) and "error" in bad.json()
+    finally:
+        process.stop(home)
+
+
+def test_python_m_entry_point_lists_the_commands():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bridgekit.emulator", "--help"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    for name in ("start", "stop", "status", "serve", "reset", "mutate", "faults"):
+        assert name in out
+
+
+def test_no_secret_or_token_is_written_in_clear(emulator):
+    token = emulator.token("dataverse")  # make sure at least one token was issued
+    home = Path(emulator.home)
+    for path in [home / "emulator.log", home / "runtime.json", home / "identity.json",
+                 *home.glob("store.sqlite*")]:
+        data = path.read_bytes()
+        assert emulator.client_secret.encode() not in data, path
+        assert token.encode() not in data, path
+    assert b"eyJ" not in (home / "emulator.log").read_bytes()

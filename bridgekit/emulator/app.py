@@ -142,7 +142,13 @@ class _Admin:
             return _json({"error": error or "bridgekit.emulator.synth is not available"}, 501)
         async with self._reset_lock:
             started = time.monotonic()
-            result = await asyncio.to_thread(regenerate, self.ctx, synth, scale=scale, seed=seed)
+            try:
+                result = await asyncio.to_thread(regenerate, self.ctx, synth, scale=scale, seed=seed)
+            except ValueError:
+                raise  # a bad scale or seed: 400 from the guard
+            except Exception as exc:
+                log.exception("reset failed")
+                return _json({"error": f"regenerating the data failed: {type(exc).__name__}: {exc}"}, 500)
         return _json({"scale": scale, "seed": seed, "seconds": round(time.monotonic() - started, 3),
                       "result": _jsonable(result), "collections": self.ctx.store.collections()})
 
@@ -152,8 +158,16 @@ class _Admin:
         if activity is None:
             return _json({"error": error or "bridgekit.emulator.activity is not available"}, 501)
         kwargs = {k: int(body.get(k, 0)) for k in ("creates", "updates", "deletes")}
+        if any(v < 0 for v in kwargs.values()):
+            raise ValueError("creates, updates and deletes must be >= 0")
         seed = body.get("seed")
-        result = await asyncio.to_thread(activity.mutate, self.ctx.store, seed=seed, **kwargs)
+        try:
+            result = await asyncio.to_thread(activity.mutate, self.ctx.store, seed=seed, **kwargs)
+        except ValueError:
+            raise
+        except Exception as exc:
+            log.exception("mutate failed")
+            return _json({"error": f"mutate failed: {type(exc).__name__}: {exc}"}, 500)
         return _json({"result": _jsonable(result)})
 
     async def apps(self, request: Request) -> Response:
@@ -226,8 +240,11 @@ def regenerate(ctx: EmulatorContext, synth: Any, *, scale: str, seed: int) -> An
     """Regenerate the synthetic company, then restore what a data reset must not lose (app registrations)."""
     log.info("generating synthetic data: scale=%s seed=%s", scale, seed)
     started = time.monotonic()
-    result = synth.generate(ctx.store, seed=seed, scale=scale)
-    ctx.save_apps()
+    try:
+        result = synth.generate(ctx.store, seed=seed, scale=scale)
+    finally:
+        # generate() drops all meta first, app registrations included: write them back even if it failed.
+        ctx.save_apps()
     ctx.data_error = None
     ctx.store.set_meta("emulator.scale", scale)
     ctx.store.set_meta("emulator.seed", seed)

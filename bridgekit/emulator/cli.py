@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import urllib.error
@@ -71,6 +72,11 @@ def _describe(info: EmulatorInfo) -> None:
         click.echo("  secret app:     inactive (set BRIDGEKIT_EMULATOR_CLIENT_SECRET before start to enable it)")
     click.echo(f"  home:           {info.home}")
     click.echo(f"  log:            {info.log_path}")
+    with contextlib.suppress(EmulatorError):
+        live = _admin(info, "info")
+        if live.get("data_error"):
+            click.echo(f"  WARNING: no synthetic data ({live['data_error']}); see the log, then "
+                       "`bridgekit emulator reset`", err=True)
 
 
 @click.group()

@@ -166,11 +166,15 @@ class FaultMiddleware:
     async def _drop(self, scope: Scope, send: Send) -> None:
         # Close the TCP connection without a response, like a reset mid-request. uvicorn's send is a
         # bound method of the request cycle, which holds the transport.
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        cycle = getattr(send, "__self__", None)
+        transport = getattr(cycle, "transport", None)
         if transport is not None:
             transport.abort()
-            # Let the protocol see connection_lost before we return, so uvicorn does not try a 500.
-            await asyncio.sleep(0)
+            # Wait for the protocol to see connection_lost before returning, or uvicorn tries to send a 500.
+            for _ in range(200):
+                if getattr(cycle, "disconnected", True):
+                    break
+                await asyncio.sleep(0.005)
             return
         raise ConnectionAbortedError("injected connection drop")
 
