@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,24 @@ def _load_file(path: Path) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Schedulers and CI stop jobs with SIGTERM, which by default ends Python without cleanup; as an
+    interrupt it lets the kernel be shut down and partial outputs be scanned for secrets."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @click.command("run", context_settings=_CONTEXT)
 @click.argument("name")
 @click.option("-p", "--parameter", "params", nargs=2, multiple=True, metavar="NAME VALUE",
@@ -93,8 +115,9 @@ def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], para
     values: dict[str, Any] = _load_file(params_file) if params_file else {}
     values.update(coerce_text_parameters(rb, dict(params)))
     chosen = profile or (ctx.obj or {}).get("profile")
-    result = run_runbook(str(rb.path), values, profile=chosen, out=out, timeout=timeout,
-                         raise_on_failure=False)
+    with _sigterm_as_interrupt():
+        result = run_runbook(str(rb.path), values, profile=chosen, out=out, timeout=timeout,
+                             raise_on_failure=False)
     m = result.manifest
     if as_json:
         click.echo(json.dumps(m, indent=2, default=str))

@@ -881,6 +881,14 @@ def _quarantine(manifest: dict[str, Any], findings: list[dict[str, Any]], nb_pat
                                   if _clean([k, v], literals)}
 
 
+def _scrub_partial(paths: list[Path], literals: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if _scan([p], literals):
+                p.write_text("Quarantined: this interrupted run's output held a secret-shaped string.\n",
+                             encoding="utf-8")
+
+
 def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
@@ -937,12 +945,17 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
     os.close(fd)
     record_file = Path(record_name)
     env = {RECORD_ENV: str(record_file), "BRIDGEKIT_PROFILE": profile_name, "BRIDGEKIT_RUNBOOK": runbook.name,
-           "BRIDGEKIT_RUN_DIR": str(run_dir.resolve()), "PLOTLY_RENDERER": PLOTLY_RENDERER,
+           "PLOTLY_RENDERER": PLOTLY_RENDERER,
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     log.info("runbook %s: running into %s (profile %s)", runbook.name, run_dir, profile_name)
     try:
         outcome = _execute(runbook, nb_path, checked, env, timeout, kernel_log)
         records = read_records(record_file)
+    except BaseException:
+        # Interrupted (Ctrl-C, or SIGTERM from a CI timeout via the CLI): no manifest, but no unscanned
+        # partial output either.
+        _scrub_partial([nb_path, kernel_log], literals)
+        raise
     finally:
         record_file.unlink(missing_ok=True)
     ended = _utcnow()
