@@ -677,10 +677,10 @@ class Reader:
     def _link(root: str, table: Table, query: Sequence[tuple[str, str]], *, skiptoken: str | None = None,
               deltatoken: str | None = None) -> str:
         keep = [(k, v) for k, v in query if k not in ("$skiptoken", "$deltatoken")]
-        if skiptoken is not None:
-            keep.append(("$skiptoken", skiptoken))
         if deltatoken is not None:
             keep.append(("$deltatoken", deltatoken))
+        if skiptoken is not None:
+            keep.append(("$skiptoken", skiptoken))
         qs = "&".join(f"{quote(k, safe='$@')}={quote(v, safe='')}" for k, v in keep)
         return f"{root}/{table.entity_set}" + (f"?{qs}" if qs else "")
 
@@ -743,7 +743,7 @@ class Reader:
             last = changes[-1]
             nxt = Cookie(page=cookie.page if cookie else 1, last_id=last.id, first_id=changes[0].id,
                          tracking=True, snapshot=upto, at=at, last_version=last.version)
-            tail["@odata.nextLink"] = self._link(rc.root, table, [*query, ("$deltatoken", opts.raw["$deltatoken"])],
+            tail["@odata.nextLink"] = self._link(rc.root, table, query, deltatoken=opts.raw["$deltatoken"],
                                                  skiptoken=encode_cookie(nxt, table.primary_id, []))
         else:
             tail["@odata.deltaLink"] = self._link(rc.root, table, query, deltatoken=delta_token(upto, at))
