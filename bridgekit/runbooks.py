@@ -22,6 +22,7 @@ import ast
 import contextlib
 import datetime as _dt
 import functools
+import hashlib
 import html
 import io
 import json
@@ -972,6 +973,7 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
         "runbook": runbook.name,
         "title": runbook.title,
         "runbook_path": str(runbook.path),
+        "runbook_sha256": hashlib.sha256(runbook.path.read_bytes()).hexdigest(),  # the code that ran
         "parameters": effective,
         "parameters_given": checked,
         "profile": profile_name,

@@ -144,6 +144,16 @@ def test_cli_parameters_are_parsed_as_the_declared_type_or_refused(tmp_path: Pat
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("ename", "code"), [
+    ("AuthError", 3), ("PermissionDeniedError", 3), ("ThrottledError", 4), ("TransientError", 4),
+    ("ResyncRequired", 4), ("ConfigError", 2), ("CheckFailed", 6), ("ValueError", 5), ("RunbookFailed", 5),
+])
+def test_exception_raised_in_a_cell_maps_to_its_documented_exit_code(ename: str, code: int) -> None:
+    from bridgekit.runbooks import _exit_code_for_ename
+
+    assert _exit_code_for_ename(ename) == code
+
+
 # ---------------------------------------------------------------- runs
 
 def test_good_run_writes_notebook_report_and_manifest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -157,6 +167,7 @@ def test_good_run_writes_notebook_report_and_manifest(tmp_path: Path, caplog: py
     assert result.exit_code == 0 and result.status == "succeeded"
     assert result.run_dir.parent == out and re.fullmatch(r"\d{8}T\d{6}Z-good", result.run_dir.name)
     m = manifest_of(result)
+    assert len(m["runbook_sha256"]) == 64
     assert m["runbook"] == "good" and m["profile"] == "emulator" and m["bridgekit_version"] == bridgekit.__version__
     assert m["parameters"]["days"] == 7 and m["parameters"]["since"] == "2024-02-01"
     assert m["parameters"]["label"] == "weekly" and m["parameters"]["ratio"] == 0.5  # defaults are recorded too
