@@ -29,6 +29,8 @@ from bridgekit.errors import (
 )
 
 if TYPE_CHECKING:
+    from os import PathLike
+
     from bridgekit.runbooks import RunResult
     from bridgekit.workbench import Workbench
 
@@ -63,7 +65,7 @@ def connect(profile: str | Profile | None = None, **options: Any) -> Workbench:
 
 
 def run_runbook(name: str, parameters: dict[str, Any] | None = None, *, profile: str | None = None,
-                out: str | None = None, **options: Any) -> RunResult:
+                out: str | PathLike[str] | None = None, **options: Any) -> RunResult:
     """Run a runbook headless (as ``bridgekit run``): executed notebook, HTML report and manifest under ``out``.
 
     Parameters are checked against the runbook's ``parameters`` cell before the kernel starts; a failed run

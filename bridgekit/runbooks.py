@@ -895,7 +895,8 @@ def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profile: str | None = None,
-                out: str | Path | None = None, timeout: float | None = None, path: str | Path | None = None,
+                out: str | os.PathLike[str] | None = None, timeout: float | None = None,
+                path: str | Path | None = None,
                 secrets: Iterable[str] = (), raise_on_failure: bool = True) -> RunResult:
     """Run a runbook headless and write ``<out>/<UTC timestamp>-<name>/`` with notebook, report and manifest.
 
