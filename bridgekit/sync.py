@@ -604,6 +604,15 @@ _CT_NOT_ENABLED = "0x80072491"
 _RESYNC_WORDS = ("expired", "full sync", "delta token", "deltatoken", "version stamp")
 
 
+def _row_version(row: Mapping[str, Any]) -> str | None:
+    """The row's version: its ``@odata.etag`` (``W/"<versionnumber>"``, protocols.md §1.3), else versionnumber."""
+    etag = row.get("@odata.etag")
+    if isinstance(etag, str) and etag:
+        return etag.removeprefix("W/").strip('"')
+    v = row.get("versionnumber")
+    return None if v is None else str(v)
+
+
 class DataverseSource:
     """A Dataverse table as resumable pages, over :class:`bridgekit.dataverse.DataverseClient`.
 
@@ -769,7 +778,7 @@ class DataverseSource:
                 upserts.append(item)
         nxt = body.get("@odata.nextLink")
         return Page(rows=self._shape(spec, upserts), deletes=deletes,
-                    versions=[None if (v := r.get("versionnumber")) is None else str(v) for r in upserts],
+                    versions=[_row_version(r) for r in upserts],
                     next=(kind + nxt) if nxt else None, token=body.get("@odata.deltaLink"))
 
     def _shape(self, spec: TableSpec, raw: list[dict[str, Any]]) -> pa.Table:

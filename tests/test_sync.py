@@ -374,17 +374,19 @@ def test_sigkill_at_random_points_then_resume_ends_equal_to_the_source(emulator:
     rnd = random.Random(11)
     tables = "account,contact"
     kills = 0
-    for round_ in range(4):
-        if round_ == 2:
-            _mutate(emulator, rnd, 6)
-        proc = _child(wh, tables, 50)
-        time.sleep(rnd.uniform(1.0, 3.5))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.communicate(timeout=120)
+    # Small pages and a little latency stretch the run so the kills land mid-fetch and mid-merge.
+    with emulator.faults(latency_ms=25):
+        for round_ in range(4):
+            if round_ == 2:
+                _mutate(emulator, rnd, 6)
+            proc = _child(wh, tables, 25, full=round_ == 3)
+            time.sleep(rnd.uniform(1.2, 4.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.communicate(timeout=120)
     assert kills >= 2
-    proc = _child(wh, tables, 50)
+    proc = _child(wh, tables, 25)
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     warehouse = Warehouse(wh)
