@@ -21,7 +21,6 @@ import requests
 
 from bridgekit.emulator.store import Store
 
-
 # -- helpers -------------------------------------------------------------------------------------------
 
 class Graph:
@@ -358,28 +357,46 @@ def test_users_delta_reports_exactly_the_changes_since_the_last_round(emulator, 
         store.delete_many("graph.users", [a, b, locals().get("c", "")])
 
 
-def test_delta_after_activity_matches_a_diff_of_full_reads(emulator, graph, mailbox):
-    def users_now() -> dict[str, dict[str, Any]]:
-        fields = "id,displayName,givenName,surname,mail,userPrincipalName,accountEnabled,jobTitle,department," \
-                 "officeLocation,businessPhones,mobilePhone,preferredLanguage,createdDateTime"
-        return {u["id"]: u for u in graph.drain(f"users?$top=999&$select={fields}")[0]}
+def test_delta_after_activity_reports_exactly_what_activity_changed(emulator, graph):
+    """One activity burst; every delta feed reports exactly the ids the generator says it touched."""
+    users = [u["id"] for u in graph.ok("users?$top=999&$select=id")["value"]]
 
-    def inbox_now() -> dict[str, dict[str, Any]]:
-        return {m["id"]: m for m in graph.drain(f"users/{mailbox}/mailFolders/inbox/messages?$top=1000")[0]}
+    def inbox(uid: str) -> set[str]:
+        return {m["id"] for m in graph.drain(f"users/{uid}/mailFolders/inbox/messages?$top=1000&$select=id")[0]}
 
-    _, user_link, _ = graph.drain("users/delta")
-    _, inbox_link, _ = graph.drain(f"users/{mailbox}/mailFolders/inbox/messages/delta")
-    users_before, inbox_before = users_now(), inbox_now()
-    for _ in range(3):
-        emulator.admin("mutate", {"creates": 10, "updates": 25, "deletes": 6})
-    users_after, inbox_after = users_now(), inbox_now()
+    user_link = graph.drain("users/delta")[1]
+    group_link = graph.drain("groups/delta?$select=displayName,members")[1]
+    inbox_links = {uid: graph.drain(f"users/{uid}/mailFolders/inbox/messages/delta?$select=id")[1]
+                   for uid in users}
+    inbox_before = {uid: inbox(uid) for uid in users}
+    visible_before = {u["id"]: u for u in graph.drain("users?$top=999&$select=id,jobTitle,mobilePhone,"
+                                                      "officeLocation,department")[0]}
 
-    for link, before, after in ((user_link, users_before, users_after), (inbox_link, inbox_before, inbox_after)):
-        items, _, _ = graph.drain(link)
-        changed = {i for i in after if i not in before or after[i] != before[i]}
-        gone = set(before) - set(after)
-        assert _present(items) == changed
-        assert set(_removed(items)) == gone
+    result = emulator.admin("mutate", {"creates": 20, "updates": 40, "deletes": 15})["result"]
+
+    def ids(kind: str, coll: str) -> set[str]:
+        return set(result[kind].get(coll, []))
+
+    items = graph.drain(user_link)[0]
+    assert _present(items) == ids("created", "graph.users") | ids("updated", "graph.users")
+    assert set(_removed(items)) == ids("deleted", "graph.users")
+    visible_after = {u["id"]: u for u in graph.drain("users?$top=999&$select=id,jobTitle,mobilePhone,"
+                                                     "officeLocation,department")[0]}
+    assert {i for i in visible_after if visible_after[i] != visible_before.get(i)} <= _present(items)
+
+    items = graph.drain(group_link)[0]
+    assert _present(items) == ids("created", "graph.groups") | ids("updated", "graph.groups")
+    assert all("members@delta" in i for i in items if "@removed" not in i)
+
+    mail_up = ids("created", "graph.messages") | ids("updated", "graph.messages")
+    mail_gone = ids("deleted", "graph.messages")
+    touched = 0
+    for uid, link in inbox_links.items():
+        items = graph.drain(link)[0]
+        assert _present(items) == mail_up & inbox(uid), uid
+        assert set(_removed(items)) == mail_gone & inbox_before[uid], uid
+        touched += bool(items)
+    assert touched, "the activity burst touched no inbox"
 
 
 def test_groups_delta_reports_member_additions_and_removals(emulator, graph):
