@@ -103,6 +103,7 @@ class Store:
         self._collections: set[str] = set(self._existing_collections())
         # Indexes asked for with ensure_index, re-created whenever their collection is (after drop_all).
         self._indexes: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._defer_indexes = False
 
     # -- connections -------------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -195,7 +196,7 @@ class Store:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, version INTEGER NOT NULL, "
                          "data TEXT NOT NULL) WITHOUT ROWID")
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_v" ON {t} (version)')
-            for name, fields in self._indexes.get(coll, {}).items():
+            for name, fields in ({} if self._defer_indexes else self._indexes.get(coll, {})).items():
                 self._create_index(conn, coll, name, fields)
         self._collections.add(coll)
 
@@ -210,6 +211,24 @@ class Store:
         self.ensure_collection(coll)
         with self.write() as conn:
             self._create_index(conn, coll, name, tuple(fields))
+
+    @contextlib.contextmanager
+    def deferred_indexes(self) -> Iterator[None]:
+        """Hold back the remembered expression indexes of collections created inside the block.
+
+        For bulk loads after :meth:`drop_all`: building an index once over loaded rows is much cheaper
+        than maintaining it row by row. On exit every remembered index is (re-)created.
+        """
+        self._defer_indexes = True
+        try:
+            yield
+        finally:
+            self._defer_indexes = False
+            with self.write() as conn:
+                for coll, indexes in self._indexes.items():
+                    if coll in self._collections:
+                        for name, fields in indexes.items():
+                            self._create_index(conn, coll, name, fields)
 
     def _create_index(self, conn: sqlite3.Connection, coll: str, name: str, fields: tuple[str, ...]) -> None:
         t = _table(coll)
@@ -342,6 +361,15 @@ class Store:
         self.ensure_collection(coll)
         sql = f"SELECT count(*) FROM {_table(coll)}" + (f" WHERE {where}" if where else "")
         return int(self._conn().execute(sql, tuple(params)).fetchone()[0])
+
+    def ids(self, coll: str) -> list[str]:
+        """Every record id of a collection, in version order (reads only the version index, not the records)."""
+        self.ensure_collection(coll)
+        t = _table(coll)
+        # The (version) index also holds the primary key, so it covers this query and is far smaller
+        # than the table; without the hint SQLite may walk the whole table.
+        sql = f'SELECT id FROM {t} INDEXED BY "{t[1:-1]}_v"'
+        return [r[0] for r in self._conn().execute(sql)]
 
     @staticmethod
     def table_sql(coll: str) -> str:
