@@ -15,7 +15,7 @@ Example:
     >>> def resolve(name: str) -> FieldRef:
     ...     return FieldRef("json_extract(data, '$.name')", "Edm.String")
     >>> compile_filter("name eq 'O''Brien'", resolve)
-    ("json_extract(data, '$.name') = ? COLLATE NOCASE", ["O'Brien"])
+    ("(json_extract(data, '$.name') = ? COLLATE NOCASE)", ["O'Brien"])
 """
 
 from __future__ import annotations
