@@ -50,6 +50,7 @@ from bridgekit.emulator.graph_query import (
 )
 from bridgekit.emulator.schema import GRAPH_RESOURCES, GraphResource
 from bridgekit.emulator.store import Row, Store
+from bridgekit.emulator.synth import folder_id as synth_folder_id
 
 __all__ = ["GraphRequest", "GraphResponse", "GraphService", "routes"]
 
@@ -447,13 +448,16 @@ class GraphService:
                               f"users/{uid}/mailFolders/{tail[0]}/messages", tail[2:])
 
     def _folder_id(self, uid: str, folder: str) -> str:
+        # The synthetic company names folders with synth.folder_id (GUID user ids); other ids fall back
+        # to whatever parentFolderId the mailbox's messages carry.
+        try:
+            return synth_folder_id(uid, folder)
+        except ValueError:
+            pass
         hits = self.store.query("graph.messages", where=f"{_USER} = ? AND {_FOLDER} = ?", params=(uid, folder),
                                 limit=1)
-        if hits:
-            pid = hits[0].load().get("parentFolderId")
-            if pid:
-                return str(pid)
-        return "AAMkAF" + base64.urlsafe_b64encode(f"{uid}/{folder}".encode()).decode().rstrip("=")
+        pid = hits[0].load().get("parentFolderId") if hits else None
+        return str(pid) if pid else "AAMkAF" + base64.urlsafe_b64encode(f"{uid}/{folder}".encode()).decode().rstrip("=")
 
     def _folder_entity(self, uid: str, folder: str) -> dict[str, Any]:
         where, params = f"{_USER} = ? AND {_FOLDER} = ?", (uid, folder)
