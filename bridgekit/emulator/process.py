@@ -306,7 +306,9 @@ def _configure_logging(logfile: Path, level: str) -> None:
 
 
 def _bind(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
+    # and without it every response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     if os.name == "posix":
         # Let a restart reuse the port while old connections sit in TIME_WAIT (not for a live listener).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
