@@ -871,11 +871,11 @@ def _cols(*specs: tuple[str, str] | tuple[str, str, Callable[[dict[str, Any]], A
     out = []
     for spec in specs:
         if len(spec) == 2:
-            name, typ = spec  # type: ignore[misc]
+            name, typ = spec
             out.append((name, typ, _json_prop(name) if typ == "JSON" else _prop(name)))
         else:
-            out.append(spec)  # type: ignore[arg-type]
-    return tuple(out)  # type: ignore[return-value]
+            out.append(spec)
+    return tuple(out)
 
 
 _V, _TS, _B, _L, _J = "VARCHAR", "TIMESTAMPTZ", "BOOLEAN", "VARCHAR[]", "JSON"

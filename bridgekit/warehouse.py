@@ -447,7 +447,7 @@ class Warehouse:
                 else:
                     from deltalake import write_deltalake
 
-                    reader = conn.execute(_delta_select(conn, schema, table)).to_arrow_reader()
+                    reader: Any = conn.execute(_delta_select(conn, schema, table)).to_arrow_reader()
                     write_deltalake(str(target), reader, mode="overwrite", schema_mode="overwrite")
             written.append(target)
         return written
