@@ -297,3 +297,47 @@ def test_verify_token_rejects_expired_wrong_audience_tenant_and_foreign_key(ctx,
             ctx.verify_token(f"Bearer {token}", audience)
         assert err.value.code == code, audience
         assert token not in str(err.value)
+
+
+def test_azure_identity_certificate_credential(emulator, tmp_path):
+    from azure.identity import CertificateCredential
+
+    # azure-identity wants the key and the certificate in one PEM file.
+    combined = tmp_path / "demo-combined.pem"
+    combined.write_text(_read(emulator.private_key_path) + _read(emulator.certificate_path))
+    cred = CertificateCredential(emulator.tenant_id, emulator.client_id, certificate_path=str(combined),
+                                 authority=emulator.authority_host, disable_instance_discovery=True,
+                                 connection_verify=emulator.ca_bundle)
+    token = cred.get_token(f"{emulator.graph_url}/.default")
+    assert token.token.count(".") == 2
+
+
+def test_msal_with_a_localhost_authority(emulator, ca_session):
+    authority = f"https://localhost:{emulator.port}/{emulator.tenant_id}"
+    app = msal.ConfidentialClientApplication(emulator.secret_client_id, client_credential=emulator.client_secret,
+                                             authority=authority, instance_discovery=False, http_client=ca_session)
+    result = app.acquire_token_for_client([f"https://localhost:{emulator.port}/org/.default"])
+    assert "access_token" in result, result.get("error_description")
+    claims = jwt.decode(result["access_token"], options={"verify_signature": False})
+    assert claims["iss"] == f"{authority}/v2.0"
+
+
+def test_admin_registered_certificate_app_with_limited_roles(emulator, ca_session):
+    cert_pem, key_pem = generate_self_signed("limited app")
+    created = emulator.admin("apps", {"name": "graph-users-only", "certificate_pem": cert_pem.decode(),
+                                      "roles": {"graph": ["User.Read.All"]}})
+    credential = {"private_key": key_pem.decode(), "thumbprint": _thumbprint(cert_pem.decode())}
+    app = _confidential(emulator, ca_session, created["client_id"], credential)
+    graph = app.acquire_token_for_client([f"{emulator.graph_url}/.default"])
+    claims = _verified_claims(graph["access_token"], emulator, ca_session, emulator.graph_url)
+    assert claims["roles"] == ["User.Read.All"]
+    dv = app.acquire_token_for_client([f"{emulator.dataverse_url}/.default"])
+    assert "roles" not in _verified_claims(dv["access_token"], emulator, ca_session, emulator.dataverse_url)
+
+
+def test_admin_apps_rejects_bad_input(emulator, ca_session):
+    for body in ({"roles": {"sharepoint": ["x"]}}, {"certificate_pem": "not a pem"}, {"client_id": "nope"},
+                 {"colour": "blue"}):
+        resp = ca_session.post(f"{emulator.base_url}/_emulator/apps", json=body, timeout=10,
+                               headers={"X-Emulator-Admin-Key": emulator.admin_key()})
+        assert resp.status_code == 400, body

@@ -203,3 +203,21 @@ def test_no_secret_or_token_is_written_in_clear(emulator):
         assert emulator.client_secret.encode() not in data, path
         assert token.encode() not in data, path
     assert b"eyJ" not in (home / "emulator.log").read_bytes()
+
+
+def test_concurrent_starts_share_one_server(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    home = tmp_path / "race"
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            infos = list(pool.map(lambda _: process.start(home=home, port=0, scale="tiny"), range(2)))
+        assert infos[0].pid == infos[1].pid
+    finally:
+        process.stop(home)
+
+
+def test_ensure_running_finds_the_session_emulator_through_the_environment(emulator):
+    # The fixture exports BRIDGEKIT_EMULATOR_HOME/PORT, as a user's shell would for the built-in profile.
+    info = process.ensure_running()
+    assert info.pid == emulator.pid and info.base_url == emulator.base_url

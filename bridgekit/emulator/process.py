@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import platformdirs
@@ -221,13 +222,30 @@ def start(home: str | os.PathLike[str] | None = None, port: int | None = None, s
         'https://127.0.0.1:40123/org'
     """
     h = _home(home)
-    running = status(h)
-    if running is not None:
-        if port not in (None, 0, running.port):
-            raise EmulatorError(f"the emulator for {h} is already running on port {running.port}, not {port}",
-                                hint="run `bridgekit emulator stop` first, or use the running port")
-        return running
     h.mkdir(parents=True, exist_ok=True)
+    # One starter at a time per home: a notebook and a CLI starting together must not both spawn a
+    # server (or delete each other's runtime.json).
+    with _start_lock(h):
+        running = status(h)
+        if running is not None:
+            if port not in (None, 0, running.port):
+                raise EmulatorError(f"the emulator for {h} is already running on port {running.port}, not {port}",
+                                    hint="run `bridgekit emulator stop` first, or use the running port")
+            return running
+        return _spawn(h, port, scale, seed, timeout)
+
+
+@contextlib.contextmanager
+def _start_lock(home: Path) -> Iterator[None]:
+    with (home / "start.lock").open("a") as fh:
+        if os.name == "posix":
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _spawn(h: Path, port: int | None, scale: str, seed: int, timeout: float) -> EmulatorInfo:
     port = default_port() if port is None else port
     logfile = h / _LOG
     (h / _RUNTIME).unlink(missing_ok=True)
