@@ -341,3 +341,19 @@ def test_admin_apps_rejects_bad_input(emulator, ca_session):
         resp = ca_session.post(f"{emulator.base_url}/_emulator/apps", json=body, timeout=10,
                                headers={"X-Emulator-Admin-Key": emulator.admin_key()})
         assert resp.status_code == 400, body
+
+
+def test_services_reject_an_expired_token_with_401(emulator, ca_session):
+    for audience, url in (("dataverse", f"{emulator.dataverse_url}/api/data/v9.2/WhoAmI"),
+                          ("graph", f"{emulator.graph_url}/v1.0/users")):
+        minted = emulator.admin("token", {"audience": audience, "expires_in": -600})
+        resp = ca_session.get(url, headers={"Authorization": f"Bearer {minted['access_token']}"}, timeout=30)
+        assert resp.status_code == 401, (audience, resp.text)
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_token_without_the_role_is_refused_with_403(emulator, ca_session):
+    minted = emulator.admin("token", {"audience": "graph", "roles": []})
+    resp = ca_session.get(f"{emulator.graph_url}/v1.0/users",
+                          headers={"Authorization": f"Bearer {minted['access_token']}"}, timeout=30)
+    assert resp.status_code == 403

@@ -170,6 +170,16 @@ class _Admin:
             return _json({"error": f"mutate failed: {type(exc).__name__}: {exc}"}, 500)
         return _json({"result": _jsonable(result)})
 
+    async def token(self, request: Request) -> Response:
+        body = await self._body(request)
+        unknown = set(body) - {"audience", "client_id", "roles", "scp", "expires_in", "oid"}
+        if unknown:
+            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        return _json(identity.mint_access_token(self.ctx, audience=str(body.get("audience", "dataverse")),
+                                                client_id=body.get("client_id"), roles=body.get("roles"),
+                                                scp=body.get("scp"), expires_in=body.get("expires_in"),
+                                                oid=body.get("oid")))
+
     async def apps(self, request: Request) -> Response:
         if request.method == "GET":
             return _json({"apps": [_public_app(a) for a in self.ctx.apps.values()]})
@@ -288,6 +298,7 @@ def create_app(ctx: EmulatorContext) -> ASGIApp:
         Route("/_emulator/reset", admin.guard(admin.reset), methods=["POST"]),
         Route("/_emulator/mutate", admin.guard(admin.mutate), methods=["POST"]),
         Route("/_emulator/apps", admin.guard(admin.apps), methods=["GET", "POST"]),
+        Route("/_emulator/token", admin.guard(admin.token), methods=["POST"]),
     ]
     route_list += identity.routes(ctx)
     # The fault middleware is outermost: it needs uvicorn's own send to drop connections.

@@ -104,6 +104,8 @@ class Settings:
     Attributes:
         token_lifetime_s: ``expires_in`` of access tokens (Entra's sample shows 3599; MSAL treats tokens
             with < 300 s left as expired, protocols.md §0.4, so keep this well above 300).
+        token_clock_skew_s: Leeway when checking a bearer token's ``exp``/``nbf`` (tests set 0 to see
+            expired tokens rejected at once).
         refresh_token_lifetime_s: Lifetime of refresh tokens from the device-code flow.
         device_code_interval_s: Poll ``interval`` returned by the devicecode endpoint (Entra: 5).
         device_code_expires_in_s: Device code lifetime (Entra: 900).
@@ -118,6 +120,7 @@ class Settings:
     """
 
     token_lifetime_s: int = 3599
+    token_clock_skew_s: int = 300
     refresh_token_lifetime_s: int = 90 * 86400
     device_code_interval_s: int = 5
     device_code_expires_in_s: int = 900
@@ -453,12 +456,12 @@ class EmulatorContext:
         return {"keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "kid": self.key_id,
                           "n": b64int(nums.n), "e": b64int(nums.e), "issuer": self.issuer()}]}
 
-    def decode_own(self, token: str, *, audience: set[str] | None) -> dict[str, Any]:
+    def decode_own(self, token: str, *, audience: set[str] | None, leeway: int = _CLOCK_SKEW_S) -> dict[str, Any]:
         """Verify a JWT this emulator signed (signature, exp/nbf, aud when given); raises jwt errors."""
         opts: Any = {"require": ["exp", "iat"], "verify_aud": audience is not None}
         claims: dict[str, Any] = jwt.decode(token, self.signing_key.public_key(), algorithms=["RS256"],
                                             audience=list(audience) if audience else None,
-                                            options=opts, leeway=_CLOCK_SKEW_S)
+                                            options=opts, leeway=leeway)
         return claims
 
     def verify_token(self, authorization_header: str | None, audience: str) -> dict[str, Any]:
@@ -484,7 +487,8 @@ class EmulatorContext:
         if header.get("alg") != "RS256" or header.get("kid") != self.key_id:
             raise TokenRejected("the token was not signed by this tenant's signing key", "invalid_signature")
         try:
-            claims = self.decode_own(token, audience=self.audiences(audience))
+            claims = self.decode_own(token, audience=self.audiences(audience),
+                                     leeway=self.settings.token_clock_skew_s)
         except jwt.ExpiredSignatureError as exc:
             raise TokenRejected("the access token has expired", "expired") from exc
         except jwt.ImmatureSignatureError as exc:

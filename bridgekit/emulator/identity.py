@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from bridgekit.emulator.context import AppRegistration, EmulatorContext, b64url, cert_thumbprints
 
-__all__ = ["OAuthError", "parse_form", "routes"]
+__all__ = ["OAuthError", "mint_access_token", "parse_form", "routes"]
 
 log = logging.getLogger("bridgekit.emulator.identity")
 
@@ -421,6 +421,51 @@ class _Service:
                              "Provided grant is invalid or malformed: the refresh token was issued to another client.")
         scopes = form.get("scope", "").split() or str(claims.get("scp", "")).split()
         return self._user_tokens(app, host, scopes, method)
+
+
+def mint_access_token(ctx: EmulatorContext, *, audience: str, client_id: str | None = None,
+                      roles: list[str] | None = None, scp: str | None = None, expires_in: int | None = None,
+                      oid: str | None = None) -> dict[str, Any]:
+    """Issue an access token directly (admin API, for tests): e.g. one that expired ten minutes ago.
+
+    Args:
+        audience: ``dataverse``, ``graph`` or a resource URI.
+        client_id: The app it is issued to (default: the demo app).
+        roles: App roles (default: the app's roles for that service); ignored when ``scp`` is given.
+        scp: Delegated scopes (space-separated) for a user token.
+        expires_in: Seconds until ``exp``; negative for an expired token (default: the token lifetime).
+        oid: Object id of the caller (default: the app's service principal, or the demo user for ``scp``).
+
+    Raises:
+        ValueError: unknown audience or client.
+    """
+    kind = audience if audience in ("dataverse", "graph") else ctx.resolve_resource(audience)
+    if kind is None:
+        raise ValueError(f"unknown audience {audience!r}")
+    if roles is not None and (not isinstance(roles, list) or not all(isinstance(r, str) for r in roles)):
+        raise ValueError("roles must be a list of strings")
+    expires_in = None if expires_in is None else int(expires_in)
+    resource = audience if audience not in ("dataverse", "graph") else (
+        ctx.dataverse_url if kind == "dataverse" else ctx.graph_url)
+    app = ctx.get_app(client_id or ctx.demo_client_id)
+    if app is None:
+        raise ValueError(f"unknown client_id {client_id!r}")
+    svc = _Service(ctx)
+    user = scp is not None
+    caller = oid or (ctx.demo_user()["oid"] if user else svc._app_oid(app))
+    claims = svc._access_claims(app, ctx.base_url, resource.rstrip("/"), appidacr="2" if not user else "0",
+                                oid=caller, idtyp="user" if user else "app")
+    if expires_in is not None:
+        claims["exp"] = claims["iat"] + int(expires_in)
+        if expires_in < 0:
+            claims["iat"] = claims["nbf"] = claims["exp"] - 3600
+    if user:
+        claims["scp"] = scp
+    else:
+        granted = sorted(app.roles.get(kind, [])) if roles is None else list(roles)
+        if granted:
+            claims["roles"] = granted
+    return {"token_type": "Bearer", "access_token": ctx.sign(claims), "expires_in": int(claims["exp"]) - int(time.time())}
 
 
 def routes(ctx: EmulatorContext) -> list[BaseRoute]:
