@@ -30,6 +30,7 @@ from bridgekit.emulator.schema import ACTIVITY_TYPES, TABLES
 from bridgekit.emulator.store import Row, Store
 from bridgekit.emulator.synth import (
     COMPANY_DOMAIN,
+    POINTER_STATUS,
     VERSION_FIELD,
     folder_id,
     record_template,
@@ -637,6 +638,7 @@ _POINTER_KEYS = tuple(c.json_name for c in TABLES["activitypointer"].columns if 
 def _pointer(rec: dict[str, Any], kind: str) -> dict[str, Any]:
     """The activitypointer twin of an activity row."""
     p = {k: rec.get(k) for k in _POINTER_KEYS}
+    p["statuscode"] = POINTER_STATUS.get(rec.get("statecode") or 0, 1)
     p["activitytypecode"] = kind
     for key in ("@emu._regardingobjectid_value.type", "@emu._ownerid_value.type"):
         if key in rec:

@@ -524,7 +524,8 @@ _ACTIVITYPOINTER = Table(
     "activitypointer", "activitypointers", "activityid", "subject", display="Activity",
     display_collection="Activities", object_type_code=4200, is_activity=True,
     description=("Task performed, or to be performed, by a user. Every email, appointment, phonecall and "
-                 "task row also appears here with the same activityid; statuscode is copied from it."),
+                 "task row also appears here with the same activityid; its statuscode is the generic one "
+                 "of its state (Open/Completed/Canceled/Scheduled)."),
     columns=(
         *_activity_common("activitypointer"),
         Column("activitytypecode", "EntityName", "Activity Type", read_only=True, required=True),
@@ -556,7 +557,7 @@ GRAPH_RESOURCES: dict[str, GraphResource] = {r.name: r for r in (
         "id", "displayName", "description", "mail", "mailEnabled", "mailNickname", "securityEnabled",
         "groupTypes", "visibility", "createdDateTime")),
     GraphResource("messages", 1000, 10, True, (
-        "id", "subject", "bodyPreview", "body", "from", "sender", "toRecipients", "ccRecipients",
+        "id", "subject", "bodyPreview", "from", "sender", "toRecipients", "ccRecipients",
         "receivedDateTime", "sentDateTime", "createdDateTime", "lastModifiedDateTime", "isRead", "isDraft",
         "importance", "conversationId", "internetMessageId", "parentFolderId", "hasAttachments",
         "categories"), per_user=True),

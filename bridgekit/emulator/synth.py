@@ -37,6 +37,7 @@ __all__ = [
     "COMPANY_NAME",
     "LOOKUP_INDEXES",
     "MODEL",
+    "POINTER_STATUS",
     "PRESETS",
     "dataverse_guid",
     "folder_id",
@@ -85,6 +86,9 @@ MODEL: dict[str, Any] = {
 }
 
 # Defect rates (fractions of the table they live in); counts are rounded, at least 1 where it applies.
+#: activitypointer's statuscode for each statecode (its own generic status reasons).
+POINTER_STATUS = {0: 1, 1: 2, 2: 3, 3: 4}
+
 #: Expression indexes generate() asks the store for: (collection, JSON field).
 LOOKUP_INDEXES = (("activitypointer", "_regardingobjectid_value"), ("account", "_primarycontactid_value"),
                   ("opportunity", "_parentcontactid_value"), ("lead", "_parentcontactid_value"),
@@ -883,8 +887,8 @@ class _Gen:
         if kind is None:
             r = rng.random()
             kind = "email" if r < 0.55 else ("appointment" if r < 0.75 else "phonecall")
-        if kind == "email" and not acc.valid_contacts:
-            kind = "phonecall"  # nobody to write to
+        if kind in ("email", "appointment") and not acc.valid_contacts:
+            kind = "phonecall"  # nobody to write to or invite
         if kind in ("email", "appointment") and acc.valid_contacts:
             ci = main_contact if (main_contact is not None and main_contact in acc.valid_contacts
                                   and rng.random() < 0.6) else _pick(rng, acc.valid_contacts)
@@ -1188,6 +1192,7 @@ class _Gen:
             r["_modifiedby_value"] = owner
             built[a.kind].append((a.id, r))
             p = {k: r[k] for k in pointer_keys}
+            p["statuscode"] = POINTER_STATUS[r["statecode"]]
             p["activitytypecode"] = a.kind
             p["@emu._regardingobjectid_value.type"] = a.reg_type
             p["@emu._ownerid_value.type"] = "systemuser"
