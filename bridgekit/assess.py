@@ -1,0 +1,1192 @@
+"""The integration readiness assessment: checks scored red/amber/green with findings and recommendations, as data.
+
+A consultant runs ``runbooks/assess.ipynb``; the notebook is a sequence of calls on one :class:`Assessment`:
+
+    >>> a = Assessment(bridgekit.connect("emulator"))        # doctest: +SKIP
+    >>> a.connectivity(calls=20, threshold_ms=150)           # doctest: +SKIP
+    >>> a.data_quality(); a.cross_system(); a.record()       # doctest: +SKIP
+
+Each area returns a :class:`Section` (its :class:`Check` list, the measures behind them and a plotly figure).
+Every check carries the affected record ids where the finding is exact, so a test can compare them with
+the truth (the emulator records the defects it planted, read with :func:`planted_defects`).
+
+Areas, and where the yardsticks come from:
+
+* connectivity: p50/p95 latency per endpoint over N calls against 150 ms (Microsoft's network guidance for
+  Dynamics 365 model-driven apps), TLS version and cipher per endpoint (1.2 minimum, 1.3 recommended);
+* identity: the application permissions in the app's access tokens against what the sync plan needs
+  (least privilege), and the expiry of the credential;
+* change tracking per planned table; volumes and growth per table; the duration of a full sync under the
+  Dataverse service-protection limits (6,000 requests and 1,200 s of execution time per 300 s, protocols.md §1.12);
+* data quality in the warehouse and cross-system consistency between Dataverse and Entra ID / Exchange;
+* infrastructure prerequisites stated as parameters (bandwidth, compute per environment, RPO, RTO).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import re
+import socket
+import sqlite3
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridgekit import record
+from bridgekit.errors import ApiError, AuthError, ConfigError, NotFoundError, TransientError
+
+__all__ = [
+    "DV_EXECUTION_S_PER_WINDOW",
+    "DV_REQUESTS_PER_WINDOW",
+    "DV_WINDOW_S",
+    "EMAIL_PATTERN",
+    "GRAPH_PERMISSIONS",
+    "Assessment",
+    "Check",
+    "Endpoint",
+    "Section",
+    "compare_with_planted",
+    "endpoints",
+    "frame",
+    "measure",
+    "percentile",
+    "planted_defects",
+    "tls_probe",
+    "worst",
+]
+
+STATUS_ORDER = {"green": 0, "amber": 1, "red": 2}
+_ICON = {"green": "🟢", "amber": "🟠", "red": "🔴"}
+
+#: Dataverse service protection per user and web server (api-limits.md, protocols.md §1.12).
+DV_REQUESTS_PER_WINDOW = 6000
+DV_WINDOW_S = 300.0
+DV_EXECUTION_S_PER_WINDOW = 1200.0
+DV_MAX_PAGE = 5000
+#: Graph page sizes: users/groups up to 999, messages up to 1000, events are paged by the service (§2.1).
+_GRAPH_PAGE = {"users": 999, "groups": 999, "messages": 1000, "events": 100, "contacts": 1000}
+_GRAPH_MAILBOX_CONCURRENCY = 4  # Outlook: 4 concurrent requests per app and mailbox (§2.4)
+#: The documented rule the emulator's malformed emails break; commas are never valid in a domain either.
+EMAIL_PATTERN = re.compile(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$")
+
+#: Application permissions that let the sync read each Graph resource, least privileged first
+#: (Graph permissions reference; each API page lists "least privileged" then "higher privileged").
+GRAPH_PERMISSIONS: dict[str, tuple[str, ...]] = {
+    "users": ("User.Read.All", "Directory.Read.All"),
+    "groups": ("GroupMember.Read.All", "Group.Read.All", "Directory.Read.All"),
+    "messages": ("Mail.Read", "Mail.ReadWrite"),
+    "events": ("Calendars.Read", "Calendars.ReadWrite"),
+    "contacts": ("Contacts.Read", "Contacts.ReadWrite"),
+}
+_DELTA_RESOURCES = frozenset(GRAPH_PERMISSIONS)  # every resource above has a delta function (§2.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and sections
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    """One scored check.
+
+    Attributes:
+        id: Stable name, ``area.topic`` (``quality.contacts_missing_email``); the manifest's check name.
+        area: The area heading (connectivity, identity, change tracking, ...).
+        title: What was checked, for people.
+        status: ``green``, ``amber`` or ``red``.
+        finding: What was found, one sentence with the numbers.
+        recommendation: What to do about it (empty when green and nothing to do).
+        count: How many records or items the finding concerns (0 when not countable).
+        rate: ``count`` as a share of the population checked, when there is one.
+        ids: The affected record ids, when the finding is exact.
+        measures: The numbers behind the status.
+    """
+
+    id: str
+    area: str
+    title: str
+    status: str
+    finding: str
+    recommendation: str = ""
+    count: int = 0
+    rate: float | None = None
+    ids: list[str] = field(default_factory=list)
+    measures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, *, with_ids: bool = False) -> dict[str, Any]:
+        """JSON form (ids only when asked: they can be many)."""
+        out = {"id": self.id, "area": self.area, "title": self.title, "status": self.status,
+               "finding": self.finding, "recommendation": self.recommendation, "count": self.count,
+               "rate": self.rate, "measures": self.measures}
+        if with_ids:
+            out["ids"] = list(self.ids)
+        return out
+
+
+def worst(statuses: Iterable[str]) -> str:
+    """The worst of some statuses (green when there are none)."""
+    return max(statuses, key=lambda s: STATUS_ORDER[s], default="green")
+
+
+def frame(checks: Sequence[Check]) -> Any:
+    """The checks as a pandas DataFrame (one row per check)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"check": c.id, "status": c.status, "finding": c.finding,
+                          "recommendation": c.recommendation, "count": c.count,
+                          "rate": None if c.rate is None else round(c.rate, 4)} for c in checks])
+
+
+def _checks_html(checks: Sequence[Check]) -> str:
+    rows = "".join(
+        f"<tr><td>{_ICON[c.status]} {c.status}</td><td><b>{html.escape(c.title)}</b><br>"
+        f"<code>{html.escape(c.id)}</code></td><td>{html.escape(c.finding)}</td>"
+        f"<td>{html.escape(c.recommendation)}</td></tr>" for c in checks)
+    return ("<table><thead><tr><th>status</th><th>check</th><th>finding</th><th>recommendation</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table>")
+
+
+@dataclass
+class Section:
+    """One area of the assessment: its checks, the measures behind them, and a chart (or None)."""
+
+    title: str
+    checks: list[Check]
+    data: Any = None
+    figure: Any = None
+
+    @property
+    def status(self) -> str:
+        """The worst status of the section's checks."""
+        return worst(c.status for c in self.checks)
+
+    def frame(self) -> Any:
+        """The checks as a DataFrame."""
+        return frame(self.checks)
+
+    def _repr_html_(self) -> str:
+        return f"<h3>{_ICON[self.status]} {html.escape(self.title)}</h3>{_checks_html(self.checks)}"
+
+    def __repr__(self) -> str:
+        lines = [f"{self.title}: {self.status}"]
+        lines += [f"  {c.status:<5} {c.id}: {c.finding}" for c in self.checks]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements shared with bridgekit.monitor
+# --------------------------------------------------------------------------------------------------
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return float(ordered[0])
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+
+
+@dataclass
+class Endpoint:
+    """A service endpoint bridgekit calls, and how to call it cheaply.
+
+    ``call`` sends one small request and returns the response headers (for the rate-limit headers).
+    """
+
+    name: str
+    url: str
+    call: Callable[[], Mapping[str, str]]
+
+
+@dataclass
+class Latency:
+    """Latency samples of one endpoint (milliseconds) and what went wrong, if anything."""
+
+    endpoint: str
+    url: str
+    samples_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def p(self, q: float) -> float | None:
+        """The ``q``-th percentile in ms."""
+        return percentile(self.samples_ms, q)
+
+
+def endpoints(wb: Any) -> list[Endpoint]:
+    """The three endpoints of a profile: Entra ID (token endpoint host), Dataverse and Graph.
+
+    Entra is measured with OIDC discovery on the authority (same host and front door as the token
+    endpoint): asking for tokens N times would log N sign-ins, and a credential-less POST would log failures.
+    """
+    from bridgekit.http import tls_session
+
+    prof = wb.profile
+    authority = f"{prof.authority_host.rstrip('/')}/{prof.tenant_id}"
+    discovery = f"{authority}/v2.0/.well-known/openid-configuration"
+    plain = tls_session(prof.ca_bundle, timeout=(10.0, 30.0))
+
+    def identity() -> Mapping[str, str]:
+        try:
+            resp = plain.get(discovery)
+        except Exception as exc:  # the seam: requests' errors become bridgekit's
+            raise TransientError(f"identity: cannot reach {urlsplit(discovery).netloc} ({type(exc).__name__})",
+                                 service="identity") from exc
+        if resp.status_code >= 400:
+            raise TransientError(f"identity: OIDC discovery answered HTTP {resp.status_code}", service="identity",
+                                 status=resp.status_code)
+        return dict(resp.headers)
+
+    def dataverse() -> Mapping[str, str]:
+        return dict(wb.dataverse.session.request("GET", "WhoAmI").headers)
+
+    def graph() -> Mapping[str, str]:
+        return dict(wb.graph.session.request("GET", "users?$top=1&$select=id").headers)
+
+    out = [Endpoint("identity", f"{authority}/oauth2/v2.0/token", identity)]
+    if prof.dataverse_url:
+        out.append(Endpoint("dataverse", prof.dataverse_url, dataverse))
+    out.append(Endpoint("graph", prof.graph_url, graph))
+    return out
+
+
+def measure(targets: Sequence[Endpoint], calls: int = 20) -> list[Latency]:
+    """Call each endpoint ``calls`` times (after one warm-up call that pays for TLS and the token).
+
+    Transport failures are counted as errors; an authentication failure propagates (nothing can be
+    assessed without a token, and the runner reports it with its own exit code).
+    """
+    out: list[Latency] = []
+    for ep in targets:
+        lat = Latency(ep.name, ep.url)
+        for i in range(calls + 1):
+            started = time.perf_counter()
+            try:
+                headers = ep.call()
+            except AuthError:
+                raise
+            except (ApiError, ConfigError) as exc:
+                lat.errors.append(f"{type(exc).__name__}: {exc.message}")
+                if i == 0:
+                    break  # unreachable: no point timing N more failures
+                continue
+            elapsed = (time.perf_counter() - started) * 1000.0
+            if i > 0:
+                lat.samples_ms.append(elapsed)
+                lat.headers.append({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ms-")})
+        out.append(lat)
+    return out
+
+
+def tls_probe(url: str, ca_bundle: str | None, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Connect to ``url``'s host with TLS (verifying against ``ca_bundle``) and report what was negotiated.
+
+    Returns:
+        ``host``, ``port``, ``version`` (``TLSv1.3``), ``cipher``, ``bits``, ``forward_secrecy`` and
+        ``error`` (None when the handshake succeeded).
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 443
+    ctx = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+    info: dict[str, Any] = {"host": host, "port": port, "version": None, "cipher": None, "bits": None,
+                            "forward_secrecy": None, "error": None}
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            version = tls.version()
+            cipher = tls.cipher()
+    except (OSError, ssl.SSLError) as exc:
+        info["error"] = f"{type(exc).__name__}: {exc}"
+        return info
+    info["version"] = version
+    if cipher:
+        info["cipher"], _proto, info["bits"] = cipher
+    # TLS 1.3 key exchange is always ephemeral (RFC 8446); in 1.2 only (EC)DHE suites give forward secrecy.
+    name = str(info["cipher"] or "")
+    info["forward_secrecy"] = version == "TLSv1.3" or name.startswith(("ECDHE", "DHE"))
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# Warehouse helpers
+# --------------------------------------------------------------------------------------------------
+
+def _count(wb: Any, sql: str, params: Sequence[Any] | None = None) -> int:
+    df = wb.sql(sql, params)
+    return int(df.iloc[0, 0]) if len(df) else 0
+
+
+def _ids(df: Any, column: str) -> list[str]:
+    return sorted(str(v) for v in df[column].tolist())
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rate_status(count: int, population: int, red_rate: float) -> str:
+    if count == 0:
+        return "green"
+    return "red" if population and count / population >= red_rate else "amber"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f}%"
+
+
+# --------------------------------------------------------------------------------------------------
+# The assessment
+# --------------------------------------------------------------------------------------------------
+
+class Assessment:
+    """The integration readiness assessment of one profile (its tenant and its warehouse).
+
+    Args:
+        wb: A :class:`~bridgekit.workbench.Workbench` whose warehouse has been synced.
+        now: The reference time (default: the current UTC time).
+
+    Example:
+        >>> a = Assessment(bridgekit.connect("emulator"))   # doctest: +SKIP
+        >>> a.data_quality().frame()                        # doctest: +SKIP
+    """
+
+    def __init__(self, wb: Any, *, now: _dt.datetime | None = None) -> None:
+        self.wb = wb
+        self.now = now or _dt.datetime.now(_dt.UTC)
+        self.sections: dict[str, Section] = {}
+        self._tables: list[str] | None = None
+        self._latency: list[Latency] = []
+        self._rows: dict[str, int] = {}
+        self._full_sync_s: float | None = None
+        self._columns: dict[str, dict[str, str]] | None = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    @property
+    def checks(self) -> list[Check]:
+        """Every check run so far, in order."""
+        return [c for s in self.sections.values() for c in s.checks]
+
+    def check(self, check_id: str) -> Check:
+        """One check by id.
+
+        Raises:
+            KeyError: no such check has run.
+        """
+        for c in self.checks:
+            if c.id == check_id:
+                return c
+        raise KeyError(check_id)
+
+    def _add(self, key: str, section: Section) -> Section:
+        self.sections[key] = section
+        return section
+
+    def planned_tables(self) -> list[str]:
+        """``schema.table`` for every table of the profile's sync plan."""
+        plan = self.wb.profile.sync
+        return [f"dataverse.{t}" for t in plan.dataverse] + [f"graph.{r}" for r in plan.graph]
+
+    def warehouse_tables(self) -> list[str]:
+        """The mirrored tables present in the warehouse."""
+        if self._tables is None:
+            self._tables = list(self.wb.warehouse.tables())
+        return self._tables
+
+    def columns(self, table_id: str) -> dict[str, str]:
+        """Column name -> DuckDB type of a warehouse table (read once for the whole warehouse)."""
+        if self._columns is None:
+            df = self.wb.sql("SELECT table_schema || '.' || table_name AS t, column_name, data_type FROM "
+                             "information_schema.columns WHERE table_schema IN ('dataverse', 'graph') "
+                             "ORDER BY t, ordinal_position")
+            self._columns = {}
+            for t, c, d in zip(df["t"], df["column_name"], df["data_type"], strict=True):
+                self._columns.setdefault(str(t), {})[str(c)] = str(d)
+        return self._columns.get(table_id, {})
+
+    def rows(self) -> dict[str, int]:
+        """Row counts per warehouse table (cached)."""
+        if not self._rows and self.warehouse_tables():
+            df = self.wb.sql(" UNION ALL ".join(
+                f"SELECT '{t}' AS t, count(*) AS n FROM {_q(t.split('.', 1)[0])}.{_q(t.split('.', 1)[1])}"
+                for t in self.warehouse_tables()))
+            self._rows = {str(t): int(n) for t, n in zip(df["t"], df["n"], strict=True)}
+        return self._rows
+
+    # -- connectivity ---------------------------------------------------------------------------
+
+    def connectivity(self, *, calls: int = 20, threshold_ms: float = 150.0) -> Section:
+        """Latency per endpoint (p50/p95 over ``calls`` calls against ``threshold_ms``) and TLS per endpoint."""
+        import plotly.graph_objects as go
+
+        self._latency = measure(endpoints(self.wb), calls)
+        checks: list[Check] = []
+        for lat in self._latency:
+            p50, p95 = lat.p(50), lat.p(95)
+            if p50 is None or p95 is None:
+                checks.append(Check(f"connectivity.latency.{lat.endpoint}", "connectivity",
+                                    f"{lat.endpoint} reachable", "red",
+                                    f"{lat.endpoint} could not be reached: {lat.errors[0] if lat.errors else 'no answer'}",
+                                    "check DNS, proxy and firewall rules for the endpoint from the integration host",
+                                    measures={"errors": len(lat.errors)}))
+                continue
+            status = "green" if p95 <= threshold_ms else ("amber" if p50 <= threshold_ms else "red")
+            if lat.errors:
+                status = worst([status, "amber"])
+            finding = (f"p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(lat.samples_ms)} calls "
+                       f"(threshold {threshold_ms:.0f} ms)" + (f"; {len(lat.errors)} failed" if lat.errors else ""))
+            rec = "" if status == "green" else (
+                "run the integration close to the tenant's region (same Azure geography) and check for proxies or "
+                "TLS inspection on the path; latency above the threshold slows every page of a sync")
+            checks.append(Check(f"connectivity.latency.{lat.endpoint}", "connectivity",
+                                f"{lat.endpoint} latency", status, finding, rec,
+                                measures={"p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
+                                          "calls": len(lat.samples_ms), "errors": len(lat.errors),
+                                          "threshold_ms": threshold_ms}))
+        seen: set[tuple[str, int]] = set()
+        for lat in self._latency:
+            info = tls_probe(lat.url, self.wb.profile.ca_bundle)
+            key = (info["host"], info["port"])
+            label = f"{lat.endpoint} ({info['host']}:{info['port']})"
+            if key in seen:
+                continue
+            seen.add(key)
+            if info["error"]:
+                checks.append(Check(f"connectivity.tls.{lat.endpoint}", "connectivity", f"TLS to {label}", "red",
+                                    f"TLS handshake failed: {info['error']}",
+                                    "trust the CA that signs the endpoint (ca_bundle in the profile) and allow TLS 1.2+",
+                                    measures=info))
+                continue
+            version = str(info["version"])
+            if version == "TLSv1.3":
+                status, rec = "green", ""
+            elif version == "TLSv1.2":
+                status = "amber"
+                rec = ("enable TLS 1.3 on the path (proxies, TLS inspection) for forward secrecy and faster handshakes"
+                       if info["forward_secrecy"] else
+                       "the negotiated TLS 1.2 cipher has no forward secrecy: prefer ECDHE suites, or TLS 1.3")
+            else:
+                status, rec = "red", "TLS 1.2 is the minimum Microsoft cloud services accept: upgrade the client stack"
+            checks.append(Check(f"connectivity.tls.{lat.endpoint}", "connectivity", f"TLS to {label}", status,
+                                f"{version} with {info['cipher']} ({info['bits']} bits), forward secrecy "
+                                f"{'yes' if info['forward_secrecy'] else 'no'}", rec, measures=info))
+        names = [lat.endpoint for lat in self._latency]
+        fig = go.Figure([
+            go.Bar(name="p50", x=names, y=[lat.p(50) for lat in self._latency]),
+            go.Bar(name="p95", x=names, y=[lat.p(95) for lat in self._latency]),
+        ])
+        fig.add_hline(y=threshold_ms, line_dash="dash", annotation_text=f"threshold {threshold_ms:.0f} ms")
+        fig.update_layout(title=f"Latency per endpoint over {calls} calls", barmode="group",
+                          xaxis_title="endpoint", yaxis_title="latency (ms)")
+        return self._add("connectivity", Section("Connectivity and TLS", checks, self._latency, fig))
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def _claims(self, resource_url: str) -> dict[str, Any]:
+        import jwt
+
+        from bridgekit.auth import TokenProvider, resource_scope
+
+        token = TokenProvider(self.wb.profile).token(resource_scope(resource_url))
+        # Reading our own token's claims to audit what was granted; the token itself is never kept or shown.
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+        return claims
+
+    def identity(self, *, expiry_warn_days: int = 60) -> Section:
+        """Granted application permissions against the sync plan, and credential expiry."""
+        prof = self.wb.profile
+        checks: list[Check] = []
+        graph_claims = self._claims(prof.graph_url)
+        granted = sorted(str(r) for r in graph_claims.get("roles", []))
+        used: set[str] = set()
+        missing: list[str] = []
+        for resource in prof.sync.graph:
+            options = GRAPH_PERMISSIONS.get(resource, ())
+            have = next((r for r in options if r in granted), None)
+            if have:
+                used.add(have)
+            elif options:
+                missing.append(f"{resource} needs {options[0]}")
+        excess = [r for r in granted if r not in used]
+        status = "red" if missing else ("amber" if excess else "green")
+        finding = f"granted: {', '.join(granted) or 'none'}"
+        if missing:
+            finding += f"; missing: {'; '.join(missing)}"
+        if excess:
+            finding += f"; not needed by the sync plan: {', '.join(excess)}"
+        rec = ""
+        if missing:
+            rec = "grant (and admin-consent) the missing application permissions; the sync of those resources fails with 403"
+        elif excess:
+            rec = "remove the permissions the sync plan does not use (least privilege); add them back when the plan grows"
+        checks.append(Check("identity.graph_permissions", "identity", "Graph application permissions (least privilege)",
+                            status, finding, rec, count=len(missing) + len(excess),
+                            ids=missing + excess,
+                            measures={"granted": granted, "used": sorted(used), "missing": missing,
+                                      "excess": excess}))
+        if prof.dataverse_url:
+            dv_claims = self._claims(prof.dataverse_url)
+            who = self.wb.dataverse.whoami()
+            checks.append(Check("identity.dataverse_access", "identity", "Dataverse application user", "green",
+                                f"token accepted; WhoAmI answers as user {who.get('UserId')} in business unit "
+                                f"{who.get('BusinessUnitId')}",
+                                "give the application user a custom security role with read access to the planned "
+                                "tables only (Dataverse authorises app-only callers through its security roles)",
+                                measures={"user_id": who.get("UserId"),
+                                          "token_roles": sorted(str(r) for r in dv_claims.get("roles", []))}))
+        checks.append(self._credential_check(graph_claims, expiry_warn_days))
+        return self._add("identity", Section("Identity and permissions", checks, {"granted": granted}))
+
+    def _credential_check(self, claims: Mapping[str, Any], warn_days: int) -> Check:
+        prof = self.wb.profile
+        lifetime = (int(claims["exp"]) - int(claims["iat"])) // 60 if "exp" in claims and "iat" in claims else None
+        life = f"; access tokens live {lifetime} min" if lifetime else ""
+        if prof.auth == "certificate" and prof.certificate_path:
+            from cryptography import x509
+
+            from bridgekit.auth import load_certificate
+
+            pem = load_certificate(prof.certificate_path).certificate_pem
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            expires = cert.not_valid_after_utc
+            days = (expires - self.now).days
+            status = "red" if days < 14 else ("amber" if days < warn_days else "green")
+            rec = "" if status == "green" else (
+                "upload a new certificate to the app registration, switch the profile's certificate_path, then "
+                "remove the old one")
+            return Check("identity.credential_expiry", "identity", "Client certificate expiry", status,
+                         f"certificate expires {expires.date().isoformat()} ({days} days){life}", rec,
+                         measures={"expires": expires.isoformat(), "days_left": days, "kind": "certificate"})
+        if prof.auth == "client_secret":
+            return Check("identity.credential_expiry", "identity", "Client secret expiry", "amber",
+                         f"the app authenticates with a client secret, whose expiry the app cannot read{life}",
+                         "record the secret's expiry date from the app registration in your operations calendar, "
+                         "or switch to a certificate (or a managed identity)", measures={"kind": "secret"})
+        return Check("identity.credential_expiry", "identity", "Credential expiry", "green",
+                     f"{prof.auth}: no stored credential expires{life}", measures={"kind": prof.auth})
+
+    # -- change tracking, volumes, full-sync estimate --------------------------------------------------
+
+    def change_tracking(self) -> Section:
+        """Change tracking on every planned Dataverse table (metadata); Graph resources use delta queries."""
+        prof = self.wb.profile
+        rows = self.rows()
+        checks: list[Check] = []
+        for name in prof.sync.dataverse:
+            table_id = f"dataverse.{name}"
+            try:
+                info = self.wb.dataverse.table(name)
+            except NotFoundError:
+                checks.append(Check(f"change_tracking.{name}", "change tracking", f"{name} change tracking", "red",
+                                    f"table {name} does not exist in the environment",
+                                    "remove it from the sync plan or fix its logical name", count=1, ids=[name]))
+                continue
+            n = rows.get(table_id, 0)
+            if info.change_tracking:
+                checks.append(Check(f"change_tracking.{name}", "change tracking", f"{name} change tracking", "green",
+                                    f"enabled ({n} rows): syncs read only the changes", measures={"rows": n}))
+                continue
+            # Without change tracking every run reloads the table; one page is cheap, many are not.
+            small = n <= prof.sync.page_size
+            checks.append(Check(
+                f"change_tracking.{name}", "change tracking", f"{name} change tracking",
+                "amber" if small else "red",
+                f"not enabled: every sync reloads all {n} rows ({math.ceil(max(n, 1) / prof.sync.page_size)} page(s))",
+                "enable 'Track changes' on the table (Power Apps > Tables > Properties > Advanced options)",
+                count=1, ids=[name], measures={"rows": n}))
+        for resource in prof.sync.graph:
+            ok = resource in _DELTA_RESOURCES
+            checks.append(Check(f"change_tracking.graph.{resource}", "change tracking", f"graph {resource} delta",
+                                "green" if ok else "red",
+                                "delta query available: syncs read only the changes" if ok else
+                                f"bridgekit has no delta reader for Graph resource {resource}",
+                                "" if ok else "remove it from the sync plan", measures={}))
+        return self._add("change_tracking", Section("Change tracking", checks))
+
+    def _monthly(self, table_id: str) -> Any:
+        schema, name = table_id.split(".", 1)
+        cols = self.columns(table_id)
+        created = next((c for c in ("createdon", "createdDateTime", "receivedDateTime") if c in cols), None)
+        if created is None:
+            return None
+        return self.wb.sql(
+            f"SELECT date_trunc('month', {_q(created)})::DATE AS month, count(*) AS created FROM "
+            f"{_q(schema)}.{_q(name)} WHERE {_q(created)} IS NOT NULL GROUP BY 1 ORDER BY 1")
+
+    def volumes(self, *, growth_months: int = 6, large_rows: int = 5_000_000) -> Section:
+        """Rows per planned table and monthly growth (from ``createdon``), projected 12 months ahead."""
+        import pandas as pd
+        import plotly.graph_objects as go
+
+        rows = self.rows()
+        this_month = _dt.date(self.now.year, self.now.month, 1)
+        first = (pd.Timestamp(this_month) - pd.DateOffset(months=growth_months)).date()
+        table_rows: list[dict[str, Any]] = []
+        fig = go.Figure()
+        for t in self.planned_tables():
+            if t not in rows:
+                continue
+            monthly = self._monthly(t)
+            per_month = None
+            if monthly is not None and len(monthly):
+                months = [m.date() if hasattr(m, "date") else m for m in monthly["month"]]
+                recent = [int(c) for m, c in zip(months, monthly["created"], strict=True) if first <= m < this_month]
+                per_month = sum(recent) / growth_months
+                fig.add_trace(go.Scatter(x=months, y=[int(c) for c in monthly["created"]], mode="lines", name=t))
+            n = rows[t]
+            growth = (per_month / n) if per_month is not None and n else None
+            projected = int(n + 12 * per_month) if per_month is not None else n
+            table_rows.append({"table": t, "rows": n, "new_per_month": None if per_month is None else round(per_month, 1),
+                               "growth_per_month": None if growth is None else round(growth, 4),
+                               "rows_in_12_months": projected})
+        data = pd.DataFrame(table_rows)
+        total = int(data["rows"].sum()) if len(data) else 0
+        big = [r["table"] for r in table_rows if r["rows_in_12_months"] >= large_rows]
+        fastest = max(table_rows, key=lambda r: r["growth_per_month"] or 0, default=None)
+        finding = f"{total:,} rows in {len(table_rows)} tables"
+        if fastest and fastest["growth_per_month"]:
+            finding += f"; fastest growth {fastest['table']} {_pct(fastest['growth_per_month'])} per month"
+        checks = [Check("volumes.growth", "volumes", "Volumes and growth", "amber" if big else "green",
+                        finding + (f"; over {large_rows:,} rows within 12 months: {', '.join(big)}" if big else ""),
+                        "plan archiving (retention policies) and partitioned full loads for the large tables" if big else "",
+                        count=total, ids=big, measures={"total_rows": total})]
+        fig.update_layout(title="New rows per month (by creation date)", xaxis_title="month",
+                          yaxis_title="rows created per month", yaxis_type="log")
+        return self._add("volumes", Section("Volumes and growth", checks, data, fig))
+
+    def full_sync_estimate(self, *, window_hours: float = 8.0, concurrency: int | None = None) -> Section:
+        """How long a full sync would take under Dataverse service protection and Graph's mailbox limits.
+
+        Model (protocols.md §1.12): each Dataverse page costs ``t0 + rows * t_row`` seconds, measured on a
+        real page of the largest planned table (``t0`` from the connectivity p50); at most
+        ``min(concurrency, 1200 s / 300 s = 4)`` requests can run on average (the execution-time budget) and
+        at most 6,000 requests per 300 s. Graph pages cost the measured Graph p50 each, four mailboxes
+        requests at a time per mailbox.
+        """
+        import pandas as pd
+        import plotly.graph_objects as go
+
+        prof = self.wb.profile
+        rows = self.rows()
+        page_size = min(prof.sync.page_size, DV_MAX_PAGE)
+        conc = max(1, min(concurrency or prof.max_concurrency, 52))
+        lat = {la.endpoint: (la.p(50) or 0.0) / 1000.0 for la in self._latency}
+        if not lat:
+            lat = {la.endpoint: (la.p(50) or 0.0) / 1000.0 for la in measure(endpoints(self.wb), 5)}
+        t0 = lat.get("dataverse", 0.1)
+        dv_tables = [t for t in prof.sync.dataverse if f"dataverse.{t}" in rows]
+        t_row = 0.0
+        if dv_tables:
+            biggest = max(dv_tables, key=lambda t: rows[f"dataverse.{t}"])
+            started = time.perf_counter()
+            page = next(iter(self.wb.dataverse.pages(biggest, page_size=page_size)), None)
+            took = time.perf_counter() - started
+            n_page = len(page.value) if page is not None else 0
+            t_row = max(took - t0, 0.0) / n_page if n_page else 0.0
+        dv_parallel = min(conc, int(DV_EXECUTION_S_PER_WINDOW / DV_WINDOW_S))
+        estimates = []
+        dv_requests = 0
+        dv_serial = 0.0
+        for t in dv_tables:
+            n = rows[f"dataverse.{t}"]
+            pages = max(1, math.ceil(n / page_size))
+            serial = pages * t0 + n * t_row
+            dv_requests += pages + 1  # +1: the metadata read
+            dv_serial += serial
+            estimates.append({"table": f"dataverse.{t}", "rows": n, "requests": pages + 1,
+                              "minutes": serial / dv_parallel / 60.0})
+        g = lat.get("graph", 0.1)
+        mailboxes = max(1, rows.get("graph.users", 1))
+        graph_s = 0.0
+        for r in prof.sync.graph:
+            t = f"graph.{r}"
+            if t not in rows:
+                continue
+            n = rows[t]
+            size = _GRAPH_PAGE.get(r, 100)
+            per_mailbox = r in ("messages", "events", "contacts")
+            requests = (mailboxes * max(1, math.ceil(n / mailboxes / size)) if per_mailbox
+                        else max(1, math.ceil(n / size)))
+            parallel = min(conc, mailboxes * _GRAPH_MAILBOX_CONCURRENCY) if per_mailbox else 1
+            secs = requests * g / parallel
+            graph_s += secs
+            estimates.append({"table": t, "rows": n, "requests": requests, "minutes": secs / 60.0})
+        dv_s = max(dv_serial / dv_parallel, dv_requests * DV_WINDOW_S / DV_REQUESTS_PER_WINDOW)
+        total_s = dv_s + graph_s  # Dataverse and Graph run side by side in a sync, but report the safe sum
+        self._full_sync_s = total_s
+        hours = total_s / 3600.0
+        status = "green" if hours <= window_hours else ("amber" if hours <= 3 * window_hours else "red")
+        rec = "" if status == "green" else (
+            "run the first full load over a weekend, partition the largest tables by createdon, and keep later "
+            "runs incremental")
+        checks = [Check("volumes.full_sync_time", "volumes", "Full sync duration under service protection", status,
+                        f"about {_duration(total_s)} for {sum(e['rows'] for e in estimates):,} rows "
+                        f"({dv_requests} Dataverse requests at {dv_parallel} effective in flight, page size "
+                        f"{page_size}; window {window_hours:g} h)", rec,
+                        measures={"seconds": round(total_s, 1), "dataverse_requests": dv_requests,
+                                  "dataverse_parallel": dv_parallel, "page_latency_s": round(t0, 4),
+                                  "row_cost_ms": round(t_row * 1000, 4), "graph_page_s": round(g, 4)})]
+        data = pd.DataFrame(estimates)
+        fig = go.Figure(go.Bar(x=data["table"] if len(data) else [], y=data["minutes"] if len(data) else []))
+        fig.update_layout(title="Estimated full sync time per table", xaxis_title="table",
+                          yaxis_title="estimated time (minutes)")
+        return self._add("full_sync", Section("Full sync estimate", checks, data, fig))
+
+    # -- data quality ------------------------------------------------------------------------------
+
+    def _has(self, table_id: str) -> bool:
+        return table_id in self.warehouse_tables()
+
+    def duplicate_accounts(self) -> tuple[list[str], list[list[str]]]:
+        """Accounts that repeat an earlier account: (duplicate ids, clusters as lists of ids, first kept).
+
+        Two accounts are the same company when their email/web domains match and their names match up to case,
+        whitespace, punctuation or a dropped last word (a legal suffix). In each cluster the earliest created
+        record (then the lowest account number) is the original; the others are the duplicates.
+        """
+        df = self.wb.sql("SELECT accountid::VARCHAR AS id, name, emailaddress1, websiteurl, createdon, accountnumber "
+                         "FROM dataverse.account")
+        recs = df.to_dict("records")
+
+        def norm(name: Any) -> str:
+            return " ".join(re.sub(r"[^a-z0-9 ]", " ", str(name or "").lower()).split())
+
+        def domain(rec: Mapping[str, Any]) -> str:
+            email = str(rec.get("emailaddress1") or "")
+            if "@" in email:
+                return email.rsplit("@", 1)[1].lower().strip()
+            web = str(rec.get("websiteurl") or "")
+            host = urlsplit(web if "://" in web else f"https://{web}").hostname or ""
+            return host.removeprefix("www.")
+
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(recs):
+            key = domain(r) or f"name:{norm(r['name'])}"
+            groups.setdefault(key, []).append(i)
+        parent = list(range(len(recs)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            names = {i: norm(recs[i]["name"]) for i in members}
+            for a_i, a in enumerate(members):
+                for b in members[a_i + 1:]:
+                    na, nb = names[a], names[b]
+                    same = na == nb or (na and na == nb.rsplit(" ", 1)[0] and " " in nb) or \
+                        (nb and nb == na.rsplit(" ", 1)[0] and " " in na)
+                    if same:
+                        parent[find(a)] = find(b)
+        clusters: dict[int, list[int]] = {}
+        for i in range(len(recs)):
+            clusters.setdefault(find(i), []).append(i)
+        dups: list[str] = []
+        out_clusters: list[list[str]] = []
+        for members in clusters.values():
+            if len(members) < 2:
+                continue
+            ordered = sorted(members, key=lambda i: (recs[i]["createdon"], str(recs[i]["accountnumber"] or ""),
+                                                     recs[i]["id"]))
+            out_clusters.append([recs[i]["id"] for i in ordered])
+            dups += [recs[i]["id"] for i in ordered[1:]]
+        return sorted(dups), out_clusters
+
+    def orphan_lookups(self) -> dict[tuple[str, str], list[str]]:
+        """Rows whose lookup points at a record missing from the target table, by (table, lookup column).
+
+        Only lookups whose target table is mirrored can be checked; the target comes from the lookup's
+        ``<column>_entitytype`` (the ``lookuplogicalname`` annotation) and its key from the sync state.
+        """
+        keys: dict[str, str] = {}
+        for t, st in self.wb.warehouse.state().items():
+            try:
+                keys[t] = json.loads(st.get("spec") or "{}").get("key") or ""
+            except (TypeError, ValueError):
+                keys[t] = ""
+        out: dict[tuple[str, str], list[str]] = {}
+        for t in self.warehouse_tables():
+            schema, name = t.split(".", 1)
+            if schema != "dataverse" or not keys.get(t):
+                continue
+            cols = self.columns(t)
+            lookups = [c.removesuffix("_entitytype") for c in cols
+                       if c.endswith("_entitytype") and c.removesuffix("_entitytype") in cols]
+            if not lookups:
+                continue
+            # One query for the target tables of every lookup, one for the orphans (a query each is slow).
+            targets = self.wb.sql(" UNION ALL ".join(
+                f"SELECT DISTINCT '{lk}' AS lk, {_q(lk + '_entitytype')} AS target FROM dataverse.{_q(name)} "
+                f"WHERE {_q(lk)} IS NOT NULL AND {_q(lk + '_entitytype')} IS NOT NULL" for lk in lookups))
+            parts = []
+            for lk, target in zip(targets["lk"], targets["target"], strict=True):
+                tid = f"dataverse.{target}"
+                if not keys.get(tid) or not self._has(tid) or not re.fullmatch(r"[a-z0-9_]+", str(target)):
+                    continue
+                parts.append(
+                    f"SELECT '{lk}' AS lk, s.{_q(keys[t])}::VARCHAR AS id FROM dataverse.{_q(name)} s "
+                    f"WHERE s.{_q(lk + '_entitytype')} = '{target}' AND s.{_q(lk)} IS NOT NULL AND NOT EXISTS "
+                    f"(SELECT 1 FROM dataverse.{_q(str(target))} x WHERE x.{_q(keys[tid])} = s.{_q(lk)})")
+            if not parts:
+                continue
+            found = self.wb.sql(" UNION ALL ".join(parts))
+            for lk, rid in zip(found["lk"], found["id"], strict=True):
+                out.setdefault((name, str(lk)), []).append(str(rid))
+        return {k: sorted(set(v)) for k, v in out.items()}
+
+    def data_quality(self, *, stale_days: int = 90, red_rate: float = 0.03) -> Section:
+        """Duplicate accounts, missing and malformed emails, orphan lookups, stale open opportunities."""
+        import plotly.graph_objects as go
+
+        rows = self.rows()
+        checks: list[Check] = []
+        if self._has("dataverse.account"):
+            dups, clusters = self.duplicate_accounts()
+            n = rows["dataverse.account"]
+            checks.append(Check(
+                "quality.duplicate_accounts", "data quality", "Duplicate accounts",
+                _rate_status(len(dups), n, red_rate),
+                f"{len(dups)} of {n} accounts ({_pct(len(dups) / n if n else None)}) repeat an earlier account "
+                f"(same domain, name equal up to case, punctuation or a dropped suffix) in {len(clusters)} clusters",
+                "merge the duplicates in Dynamics 365 (Merge keeps the original and re-parents contacts, "
+                "opportunities and activities); enable duplicate detection rules on name and domain" if dups else "",
+                count=len(dups), rate=len(dups) / n if n else None, ids=dups, measures={"clusters": len(clusters)}))
+        if self._has("dataverse.contact"):
+            n = rows["dataverse.contact"]
+            missing = _ids(self.wb.sql("SELECT contactid::VARCHAR AS id FROM dataverse.contact WHERE "
+                                       "emailaddress1 IS NULL OR trim(emailaddress1) = ''"), "id")
+            present = self.wb.sql("SELECT contactid::VARCHAR AS id, emailaddress1 AS e FROM dataverse.contact "
+                                  "WHERE emailaddress1 IS NOT NULL AND trim(emailaddress1) <> ''")
+            bad = sorted(str(i) for i, e in zip(present["id"], present["e"], strict=True)
+                         if not EMAIL_PATTERN.match(str(e).strip()))
+            checks.append(Check(
+                "quality.contacts_missing_email", "data quality", "Contacts without an email address",
+                _rate_status(len(missing), n, red_rate),
+                f"{len(missing)} of {n} contacts ({_pct(len(missing) / n if n else None)}) have no email address",
+                "make email business-recommended on the contact form and backfill from mailbox traffic" if missing else "",
+                count=len(missing), rate=len(missing) / n if n else None, ids=missing))
+            checks.append(Check(
+                "quality.contacts_malformed_email", "data quality", "Contacts with a malformed email address",
+                _rate_status(len(bad), n, red_rate),
+                f"{len(bad)} of {n} contacts ({_pct(len(bad) / n if n else None)}) have an email address that is not "
+                "name@domain.tld (double @, missing @ or domain, spaces, commas)",
+                "correct them (mail to them bounces and server-side sync cannot track it) and validate the "
+                "format on entry" if bad else "",
+                count=len(bad), rate=len(bad) / n if n else None, ids=bad))
+        orphans = self.orphan_lookups()
+        orphan_ids = sorted({i for ids in orphans.values() for i in ids})
+        checked = sum(rows.get(f"dataverse.{t}", 0) for t in {t for t, _ in orphans}) or sum(
+            v for k, v in rows.items() if k.startswith("dataverse."))
+        by_col = {f"{t}.{c}": len(ids) for (t, c), ids in sorted(orphans.items())}
+        checks.append(Check(
+            "quality.orphan_lookups", "data quality", "Lookups to missing records",
+            _rate_status(len(orphan_ids), checked, red_rate),
+            f"{len(orphan_ids)} records point at a record that does not exist"
+            + (": " + ", ".join(f"{k} {v}" for k, v in by_col.items()) if by_col else ""),
+            "repair or clear the lookups (they break roll-ups, reports and the sync's joins); find the import or "
+            "integration that deletes parents without cascading" if orphan_ids else "",
+            count=len(orphan_ids), rate=len(orphan_ids) / checked if checked else None, ids=orphan_ids,
+            measures={"by_lookup": by_col, "by_lookup_ids": {f"{t}.{c}": ids for (t, c), ids in orphans.items()}}))
+        if self._has("dataverse.opportunity"):
+            n_open = _count(self.wb, "SELECT count(*) FROM dataverse.opportunity WHERE statecode = 0")
+            cutoff = self.now - _dt.timedelta(days=stale_days)
+            stale = _ids(self.wb.sql("SELECT opportunityid::VARCHAR AS id FROM dataverse.opportunity WHERE statecode = 0 "
+                                     "AND estimatedclosedate < ?", [cutoff]), "id")
+            n = rows["dataverse.opportunity"]
+            checks.append(Check(
+                "quality.stale_open_opportunities", "data quality", "Stale open opportunities",
+                _rate_status(len(stale), n, red_rate),
+                f"{len(stale)} of {n_open} open opportunities were due to close more than {stale_days} days ago",
+                "close them as lost or re-date them with the owners; stale deals inflate the pipeline and forecasts"
+                if stale else "", count=len(stale), rate=len(stale) / n if n else None, ids=stale,
+                measures={"open": n_open, "stale_days": stale_days}))
+        fig = go.Figure(go.Bar(x=[c.id.split(".", 1)[1] for c in checks],
+                               y=[(c.rate or 0.0) * 100 for c in checks],
+                               marker_color=[{"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}[c.status]
+                                             for c in checks]))
+        fig.add_hline(y=red_rate * 100, line_dash="dash", annotation_text=f"red at {red_rate * 100:g}%")
+        fig.update_layout(title="Data quality: affected share of each table", xaxis_title="check",
+                          yaxis_title="affected rows (% of table)")
+        return self._add("quality", Section("Data quality", checks, None, fig))
+
+    # -- cross-system -------------------------------------------------------------------------------
+
+    def cross_system(self, *, inactive_days: int = 90) -> Section:
+        """Disabled Entra users who own CRM records or are still active system users; contacts nobody wrote to."""
+        import pandas as pd
+        import plotly.graph_objects as go
+
+        checks: list[Check] = []
+        owned = pd.DataFrame(columns=["table", "records"])
+        if self._has("graph.users") and self._has("dataverse.systemuser"):
+            disabled = self.wb.sql(
+                "SELECT s.systemuserid::VARCHAR AS id, s.fullname, s.isdisabled, u.userPrincipalName AS upn "
+                "FROM dataverse.systemuser s JOIN graph.users u ON lower(s.azureactivedirectoryobjectid::VARCHAR) = "
+                "lower(u.id) WHERE u.accountEnabled = false")
+            ids = [str(i) for i in disabled["id"]]
+            counts: dict[str, int] = {}
+            per_user: dict[str, int] = dict.fromkeys(ids, 0)
+            if ids:
+                for t in self.warehouse_tables():
+                    schema, name = t.split(".", 1)
+                    # Users, teams and business units own themselves: not work left behind.
+                    if schema != "dataverse" or name in ("systemuser", "team", "businessunit") \
+                            or "ownerid" not in self.columns(t):
+                        continue
+                    df = self.wb.sql(f"SELECT ownerid::VARCHAR AS o, count(*) AS n FROM dataverse.{_q(name)} "
+                                     f"WHERE ownerid::VARCHAR IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [ids])
+                    if len(df):
+                        counts[name] = int(df["n"].sum())
+                        for o, n in zip(df["o"], df["n"], strict=True):
+                            per_user[str(o)] += int(n)
+            owners = sorted(u for u, n in per_user.items() if n > 0)
+            total = sum(counts.values())
+            owned = pd.DataFrame([{"table": k, "records": v} for k, v in sorted(counts.items())])
+            checks.append(Check(
+                "cross.disabled_users_owning_records", "cross-system", "Disabled Entra users who own CRM records",
+                "red" if owners else "green",
+                f"{len(owners)} users disabled in Entra ID still own {total} CRM records"
+                + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""),
+                "reassign their records (Reassign records on the user, or a bulk owner update) to active users or a "
+                "team; nobody works these accounts and opportunities" if owners else "",
+                count=len(owners), ids=owners, measures={"records": counts, "records_total": total}))
+            active = sorted(str(i) for i, d in zip(disabled["id"], disabled["isdisabled"], strict=True) if not d)
+            checks.append(Check(
+                "cross.disabled_users_active_in_crm", "cross-system", "Disabled Entra users still active in Dataverse",
+                "red" if active else "green",
+                f"{len(active)} users disabled in Entra ID are still enabled system users in Dataverse",
+                "disable the system users (and remove their licences and security roles); Dataverse does not "
+                "follow Entra's account state for users it already synchronised" if active else "",
+                count=len(active), ids=active))
+        if self._has("dataverse.contact") and (self._has("graph.messages") or self._has("graph.events")):
+            since = self.now - _dt.timedelta(days=inactive_days)
+            contacts = self.wb.sql("SELECT contactid::VARCHAR AS id, lower(trim(emailaddress1)) AS e FROM "
+                                   "dataverse.contact WHERE statecode = 0 AND emailaddress1 IS NOT NULL")
+            valid = {str(i): str(e) for i, e in zip(contacts["id"], contacts["e"], strict=True)
+                     if EMAIL_PATTERN.match(str(e))}
+            seen: set[str] = set()
+            if self._has("graph.messages"):
+                df = self.wb.sql(
+                    "SELECT DISTINCT lower(a) AS a FROM (SELECT from_address AS a FROM graph.messages WHERE "
+                    "receivedDateTime >= ? UNION ALL SELECT unnest(to_addresses) FROM graph.messages WHERE "
+                    "receivedDateTime >= ? UNION ALL SELECT unnest(cc_addresses) FROM graph.messages WHERE "
+                    "receivedDateTime >= ?) WHERE a IS NOT NULL", [since, since, since])
+                seen.update(str(a) for a in df["a"])
+            if self._has("graph.events"):
+                df = self.wb.sql("SELECT DISTINCT lower(unnest(attendee_addresses)) AS a FROM graph.events WHERE "
+                                 "start_utc >= ? AND start_utc <= ? AND NOT coalesce(isCancelled, false)",
+                                 [since, self.now])
+                seen.update(str(a) for a in df["a"])
+            quiet = sorted(i for i, e in valid.items() if e not in seen)
+            share = len(quiet) / len(valid) if valid else None
+            status = "green" if not quiet or (share or 0) < 0.10 else "amber"
+            checks.append(Check(
+                "cross.contacts_without_engagement", "cross-system",
+                f"Contacts with no mail or meeting in {inactive_days} days",
+                status,
+                f"{len(quiet)} of {len(valid)} active contacts with a valid address ({_pct(share)}) had no mail or "
+                f"meeting in the synced mailboxes in the last {inactive_days} days",
+                "review the coverage with the account owners: re-engage or deactivate these contacts; check that "
+                "every seller's mailbox is in the sync plan" if quiet else "",
+                count=len(quiet), rate=share, ids=quiet, measures={"active_with_email": len(valid)}))
+        fig = go.Figure(go.Bar(x=owned["table"] if len(owned) else [], y=owned["records"] if len(owned) else []))
+        fig.update_layout(title="CRM records owned by users disabled in Entra ID", xaxis_title="table",
+                          yaxis_title="records owned (count)")
+        return self._add("cross", Section("Cross-system consistency", checks, owned, fig))
+
+    # -- infrastructure -----------------------------------------------------------------------------
+
+    def infrastructure(self, *, users: int, bandwidth_mbps_per_1000_users: float,
+                       environments: Mapping[str, Mapping[str, Any]], rpo_minutes: float, rto_hours: float,
+                       min_kbytes_per_user: float = 50.0, min_vcores: int = 2, min_ram_gb: float = 8.0,
+                       rec_vcores: int = 4, rec_ram_gb: float = 16.0) -> Section:
+        """Prerequisites stated as parameters: bandwidth, compute per environment, RPO and RTO.
+
+        Bandwidth follows Microsoft's guidance for Dynamics 365 clients (at least 50 KB/s per user:
+        400 Mbit/s per 1,000 users at full concurrency; half of that is amber). Compute is the host that runs
+        syncs and the warehouse: 2 vCores / 8 GB minimum, 4 / 16 recommended. RPO at most 15 minutes and
+        RTO at most 4 hours are the integration's service targets.
+        """
+        checks: list[Check] = []
+        need = min_kbytes_per_user * 8 / 1000 * 1000  # Mbit/s per 1,000 users (50 KB/s -> 400 Mbit/s)
+        status = ("green" if bandwidth_mbps_per_1000_users >= need else
+                  "amber" if bandwidth_mbps_per_1000_users >= need / 2 else "red")
+        total = bandwidth_mbps_per_1000_users * users / 1000
+        checks.append(Check(
+            "infrastructure.bandwidth", "infrastructure", "Bandwidth per 1,000 users", status,
+            f"{bandwidth_mbps_per_1000_users:g} Mbit/s per 1,000 users ({total:g} Mbit/s for {users} users); "
+            f"guidance {need:g} Mbit/s ({min_kbytes_per_user:g} KB/s per user)",
+            "" if status == "green" else "raise the site's internet breakout capacity or plan for slower forms at peak",
+            measures={"per_1000": bandwidth_mbps_per_1000_users, "needed_per_1000": need, "users": users}))
+        problems: list[str] = []
+        env_status = []
+        for env, spec in environments.items():
+            vc = float(spec.get("vcores", 0))
+            ram = float(spec.get("ram_gb", 0))
+            s = ("red" if vc < min_vcores or ram < min_ram_gb else
+                 "amber" if vc < rec_vcores or ram < rec_ram_gb else "green")
+            env_status.append(s)
+            if s != "green":
+                problems.append(f"{env} {vc:g} vCores / {ram:g} GB ({s})")
+        status = worst(env_status) if env_status else "red"
+        checks.append(Check(
+            "infrastructure.compute", "infrastructure", "vCores and RAM per environment", status,
+            (f"{len(environments)} environments: " + ", ".join(
+                f"{e} {float(s.get('vcores', 0)):g} vCores / {float(s.get('ram_gb', 0)):g} GB"
+                for e, s in environments.items())) if environments else "no environments given",
+            "" if status == "green" else
+            f"size each environment at {rec_vcores} vCores / {rec_ram_gb:g} GB or more "
+            f"(minimum {min_vcores} / {min_ram_gb:g}): {'; '.join(problems) or 'state the environments'}",
+            count=len(problems), ids=[p.split(" ", 1)[0] for p in problems],
+            measures={"environments": {k: dict(v) for k, v in environments.items()}}))
+        checks.append(Check(
+            "infrastructure.rpo", "infrastructure", "Recovery point objective", "green" if rpo_minutes <= 15 else "red",
+            f"RPO {rpo_minutes:g} minutes (target: at most 15)",
+            "" if rpo_minutes <= 15 else "schedule incremental syncs (and warehouse backups) at least every 15 minutes",
+            measures={"rpo_minutes": rpo_minutes}))
+        status = "green" if rto_hours <= 4 else "red"
+        rebuild_h = (self._full_sync_s or 0.0) / 3600.0
+        rec = "" if status == "green" else "keep a standby warehouse copy or restore from backup to recover within 4 hours"
+        finding = f"RTO {rto_hours:g} hours (target: at most 4)"
+        if self._full_sync_s is not None:
+            finding += f"; rebuilding the warehouse by a full sync takes about {_duration(self._full_sync_s)}"
+            if rebuild_h > rto_hours and status == "green":
+                status, rec = "amber", "a rebuild from the source is slower than the RTO: back the warehouse up"
+        checks.append(Check("infrastructure.rto", "infrastructure", "Recovery time objective", status, finding, rec,
+                            measures={"rto_hours": rto_hours, "rebuild_hours": round(rebuild_h, 3)}))
+        return self._add("infrastructure", Section("Infrastructure prerequisites", checks))
+
+    # -- outputs ------------------------------------------------------------------------------------
+
+    def summary(self) -> Any:
+        """Every check as a DataFrame, worst first."""
+        df = frame(self.checks)
+        if len(df):
+            df = df.sort_values("status", key=lambda s: s.map(STATUS_ORDER), ascending=False, kind="stable")
+        return df.reset_index(drop=True)
+
+    def figure(self) -> Any:
+        """A chart of how many checks are green, amber and red in each area."""
+        import plotly.graph_objects as go
+
+        areas = list(dict.fromkeys(c.area for c in self.checks))
+        fig = go.Figure([go.Bar(name=s, x=areas, y=[sum(1 for c in self.checks if c.area == a and c.status == s)
+                                                   for a in areas],
+                                marker_color={"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}[s])
+                         for s in ("green", "amber", "red")])
+        fig.update_layout(title="Readiness by area", barmode="stack", xaxis_title="area",
+                          yaxis_title="checks (count)")
+        return fig
+
+    def record(self) -> dict[str, Any]:
+        """Record every check (``bridgekit.record.check``), the key results and the data watermark.
+
+        Returns:
+            The results recorded (check statuses, finding counts, full-sync estimate).
+        """
+        from bridgekit.monitor import record_watermarks
+
+        record_watermarks(self.wb, tables=[t for t in self.planned_tables() if t in self.warehouse_tables()])
+        for c in self.checks:
+            record.check(c.id, c.status, detail=c.finding)
+        statuses = {s: sum(1 for c in self.checks if c.status == s) for s in ("green", "amber", "red")}
+        results = {"checks": statuses,
+                   "findings": {c.id: c.count for c in self.checks if c.area in ("data quality", "cross-system")},
+                   "full_sync_minutes": None if self._full_sync_s is None else round(self._full_sync_s / 60, 2),
+                   "latency_p95_ms": {la.endpoint: la.p(95) and round(la.p(95) or 0, 1) for la in self._latency}}
+        for k, v in results.items():
+            record.result(k, v)
+        return results
+
+    def ground_truth(self) -> Any:
+        """For an emulator profile: the defects the emulator planted against what the checks found (else None)."""
+        prof = self.wb.profile
+        home = getattr(prof, "emulator_home", None)
+        if not home:
+            return None
+        planted = planted_defects(home)
+        if not planted:
+            return None
+        table = compare_with_planted(self.checks, planted)
+        record.result("planted_defects", {r["defect"]: {k: r[k] for k in ("planted", "found", "matched")}
+                                          for r in table.to_dict("records")})
+        return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground truth from the emulator
+# --------------------------------------------------------------------------------------------------
+
+#: Planted defect (emulator store meta ``planted_defects``) -> the check that must find it.
+PLANTED_CHECKS = {
+    "duplicate_accounts": "quality.duplicate_accounts",
+    "contacts_missing_email": "quality.contacts_missing_email",
+    "contacts_malformed_email": "quality.contacts_malformed_email",
+    "orphan_lookups": "quality.orphan_lookups",
+    "stale_open_opportunities": "quality.stale_open_opportunities",
+    "disabled_users_owning_records": "cross.disabled_users_owning_records",
+    "disabled_users_active_in_crm": "cross.disabled_users_active_in_crm",
+}
+
+
+def planted_defects(emulator_home: str | Path) -> dict[str, Any]:
+    """The defects an emulator planted in its data (store meta ``planted_defects``), read-only; {} if none."""
+    path = Path(emulator_home) / "store.sqlite"
+    if not path.is_file():
+        return {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn.execute("SELECT v FROM meta WHERE k = 'planted_defects'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    value = json.loads(row[0]) if row else {}
+    return value if isinstance(value, dict) else {}
+
+
+def _planted_ids(name: str, entry: Mapping[str, Any]) -> list[str]:
+    if name == "orphan_lookups":
+        return sorted({*entry.get("contact", {}).get("ids", []), *entry.get("opportunity", {}).get("ids", [])})
+    return sorted(str(i) for i in entry.get("ids", []))
+
+
+def compare_with_planted(checks: Sequence[Check], planted: Mapping[str, Any]) -> Any:
+    """One row per planted defect: planted count and rate, what the matching check found, matched/missed/extra ids."""
+    import pandas as pd
+
+    by_id = {c.id: c for c in checks}
+    rows = []
+    for name, entry in planted.items():
+        check_id = PLANTED_CHECKS.get(name)
+        c = by_id.get(check_id or "")
+        want = set(_planted_ids(name, entry))
+        got = {i.lower() for i in c.ids} if c else set()
+        want_l = {i.lower() for i in want}
+        rows.append({"defect": name, "check": check_id or "", "status": c.status if c else "not run",
+                     "planted": int(entry.get("count", len(want))), "planted_rate": entry.get("rate"),
+                     "found": c.count if c else 0, "matched": len(want_l & got),
+                     "missed": len(want_l - got), "extra": len(got - want_l)})
+    return pd.DataFrame(rows)
