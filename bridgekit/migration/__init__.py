@@ -19,6 +19,7 @@ from bridgekit.migration.engine import (
     ExecutionReport,
     Migration,
     MigrationIncomplete,
+    MigrationOutcome,
     Plan,
     Reconciliation,
     RollbackReport,
@@ -27,6 +28,7 @@ from bridgekit.migration.engine import (
     rejects,
     results,
     rollback,
+    run_migration,
     sync_tables,
 )
 from bridgekit.migration.mapping import (
@@ -49,6 +51,7 @@ __all__ = [
     "Migration",
     "MigrationIncomplete",
     "MigrationOptions",
+    "MigrationOutcome",
     "ParquetSource",
     "Plan",
     "Reconciliation",
@@ -64,5 +67,6 @@ __all__ = [
     "rejects",
     "results",
     "rollback",
+    "run_migration",
     "sync_tables",
 ]

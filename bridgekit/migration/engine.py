@@ -54,6 +54,7 @@ __all__ = [
     "ExecutionReport",
     "Migration",
     "MigrationIncomplete",
+    "MigrationOutcome",
     "Plan",
     "Reconciliation",
     "RollbackReport",
@@ -62,6 +63,7 @@ __all__ = [
     "rejects",
     "results",
     "rollback",
+    "run_migration",
     "sync_tables",
 ]
 
@@ -390,6 +392,7 @@ class Migration:
         The plan and the rejects are kept in the run's checkpoint (see :func:`rejects`).
         """
         run_id = run_id or new_run_id()
+        self.schema()  # a mapping that does not fit the table fails before anything is recorded
         with self._open(run_id, fresh=True) as cp:
             plan = self._plan(cp, run_id, mode="dry_run")
             cp.set_status("planned", {"plan": plan.to_dict()})
@@ -405,6 +408,7 @@ class Migration:
         """
         run_id = run_id or new_run_id()
         started = time.monotonic()
+        self.schema()
         path = checkpoint_path(self.state_dir, run_id)
         resumed = path.exists()
         with Checkpoint(path) as cp:
@@ -1103,3 +1107,80 @@ def rejects(workbench: Any, run_id: str, *, state_dir: str | Path | None = None)
     with _existing(workbench, run_id, state_dir) as cp:
         rows = cp.query("SELECT row_no, key, columns, reason, stage, row_json FROM rejects ORDER BY row_no")
     return pd.DataFrame([dict(r) for r in rows], columns=["row_no", "key", "columns", "reason", "stage", "row_json"])
+
+
+@dataclass
+class MigrationOutcome:
+    """What :func:`run_migration` did: the run id and its reports, in order (plan, execution, reconciliation)."""
+
+    run_id: str
+    mode: str
+    reports: list[Any] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        """Every report, as markdown."""
+        return "\n\n".join(r.to_markdown() for r in self.reports)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def run_migration(workbench: Any, mapping: str | Path | MigrationMapping | None, *, source: Any = None,
+                  mode: str = "dry_run", run_id: str | None = None, state_dir: str | Path | None = None,
+                  reconcile_after: bool = True, concurrency: int | None = None) -> MigrationOutcome:
+    """The migrate runbook's body: one mode of a migration, with its results and checks recorded.
+
+    ``dry_run`` plans (writes nothing); ``execute`` plans and writes, or resumes ``run_id``, then
+    reconciles; ``rollback`` deletes what ``run_id`` created. Results and checks go to
+    :mod:`bridgekit.record` (``validation`` is amber when rows were rejected; ``reconciliation`` carries
+    the reconciliation's colour, so a red one makes ``bridgekit run`` exit 6).
+
+    Raises:
+        ConfigError: unknown mode, missing mapping or run id.
+        MigrationIncomplete: rows are still pending after an execution (exit 4: run again to resume).
+    """
+    from bridgekit import record
+
+    if mode not in ("dry_run", "execute", "rollback"):
+        raise ConfigError(f"unknown mode {mode!r}", hint="use dry_run, execute or rollback")
+    if mode == "rollback":
+        if not run_id:
+            raise ConfigError("rollback needs the run id of the execution to undo", hint="pass run_id")
+        done = rollback(workbench, run_id, state_dir=state_dir)
+        record.result("rollback", done.to_dict())
+        record.check("rollback", "red" if done.failed else "green",
+                     detail=f"{done.deleted} deleted, {done.already_gone} already gone, {done.failed} failed")
+        return MigrationOutcome(run_id, mode, [done])
+    if not mapping:
+        raise ConfigError("a dry run or execution needs a mapping file", hint="pass mapping=<path to YAML>")
+    mig = Migration(workbench, mapping, source, state_dir=state_dir, concurrency=concurrency)
+    if mode == "dry_run":
+        plan = mig.plan(run_id or None)
+        outcome = MigrationOutcome(plan.run_id, mode, [plan])
+        record.result("run_id", plan.run_id)
+        record.result("plan", plan.counts)
+        _record_validation(plan)
+        return outcome
+    report = mig.execute(run_id or None)
+    outcome = MigrationOutcome(report.run_id, mode, [report.plan, report])
+    record.result("run_id", report.run_id)
+    record.result("plan", report.plan.counts)
+    record.result("execution", report.counts)
+    _record_validation(report.plan)
+    if reconcile_after:
+        rec = reconcile(workbench, report.run_id, state_dir=mig.state_dir)
+        outcome.reports.append(rec)
+        record.result("reconciliation", rec.counts)
+        record.check("reconciliation", rec.status, detail=rec.detail)
+    return outcome
+
+
+def _record_validation(plan: Plan) -> None:
+    from bridgekit import record
+
+    rejected = int(plan.counts.get("rejected", 0))
+    record.check("validation", "amber" if rejected else "green",
+                 detail=f"{rejected} of {plan.counts.get('source_rows', 0)} source rows rejected (see the rejects table)")
