@@ -125,6 +125,8 @@ except ImportError:  # pragma: no cover - only while the module is absent
     pass
 for _cmd in __import__("bridgekit.cli_runbooks", fromlist=["COMMANDS"]).COMMANDS:
     cli.add_command(_cmd)
+for _cmd in __import__("bridgekit.cli_demo", fromlist=["COMMANDS"]).COMMANDS:
+    cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,106 @@
+"""The ``bridgekit demo`` command: start the local emulator, run ``sync`` then ``assess`` headless, summarise the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bridgekit.errors import ExitCode
+
+__all__ = ["COMMANDS", "demo", "runbooks_dir"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+_ICON = {"green": "ok   ", "amber": "AMBER", "red": "RED  "}
+
+
+def runbooks_dir() -> Path:
+    """``./runbooks`` when run from a checkout's root, else the ``runbooks`` folder beside the package."""
+    here = Path("runbooks")
+    if (here / "sync.ipynb").is_file():
+        return here
+    return Path(__file__).resolve().parent.parent / "runbooks"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary_lines(sync: Any, assess: Any) -> list[str]:
+    """The one-screen summary of a demo: the two runs, the red and amber checks, the planted defects found."""
+    sm, am = sync.manifest, assess.manifest
+    res = sm.get("results", {})
+    lines = [f"sync:    exit {sync.exit_code}  {res.get('tables', '?')} tables, {res.get('changed', 0):,} row changes, "
+             f"{res.get('fetched', 0):,} rows fetched in {sm.get('duration_s', 0):.1f} s"]
+    checks = am.get("checks", [])
+    counts = {s: sum(1 for c in checks if c["status"] == s) for s in ("red", "amber", "green")}
+    meaning = ("no red check" if assess.exit_code == 0 else
+               "red checks found: expected here, the demo tenant has planted defects" if assess.exit_code == 6 else
+               "the assessment did not complete")
+    lines.append(f"assess:  exit {assess.exit_code}  {counts['red']} red, {counts['amber']} amber, "
+                 f"{counts['green']} green ({meaning})")
+    lines.append("")
+    for status in ("red", "amber"):
+        for c in checks:
+            if c["status"] == status:
+                lines.append(_clip(f"  {_ICON[status]} {c['name']:<38} {c.get('detail', '')}", 118))
+    if counts["green"]:
+        lines.append(f"  ok    ... and {counts['green']} green checks (connectivity, TLS, change tracking, infrastructure)")
+    planted = am.get("results", {}).get("planted_defects") or {}
+    if planted:
+        lines += ["", "planted defects (emulator ground truth) found by the assessment:",
+                  f"  {'defect':<32} {'planted':>7} {'found':>6} {'matched':>8}"]
+        for name, row in planted.items():
+            lines.append(f"  {name:<32} {row.get('planted', 0):>7} {row.get('found', 0):>6} {row.get('matched', 0):>8}")
+    return lines
+
+
+@click.command("demo", context_settings=_CONTEXT)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True, help="Directory for the run outputs (notebook, HTML report, manifest per run).")
+@click.option("--scale", type=click.Choice(["tiny", "small", "medium", "large"]), default="small", show_default=True,
+              help="Size of the synthetic company when the emulator starts for the first time.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800.0, show_default=True,
+              metavar="SECONDS", help="Deadline for each of the two runs.")
+@click.pass_context
+def demo(ctx: click.Context, out: Path, scale: str, timeout: float) -> None:
+    """Start the local tenant emulator, sync it, assess it, and print the report path and a summary.
+
+    Runs the `sync` and `assess` runbooks headless through the runner with the built-in `emulator` profile
+    (no account, no network). The assessment exits 6 on the demo tenant because the emulator plants data
+    defects on purpose; the demo itself succeeds when both runbooks ran.
+    """
+    from bridgekit.emulator import process
+    from bridgekit.runbooks import run_runbook
+
+    click.echo("==> starting the local tenant emulator (first start generates the synthetic company)")
+    info = process.start(scale=scale)
+    click.echo(f"    emulator at {info.base_url} (data in {info.home})")
+    where = runbooks_dir()
+    click.echo("==> running the sync runbook (first run loads everything; later runs apply changes)")
+    sync = run_runbook("sync", profile="emulator", out=out, path=where, timeout=timeout, raise_on_failure=False)
+    click.echo(f"    {sync.status} (exit {sync.exit_code}): {sync.run_dir}")
+    if sync.exit_code != ExitCode.OK:
+        err = sync.error or {}
+        click.echo(f"error: the sync did not succeed: {err.get('message', '')}", err=True)
+        click.echo(f"hint: see {sync.manifest_path} and {sync.report}", err=True)
+        ctx.exit(sync.exit_code)
+    click.echo("==> running the assess runbook (integration readiness assessment)")
+    assess = run_runbook("assess", profile="emulator", out=out, path=where, timeout=timeout,
+                         raise_on_failure=False)
+    click.echo(f"    {assess.status} (exit {assess.exit_code}): {assess.run_dir}")
+    click.echo("")
+    for line in summary_lines(sync, assess):
+        click.echo(line)
+    click.echo("")
+    click.echo(f"sync report:    {sync.report}")
+    click.echo(f"assess report:  {assess.report}")
+    click.echo(f"open it with:   xdg-open {assess.report}   (or any browser; it works offline)")
+    if assess.exit_code not in (ExitCode.OK, ExitCode.CHECK_FAILED):
+        err = assess.error or {}
+        click.echo(f"error: the assessment did not complete: {err.get('message', '')}", err=True)
+        ctx.exit(assess.exit_code)
+
+
+COMMANDS: list[click.Command] = [demo]
