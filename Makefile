@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test lint unit lab bench clean
+.PHONY: help venv demo test lint unit browser lab bench clean
 
 help:
 	@echo "make demo   start the local tenant emulator, sync it, run the assessment, print the report path"
 	@echo "make test   lint (ruff, mypy --strict) and the whole test suite against the emulator"
+	@echo "           (installs Debian's chromium first when missing and run as root: reports are checked in it)"
 	@echo "make lab    JupyterLab on notebooks/ and runbooks/"
 	@echo "make bench  benchmarks (figures go to BENCHMARKS.md)"
 
@@ -38,7 +39,19 @@ lint: $(STAMP)
 unit: $(STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test: lint unit
+# The report test renders the HTML reports in headless Chromium (Debian's package). Installed here, as root,
+# only when missing; apt-get update runs only when the package index does not know chromium yet.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "==> installing Debian's chromium for the headless report test"; \
+		apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "warning: /usr/bin/chromium is missing: install Debian's chromium (apt-get install -y chromium) or the report test fails" >&2; \
+	fi
+
+test: lint browser unit
 
 lab: $(STAMP)
 	@$(BIN)/jupyter lab --notebook-dir=. notebooks/
