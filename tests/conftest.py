@@ -148,3 +148,71 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorHandl
 def ca_session(emulator: EmulatorHandle) -> CASession:
     """A requests session that verifies TLS against the emulator CA (env bundles cannot override it)."""
     return CASession(emulator.ca_bundle)
+
+
+# -- runbook end-to-end fixtures (assess, monitor and report tests share one demo run) ------------------
+
+
+@dataclass(frozen=True)
+class DemoRuns:
+    """One ``bridgekit demo`` (sync then assess through the runner) against a freshly reset emulator.
+
+    Attributes:
+        output: What the command printed.
+        exit_code: Its exit code.
+        config: A ``bridgekit.toml`` whose ``emulator`` profile keeps its warehouse in the session's temp dir
+            (set ``BRIDGEKIT_CONFIG`` to it to run more runbooks on the same warehouse).
+        warehouse: That warehouse file.
+        runs: The ``--out`` directory.
+        sync: The sync run's directory.
+        assess: The assess run's directory.
+        planted: The emulator's ``planted_defects`` store meta.
+    """
+
+    output: str
+    exit_code: int
+    config: Any
+    warehouse: Any
+    runs: Any
+    sync: Any
+    assess: Any
+    planted: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def demo_runs(emulator: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory) -> DemoRuns:
+    """``bridgekit demo`` once per session; the emulator is reset first so the planted defects are pristine."""
+    from click.testing import CliRunner
+
+    from bridgekit.assess import planted_defects
+    from bridgekit.cli import cli
+
+    root = tmp_path_factory.mktemp("demo")
+    warehouse = root / "warehouse" / "emulator.duckdb"
+    config = root / "bridgekit.toml"
+    config.write_text(f'[profiles.emulator]\nauth = "emulator"\nwarehouse = "{warehouse}"\n')
+    emulator.admin("reset", {"scale": "small", "seed": 42})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRIDGEKIT_CONFIG", str(config))
+        mp.delenv("BRIDGEKIT_PROFILE", raising=False)
+        result = CliRunner().invoke(cli, ["demo", "--out", str(root / "runs")])
+    dirs = sorted(p for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    sync = next((p for p in dirs if p.name.endswith("-sync")), root / "missing-sync")
+    assess = next((p for p in dirs if p.name.endswith("-assess")), root / "missing-assess")
+    return DemoRuns(result.output, result.exit_code, config, warehouse, root / "runs", sync, assess,
+                    planted_defects(emulator.home))
+
+
+@pytest.fixture(scope="session")
+def monitor_run(demo_runs: DemoRuns, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The monitor runbook run once through the runner on the demo's warehouse, with SLOs it meets."""
+    from pathlib import Path
+
+    from bridgekit.runbooks import run_runbook
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRIDGEKIT_CONFIG", str(demo_runs.config))
+        mp.delenv("BRIDGEKIT_PROFILE", raising=False)
+        return run_runbook("monitor", {"calls": 5, "latency_p95_ms": 60000.0, "freshness_slo_minutes": 1440.0},
+                           profile="emulator", out=tmp_path_factory.mktemp("monitor"),
+                           path=Path(__file__).resolve().parent.parent / "runbooks", raise_on_failure=False)

@@ -1,0 +1,42 @@
+"""The HTML reports of the sync, assess and monitor runs, opened in headless Chromium (Debian's package).
+
+Every plotly chart must draw (a ``.plotly .main-svg`` inside each chart div) with its title and axis titles, offline,
+and the page must log no error. ``make test`` installs ``/usr/bin/chromium`` first when it is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runbook_support import render
+
+# Charts per report: sync (rows changed), assess (latency, growth, full sync, quality, ownership, summary),
+# monitor (latency, headroom, freshness, error rate).
+EXPECTED = {"sync": 1, "assess": 6, "monitor": 4}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_chart_of_the_report_renders_offline_without_errors(name: str, demo_runs: Any,
+                                                                  monitor_run: Any) -> None:
+    run_dir = {"sync": demo_runs.sync, "assess": demo_runs.assess, "monitor": monitor_run.run_dir}[name]
+    report = run_dir / f"{name}.html"
+    assert report.is_file()
+    page = render(report)
+    assert page.errors == []
+    assert page.charts == EXPECTED[name]
+    assert page.rendered == page.charts
+    assert all(page.titles), page.titles
+    assert all(n == 2 for n in page.axis_titles), page.axis_titles  # x and y axis titles on every chart
+
+
+def test_the_browser_check_sees_a_broken_page(tmp_path: Path) -> None:
+    """The harness itself: a script error and a chart that never draws are both reported."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><div class='plotly-graph-div'></div>"
+                    "<script>console.error('drawing failed'); undefinedFunction();</script></body></html>")
+    seen = render(page, timeout=5)
+    assert seen.charts == 1 and seen.rendered == 0
+    assert any("undefinedFunction" in e for e in seen.errors)
+    assert any("drawing failed" in e for e in seen.errors)
