@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import secrets
 import subprocess
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bridgekit.emulator import process  # noqa: E402
 
 _PLAIN = textwrap.dedent("""
-    import sys, time
+    import resource, sys, time
     from bridgekit.config import load_profile
     from bridgekit.workbench import Workbench, resolve_runtime
     from bridgekit.sync import DataverseSource
@@ -48,30 +47,29 @@ _PLAIN = textwrap.dedent("""
         body = wb.dataverse.session.get_json(url, headers=headers)   # same HTTP seam and JSON parsing
         rows += len(body["value"]); pages += 1
         url = body.get("@odata.nextLink")
-    print(rows, pages, time.perf_counter() - t)
+    print(rows, pages, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """)
 
 _SYNC = textwrap.dedent("""
-    import sys, time
+    import resource, sys, time
     from bridgekit.config import SyncPlan, load_profile
     from bridgekit.workbench import Workbench, resolve_runtime
     prof = resolve_runtime(load_profile("emulator"))
-    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan((sys.argv[1],), (), 5000))
+    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan((sys.argv[1],), (), 5000),
+                            max_concurrency=int(sys.argv[3]))
     wb = Workbench(prof)
     t = time.perf_counter()
     r = wb.sync(progress=False, full=True)
-    print(r.fetched, time.perf_counter() - t)
+    print(r.fetched, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """)
 
 
-def _child(code: str, *args: str) -> tuple[str, float]:
-    """Run ``code`` in a fresh interpreter; return its stdout and its peak RSS in MB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _child(code: str, *args: str) -> str:
+    """Run ``code`` in a fresh interpreter (it prints its own figures, peak RSS included); return stdout."""
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return out.stdout.strip(), max(peak, before) / 1024
+    return out.stdout.strip()
 
 
 def main() -> None:
@@ -80,6 +78,7 @@ def main() -> None:
     ap.add_argument("--table", default="contact")
     ap.add_argument("--changes", type=int, default=10000)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--partitions", type=int, default=4, help="max_concurrency of the sync's profile")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bk-bench-sync-"))
     os.environ["BRIDGEKIT_EMULATOR_CLIENT_SECRET"] = "bk~" + secrets.token_urlsafe(24)
@@ -89,28 +88,20 @@ def main() -> None:
     os.environ["BRIDGEKIT_EMULATOR_PORT"] = str(info.port)
     print(f"<!-- emulator ready in {time.perf_counter() - t:.0f}s (scale {args.scale}) -->", file=sys.stderr)
     try:
-        print(f"## Sync engine ({args.scale} scale, table `{args.table}`)\n")
+        print(f"## Sync engine ({args.scale} scale, table `{args.table}`, {args.partitions} partition(s))\n")
         print("| run | rows | seconds | rows/s | peak RSS MB |\n|---|---:|---:|---:|---:|")
         plain_best = sync_best = float("inf")
         for i in range(args.repeats):
-            out, rss = _child(_PLAIN, args.table)
-            rows, _pages, secs = out.split()
+            out = _child(_PLAIN, args.table)
+            rows, _pages, secs, rss = out.split()
             plain_best = min(plain_best, float(secs))
-            print(f"| plain paging loop #{i + 1} | {rows} | {float(secs):.2f} | {int(rows) / float(secs):,.0f} | |")
-            wh = home / f"bench{i}.duckdb"
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _SYNC, args.table, str(wh)], capture_output=True, text=True)
-            wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-3000:])
-            fetched, secs = proc.stdout.split()
-            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            print(f"| plain paging loop #{i + 1} | {rows} | {float(secs):.2f} | {int(rows) / float(secs):,.0f} "
+                  f"| {rss} |")
+            out = _child(_SYNC, args.table, str(home / f"bench{i}.duckdb"), str(args.partitions))
+            fetched, secs, rss = out.split()
             sync_best = min(sync_best, float(secs))
-            note = f"{rss:.0f}" if rss * 1024 > before else "<= earlier run"
             print(f"| bridgekit sync (full) #{i + 1} | {fetched} | {float(secs):.2f} | "
-                  f"{int(fetched) / float(secs):,.0f} | {note} |")
-            del wall
+                  f"{int(fetched) / float(secs):,.0f} | {rss} |")
         print(f"\nsync / plain (best of {args.repeats}): **{sync_best / plain_best:.2f}x** (target <= 1.15x)\n")
         _delta(home, info, args)
     finally:

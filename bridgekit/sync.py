@@ -528,7 +528,7 @@ class SyncEngine:
                         cur = page.next
                 return
             # A bounded queue keeps memory flat: fetchers wait while the writer catches up.
-            pages: queue.Queue[tuple[int, Page | BaseException | None]] = queue.Queue(maxsize=2 * len(todo))
+            pages: queue.Queue[tuple[int, Page | BaseException | None]] = queue.Queue(maxsize=len(todo) + 1)
             stop = threading.Event()
 
             def fetch(part: int, cursor: str) -> None:

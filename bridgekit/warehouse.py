@@ -314,7 +314,7 @@ class Warehouse:
     """
 
     def __init__(self, path: str | Path, *, lock_timeout: float = LOCK_TIMEOUT_S,
-                 memory_limit: str | None = "512MB") -> None:
+                 memory_limit: str | None = "256MB") -> None:
         self.path = Path(path).expanduser()
         self.lock_timeout = lock_timeout
         self.memory_limit = memory_limit

@@ -444,7 +444,7 @@ def test_reads_during_a_sync_see_a_whole_run_and_a_second_sync_fails_clearly(emu
             except SyncError as exc:
                 second_error = exc
         time.sleep(0.05)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert second_error is not None and "another sync (pid" in str(second_error)
     # Each query saw one run's data in both tables: before the child's merge or after it, never a mix.

@@ -88,8 +88,7 @@ def test_later_occurrence_of_a_key_wins(tmp_path: Path) -> None:
 def test_schema_evolution_adds_and_widens_never_drops(tmp_path: Path) -> None:
     wh = Warehouse(tmp_path / "w.duckdb")
     _stage(wh, SPEC, "full", [(_rows([1]), [])])
-    cols = tuple(c if c.name != "code" else Column("code", "BIGINT") for c in SPEC.columns
-                 if c.name != "name") + (Column("extra", "VARCHAR"),)
+    cols = (*tuple(c if c.name != "code" else Column("code", "BIGINT") for c in SPEC.columns if c.name != "name"), Column("extra", "VARCHAR"))
     spec2 = TableSpec(SPEC.schema, SPEC.name, SPEC.key, cols)
     rows = _rows([2]).drop_columns(["name"]).append_column("extra", pa.array(["e"]))
     _stage(wh, spec2, "delta", [(rows, [])])
