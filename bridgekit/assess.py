@@ -63,7 +63,9 @@ __all__ = [
 ]
 
 STATUS_ORDER = {"green": 0, "amber": 1, "red": 2}
-_ICON = {"green": "🟢", "amber": "🟠", "red": "🔴"}
+_COLOUR = {"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}
+# A coloured dot (U+25CF is in every common font, unlike emoji) next to the word: readable without colour too.
+_ICON = {s: f'<span style="color:{c}">&#9679;</span>' for s, c in _COLOUR.items()}
 
 #: Dataverse service protection per user and web server (api-limits.md, protocols.md §1.12).
 DV_REQUESTS_PER_WINDOW = 6000
@@ -145,12 +147,13 @@ def frame(checks: Sequence[Check]) -> Any:
 
 
 def _checks_html(checks: Sequence[Check]) -> str:
+    cell = 'style="text-align:left; vertical-align:top"'
     rows = "".join(
-        f"<tr><td>{_ICON[c.status]} {c.status}</td><td><b>{html.escape(c.title)}</b><br>"
-        f"<code>{html.escape(c.id)}</code></td><td>{html.escape(c.finding)}</td>"
-        f"<td>{html.escape(c.recommendation)}</td></tr>" for c in checks)
-    return ("<table><thead><tr><th>status</th><th>check</th><th>finding</th><th>recommendation</th></tr>"
-            f"</thead><tbody>{rows}</tbody></table>")
+        f"<tr><td {cell}>{_ICON[c.status]}&nbsp;{c.status}</td><td {cell}><b>{html.escape(c.title)}</b><br>"
+        f"<code>{html.escape(c.id)}</code></td><td {cell}>{html.escape(c.finding)}</td>"
+        f"<td {cell}>{html.escape(c.recommendation)}</td></tr>" for c in checks)
+    head = "".join(f"<th {cell}>{h}</th>" for h in ("status", "check", "finding", "recommendation"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 @dataclass
@@ -172,7 +175,8 @@ class Section:
         return frame(self.checks)
 
     def _repr_html_(self) -> str:
-        return f"<h3>{_ICON[self.status]} {html.escape(self.title)}</h3>{_checks_html(self.checks)}"
+        return (f"<p><b>{html.escape(self.title)}:</b> {_ICON[self.status]}&nbsp;{self.status}</p>"
+                f"{_checks_html(self.checks)}")
 
     def __repr__(self) -> str:
         lines = [f"{self.title}: {self.status}"]
@@ -923,8 +927,7 @@ class Assessment:
                 measures={"open": n_open, "stale_days": stale_days}))
         fig = go.Figure(go.Bar(x=[c.id.split(".", 1)[1] for c in checks],
                                y=[(c.rate or 0.0) * 100 for c in checks],
-                               marker_color=[{"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}[c.status]
-                                             for c in checks]))
+                               marker_color=[_COLOUR[c.status] for c in checks]))
         fig.add_hline(y=red_rate * 100, line_dash="dash", annotation_text=f"red at {red_rate * 100:g}%")
         fig.update_layout(title="Data quality: affected share of each table", xaxis_title="check",
                           yaxis_title="affected rows (% of table)")
@@ -966,7 +969,7 @@ class Assessment:
             checks.append(Check(
                 "cross.disabled_users_owning_records", "cross-system", "Disabled Entra users who own CRM records",
                 "red" if owners else "green",
-                f"{len(owners)} users disabled in Entra ID still own {total} CRM records"
+                f"{len(owners)} user(s) disabled in Entra ID still own {total} CRM records"
                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""),
                 "reassign their records (Reassign records on the user, or a bulk owner update) to active users or a "
                 "team; nobody works these accounts and opportunities" if owners else "",
@@ -975,7 +978,7 @@ class Assessment:
             checks.append(Check(
                 "cross.disabled_users_active_in_crm", "cross-system", "Disabled Entra users still active in Dataverse",
                 "red" if active else "green",
-                f"{len(active)} users disabled in Entra ID are still enabled system users in Dataverse",
+                f"{len(active)} user(s) disabled in Entra ID are still enabled system users in Dataverse",
                 "disable the system users (and remove their licences and security roles); Dataverse does not "
                 "follow Entra's account state for users it already synchronised" if active else "",
                 count=len(active), ids=active))
@@ -1093,7 +1096,7 @@ class Assessment:
         areas = list(dict.fromkeys(c.area for c in self.checks))
         fig = go.Figure([go.Bar(name=s, x=areas, y=[sum(1 for c in self.checks if c.area == a and c.status == s)
                                                    for a in areas],
-                                marker_color={"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}[s])
+                                marker_color=_COLOUR[s])
                          for s in ("green", "amber", "red")])
         fig.update_layout(title="Readiness by area", barmode="stack", xaxis_title="area",
                           yaxis_title="checks (count)")
