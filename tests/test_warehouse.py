@@ -174,10 +174,9 @@ def test_missing_warehouse_says_to_sync_first(tmp_path: Path) -> None:
 
 def test_second_lock_holder_gets_sync_error_with_pid(tmp_path: Path) -> None:
     wh = Warehouse(tmp_path / "w.duckdb")
-    with wh.lock():
-        # flock is per open file description, so a second acquire in this process conflicts too.
-        with pytest.raises(SyncError, match=f"pid {os.getpid()}"):
-            wh.lock().acquire()
+    # flock is per open file description, so a second acquire in this process conflicts too.
+    with wh.lock(), pytest.raises(SyncError, match=f"pid {os.getpid()}"):
+        wh.lock().acquire()
     with wh.lock():
         pass  # released cleanly
 
