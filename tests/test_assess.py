@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -253,19 +252,3 @@ def test_assess_with_a_wrong_client_secret_exits_3_and_leaks_nothing(demo_env: A
     assert m["profile"] == "wrongsecret"
     assert result.report is not None and result.report.is_file()  # a failed run still writes its report
     assert leaks(result.run_dir, [wrong, emulator.client_secret]) == []
-
-
-def test_assess_on_an_unknown_tenant_exits_3(demo_env: Any, emulator: Any, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "bridgekit.toml"
-    config.write_text(profile_toml("elsewhere", {
-        "auth": "certificate", "tenant_id": str(uuid.uuid4()), "client_id": emulator.client_id,
-        "certificate_path": emulator.certificate_path, "dataverse_url": emulator.dataverse_url,
-        "graph_url": emulator.graph_url, "authority_host": emulator.authority_host, "ca_bundle": emulator.ca_bundle,
-        "warehouse": str(demo_env.warehouse)}))
-    monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
-    result = CliRunner().invoke(cli, ["run", "assess", "--path", str(RUNBOOKS), "--out", str(tmp_path / "runs"),
-                                      "--profile", "elsewhere", "-p", "calls", "2"])
-    assert result.exit_code == ExitCode.AUTH, result.output
-    assert "status:   failed (exit 3)" in result.output
-    assert leaks(tmp_path / "runs", [emulator.client_secret]) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from bridgekit.cli import cli
 from bridgekit.config import Profile, SyncPlan
 from bridgekit.errors import ExitCode
 from bridgekit.monitor import Monitor, delta_position, watermarks
-from bridgekit.runbooks import run_runbook
 from bridgekit.warehouse import Warehouse
 from bridgekit.workbench import Workbench
 
@@ -61,31 +61,28 @@ def test_a_breached_freshness_slo_exits_6_so_a_scheduler_can_alert(demo_env: Any
     assert (run_dir / "monitor.html").is_file() and (run_dir / "monitor.ipynb").is_file()
 
 
-def test_monitor_refuses_a_bad_parameter_and_fails_auth_with_exit_3(demo_env: Any, emulator: Any, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_monitor_refuses_a_bad_parameter_and_exits_3_on_an_unknown_tenant(
+        demo_env: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = CliRunner().invoke(cli, ["run", "monitor", "--path", str(RUNBOOKS), "--out", str(tmp_path / "a"),
                                    "-p", "max_error_rate", "high"])
     assert bad.exit_code == ExitCode.USAGE and "parameter 'max_error_rate'" in bad.output
     assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
-    # A certificate the tenant does not know: Entra refuses the assertion.
+    # A tenant Entra does not know: token acquisition fails before any data is read.
     config = tmp_path / "bridgekit.toml"
-    other_cert = tmp_path / "other.pem"
-    from bridgekit.emulator.tls import generate_self_signed
-
-    cert, key = generate_self_signed("not registered")
-    other_cert.write_bytes(cert + key)
-    config.write_text(profile_toml("stranger", {
-        "auth": "certificate", "tenant_id": emulator.tenant_id, "client_id": emulator.client_id,
-        "certificate_path": str(other_cert), "dataverse_url": emulator.dataverse_url, "graph_url": emulator.graph_url,
-        "authority_host": emulator.authority_host, "ca_bundle": emulator.ca_bundle,
+    config.write_text(profile_toml("elsewhere", {
+        "auth": "certificate", "tenant_id": str(uuid.uuid4()), "client_id": emulator.client_id,
+        "certificate_path": emulator.certificate_path, "dataverse_url": emulator.dataverse_url,
+        "graph_url": emulator.graph_url, "authority_host": emulator.authority_host, "ca_bundle": emulator.ca_bundle,
         "warehouse": str(demo_env.warehouse)}))
     monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
-    result = run_runbook("monitor", {"calls": 2}, profile="stranger", out=tmp_path / "b", path=RUNBOOKS,
-                                   raise_on_failure=False)
-    assert result.exit_code == ExitCode.AUTH, result.manifest.get("error")
-    assert result.manifest["error"]["type"] == "AuthError"
-    assert leaks(result.run_dir, [emulator.client_secret]) == []
-    assert "PRIVATE KEY" not in "".join(p.read_text(errors="replace") for p in result.run_dir.rglob("*") if p.is_file())
+    result = CliRunner().invoke(cli, ["run", "monitor", "--path", str(RUNBOOKS), "--out", str(tmp_path / "b"),
+                                      "--profile", "elsewhere", "-p", "calls", "2"])
+    assert result.exit_code == ExitCode.AUTH, result.output
+    assert "status:   failed (exit 3)" in result.output
+    run_dir = next((tmp_path / "b").iterdir())
+    assert manifest(run_dir)["error"]["type"] == "AuthError"
+    assert leaks(run_dir, [emulator.client_secret]) == []
+    assert "PRIVATE KEY" not in "".join(p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())
 
 
 def test_throttling_headroom_comes_from_the_rate_limit_headers(demo_env: Any, emulator: Any) -> None:
