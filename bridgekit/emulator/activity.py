@@ -546,7 +546,8 @@ class _Mutation:
         self.put("graph.messages", mid, {
             "id": mid, "createdDateTime": self.now, "lastModifiedDateTime": self.now, "receivedDateTime": self.now,
             "sentDateTime": self.now, "hasAttachments": False, "internetMessageId": ref, "subject": subject,
-            "bodyPreview": f"{subject} ...", "importance": "normal", "parentFolderId": folder_id(uid, box),
+            "bodyPreview": f"{subject} ...", "importance": "normal",
+            "body": {"contentType": "text", "content": f"{subject} ..."}, "parentFolderId": folder_id(uid, box),
             "conversationId": "AAQkAGI2" + base64.urlsafe_b64encode(self.rng.randbytes(16)).decode(),
             "isRead": box == "sentitems", "isDraft": False, "from": frm, "sender": frm, "toRecipients": to,
             "ccRecipients": [], "categories": [], "@emu.user": uid, "@emu.folder": box,
@@ -559,6 +560,7 @@ class _Mutation:
         self.put("graph.events", eid, {
             "id": eid, "createdDateTime": self.now, "lastModifiedDateTime": self.now, "iCalUId": ical,
             "subject": subject, "bodyPreview": "", "importance": "normal", "isAllDay": False,
+            "body": {"contentType": "text", "content": ""},
             "isCancelled": False, "isOnlineMeeting": True, "showAs": "busy", "type": "singleInstance",
             "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S.0000000"), "timeZone": "UTC"},
             "end": {"dateTime": end.strftime("%Y-%m-%dT%H:%M:%S.0000000"), "timeZone": "UTC"},

@@ -557,12 +557,12 @@ GRAPH_RESOURCES: dict[str, GraphResource] = {r.name: r for r in (
         "id", "displayName", "description", "mail", "mailEnabled", "mailNickname", "securityEnabled",
         "groupTypes", "visibility", "createdDateTime")),
     GraphResource("messages", 1000, 10, True, (
-        "id", "subject", "bodyPreview", "from", "sender", "toRecipients", "ccRecipients",
+        "id", "subject", "bodyPreview", "body", "from", "sender", "toRecipients", "ccRecipients",
         "receivedDateTime", "sentDateTime", "createdDateTime", "lastModifiedDateTime", "isRead", "isDraft",
         "importance", "conversationId", "internetMessageId", "parentFolderId", "hasAttachments",
         "categories"), per_user=True),
     GraphResource("events", 1000, 10, True, (
-        "id", "subject", "bodyPreview", "start", "end", "organizer", "attendees", "location",
+        "id", "subject", "bodyPreview", "body", "start", "end", "organizer", "attendees", "location",
         "isOnlineMeeting", "isCancelled", "isAllDay", "showAs", "importance", "iCalUId", "type",
         "createdDateTime", "lastModifiedDateTime"), per_user=True),
     GraphResource("contacts", 1000, 10, True, (

@@ -1224,6 +1224,7 @@ class _Gen:
                 "id": mid, "createdDateTime": clock.iso(t), "lastModifiedDateTime": clock.iso(t + 60),
                 "receivedDateTime": clock.iso(t), "sentDateTime": clock.iso(t - 2), "hasAttachments": False,
                 "internetMessageId": ref, "subject": subject, "bodyPreview": preview, "importance": "normal",
+                "body": {"contentType": "text", "content": preview},
                 "parentFolderId": folder(uid, box), "conversationId": conv,
                 "isRead": box == "sentitems" or t < now - 2 * DAY or rng.random() < 0.4, "isDraft": False,
                 "from": frm, "sender": frm, "toRecipients": to, "ccRecipients": [], "categories": [],
@@ -1270,6 +1271,7 @@ class _Gen:
             return eid, {
                 "id": eid, "createdDateTime": clock.iso(created), "lastModifiedDateTime": clock.iso(created + 600),
                 "iCalUId": ical, "subject": subject, "bodyPreview": "", "importance": "normal", "isAllDay": False,
+                "body": {"contentType": "text", "content": ""},
                 "isCancelled": False, "isOnlineMeeting": online, "showAs": "busy", "type": "singleInstance",
                 "start": {"dateTime": clock.graph(start), "timeZone": "UTC"},
                 "end": {"dateTime": clock.graph(end), "timeZone": "UTC"},
