@@ -56,6 +56,8 @@ log = logging.getLogger("bridgekit.sync")
 
 #: How many times one table may restart from scratch in one run after ResyncRequired.
 MAX_RESYNCS = 2
+#: Partitions numbered from here are the catch-up delta that ends a full load (see SyncEngine._fetch).
+CATCH_UP = 1000
 
 
 # -- the seam to the clients ------------------------------------------------------------------------------
@@ -474,9 +476,22 @@ class SyncEngine:
                 state = staging.begin(source.spec(), run_id=run_id, mode="delta",
                                       cursors=source.delta_start(token), base_token=token)
         resyncs = 0
+        no_link = False
         while True:
             try:
                 self._fetch_parts(staging, source, state)
+                # A delta link taken before a full load: replay what changed since then (also on pages
+                # staged by an interrupted process long ago) before the merge, so the merged table is
+                # current, not a mix of old and new pages.
+                if state.mode == "full" and state.token and source.tracked:
+                    if not any(p >= CATCH_UP for p in state.cursors):
+                        staging.add_cursors(state, source.delta_start(state.token), first=CATCH_UP)
+                    try:
+                        self._fetch_parts(staging, source, state)
+                    except ResyncRequired:
+                        # The service refuses the link it has just issued: reloading again would not
+                        # help. Keep this (fresh) load and no link, so the next run reloads in full.
+                        no_link = True
                 break
             except ResyncRequired as exc:
                 resyncs += 1
@@ -485,16 +500,19 @@ class SyncEngine:
                                     table=table) from exc
                 log.warning("%s: %s; reloading in full", table, exc.message)
                 state = self._begin_full(staging, source, run_id, resynced=True)
-        token = state.token if state.mode == "full" else None  # a delta link taken before a full load
+        link: str | None = None
         if not source.tracked:
             state.message = "change tracking is not enabled on this table: reloaded in full"
-        elif token is None:
-            parts = [state.part_tokens.get(p) for p in sorted(state.cursors)]
+        elif no_link:
+            state.message = "the service refused a fresh delta link: the next run reloads in full"
+        else:
+            caught_up = [p for p in state.cursors if p >= CATCH_UP]
+            parts = [state.part_tokens.get(p) for p in sorted(caught_up or state.cursors)]
             if any(t is None for t in parts):
                 raise SyncError(f"{table}: the read ended without a delta link", table=table,
                                 hint="the service did not return @odata.deltaLink; run the sync again")
-            token = source.join_tokens([t for t in parts if t is not None])
-        staging.mark_fetched(state, token)
+            link = source.join_tokens([t for t in parts if t is not None])
+        staging.mark_fetched(state, link)
         return state
 
     def _begin_full(self, staging: Staging, source: Source, run_id: str, *, resynced: bool) -> StageState:
@@ -719,14 +737,26 @@ class DataverseSource:
         if len(filters) <= 1:
             return FullPlan([_TRACKED + self._url()])
         # Take the delta link first (a key-only tracked read: its snapshot is taken at its first page),
-        # so every change made while the ranges are read comes back in the next delta.
+        # so every change made while the ranges are read comes back in the catch-up delta.
         url: str | None = with_query(self._info.entity_set, {"$select": self._info.primary_id})
         token = None
         while url is not None:
             body = self.client.session.get_json(url, headers=self._headers(track=True, page_size=5000,
                                                                             annotations=False))
             url, token = body.get("@odata.nextLink"), body.get("@odata.deltaLink")
-        return FullPlan([_PLAIN + self._url({"$filter": f}) for f in filters], token)
+        if token is None:
+            raise SyncError(f"{self.table}: the tracked read ended without a delta link", table=self.table)
+        return FullPlan([_PLAIN + self._url({"$filter": f}) for f in filters], self._with_select(token))
+
+    def _with_select(self, link: str) -> str:
+        """``link`` with the table's full ``$select``: a delta link repeats the query it came from, and the
+        key-only read's would make every later delta return keys only. The token itself
+        (``<rowversion>!<time>``, protocols.md §1.11) does not depend on the columns."""
+        from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+        parts = urlsplit(link)
+        query = [(k, self._select if k == "$select" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        return urlunsplit(parts._replace(query=urlencode(query, safe="$,!", quote_via=quote)))
 
     def _ranges(self, partitions: int) -> list[Any]:
         if partitions <= 1:

@@ -674,6 +674,14 @@ class Staging:
         if token:
             state.part_tokens[part] = token
 
+    def add_cursors(self, state: StageState, cursors: Sequence[str], *, first: int) -> None:
+        """Add partitions numbered from ``first`` to a staged table (a catch-up delta after a full load)."""
+        self.conn.execute("BEGIN")
+        for i, cur in enumerate(cursors):
+            self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
+            state.cursors[first + i] = cur
+        self.conn.execute("COMMIT")
+
     def mark_fetched(self, state: StageState, token: str | None) -> None:
         """Record that every page is staged (and the delta link to keep); the table awaits its merge."""
         self.conn.execute("UPDATE stage_tables SET status = 'fetched', token = coalesce(?, token) "

@@ -166,7 +166,7 @@ def test_expired_token_triggers_a_full_reload_reported_as_resynced(tmp_path: Pat
     eng.run()
     rid = sorted(src.rows)[3]
     src.delete(rid)
-    src.expire_before = src.version + 1
+    src.expire_before = src.version  # the stored token (issued before the delete) is now too old
     rep = eng.run().table("widget")
     assert rep.resynced and rep.mode == "full" and rep.deleted == 1
     assert _mirror(eng.warehouse) == _expected(src)
@@ -432,8 +432,13 @@ def test_reads_during_a_sync_see_a_whole_run_and_a_second_sync_fails_clearly(emu
     proc = _child(path, "account,contact", 100, full=True)
     query = ("select count(distinct r) as runs, min(r) as run from (select _bk_run_id as r from dataverse.account "
              "union all select _bk_run_id from dataverse.contact)")
-    seen = set()
+    lock = Warehouse(path).lock_path
     deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # until the child holds the sync lock
+        if lock.exists() and lock.read_text().strip() == str(proc.pid):
+            break
+        time.sleep(0.02)
+    seen = set()
     second_error = None
     while proc.poll() is None and time.monotonic() < deadline:
         df = wb.sql(query)
