@@ -9,7 +9,8 @@ How a run goes (:meth:`SyncEngine.run`), top to bottom:
    * a table staged by an earlier, interrupted run resumes from its checkpointed positions;
    * no delta link yet, ``--full``, or no change tracking on the table -> a **full load**: the source
      splits the table into partitions (:meth:`Source.plan_full`) that are fetched concurrently, each page
-     checkpointed with the position reached (:meth:`bridgekit.warehouse.Staging.write_page`);
+     checkpointed with the position reached (:meth:`bridgekit.warehouse.Staging.write_page`), then a
+     catch-up delta from a link taken before the load, so what changed meanwhile is in the same merge;
    * otherwise a **delta**: the changes since the stored delta link, page by page, upserts and deletes;
    * :class:`~bridgekit.errors.ResyncRequired` (expired token, 410 Gone) -> the staged delta is dropped
      and the table reloads in full, reported as ``resynced``.
