@@ -148,8 +148,13 @@ def annotation_filter(spec: str | None) -> Callable[[str], bool] | None:
     def matches(term: str, patterns: list[str]) -> bool:
         return any(p == "*" or p == term or (p.endswith(".*") and term.startswith(p[:-1])) for p in patterns)
 
+    seen: dict[str, bool] = {}  # asked once per key per served row: remember the answer
+
     def wants(term: str) -> bool:
-        return matches(term, include) and not matches(term, exclude)
+        hit = seen.get(term)
+        if hit is None:
+            hit = seen[term] = matches(term, include) and not matches(term, exclude)
+        return hit
 
     return wants
 

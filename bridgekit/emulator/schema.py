@@ -9,6 +9,7 @@ Attribute type names follow Dataverse's ``AttributeTypeName`` values (``StringTy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = [
     "ACTIVITY_TYPES", "GRAPH_RESOURCES", "INDUSTRY", "REGARDING_TARGETS", "TABLES", "Column", "GraphResource",
@@ -58,7 +59,7 @@ class Column:
     def is_lookup(self) -> bool:
         return self.type in ("Lookup", "Customer", "Owner")
 
-    @property
+    @cached_property
     def json_name(self) -> str:
         """The property name in Web API JSON (``_x_value`` for lookups)."""
         return f"_{self.name}_value" if self.is_lookup else self.name
@@ -84,10 +85,16 @@ class Table:
 
     def column(self, name: str) -> Column | None:
         """Column by logical name or by JSON name (``_x_value``)."""
-        for c in self.columns:
-            if c.name == name or c.json_name == name:
-                return c
-        return None
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, Column]:
+        # Served rows look a column up for every key of every row: keep it a dict lookup.
+        index: dict[str, Column] = {}
+        for c in reversed(self.columns):  # first definition wins, as the linear scan did
+            index[c.json_name] = c
+            index[c.name] = c
+        return index
 
 
 @dataclass(frozen=True)
