@@ -122,6 +122,11 @@ class Writer:
         self.store = store
         self.tables = tables
         self.by_set = {t.entity_set: t for t in tables.values()}
+        # Dataverse backs each alternate key with an index (EntityKeyIndexStatus "Active"); without one,
+        # every upsert by key would scan its table. NOCASE serves find()'s case-insensitive match.
+        for t in tables.values():
+            for key in t.alternate_keys:
+                store.ensure_index(t.logical_name, "ak_" + "_".join(key), list(key), nocase=True)
 
     # -- lookups by key ----------------------------------------------------------------------------
     def find(self, table: Table, rid: str | None, alt: Mapping[str, Any] | None) -> tuple[str | None, Any]:

@@ -103,6 +103,8 @@ class Store:
         self._collections: set[str] = set(self._existing_collections())
         # Indexes asked for with ensure_index, re-created whenever their collection is (after drop_all).
         self._indexes: dict[str, dict[str, tuple[str, ...]]] = {}
+        # (collection, index name) of indexes built with NOCASE collation (see ensure_index).
+        self._nocase: set[tuple[str, str]] = set()
         self._defer_indexes = False
 
     # -- connections -------------------------------------------------------------------------------
@@ -204,14 +206,17 @@ class Store:
                 self._create_index(conn, coll, name, fields)
         self._collections.add(coll)
 
-    def ensure_index(self, coll: str, name: str, fields: Sequence[str]) -> None:
+    def ensure_index(self, coll: str, name: str, fields: Sequence[str], *, nocase: bool = False) -> None:
         """Create an expression index over top-level JSON fields of ``coll`` (idempotent).
 
         SQLite uses an expression index only when a query spells the expression exactly as indexed, so
         queries must build their conditions with :meth:`field` (e.g. per-mailbox reads on ``@emu.user``).
         The index is remembered and re-created when the collection is (after :meth:`drop_all`).
+        With ``nocase`` the index uses NOCASE collation, which serves ``field(x) = ? COLLATE NOCASE``.
         """
         self._indexes.setdefault(coll, {})[name] = tuple(fields)
+        if nocase:
+            self._nocase.add((coll, name))
         self.ensure_collection(coll)
         with self.write() as conn:
             self._create_index(conn, coll, name, tuple(fields))
@@ -237,7 +242,8 @@ class Store:
     def _create_index(self, conn: sqlite3.Connection, coll: str, name: str, fields: tuple[str, ...]) -> None:
         t = _table(coll)
         safe = "".join(ch for ch in name if ch.isalnum() or ch == "_")
-        exprs = ", ".join(self.field(f) for f in fields)
+        collate = " COLLATE NOCASE" if (coll, name) in self._nocase else ""
+        exprs = ", ".join(self.field(f) + collate for f in fields)
         conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}" ON {t} ({exprs})')
 
     def collections(self) -> list[str]:
