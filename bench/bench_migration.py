@@ -1,0 +1,192 @@
+"""Migration benchmark: batched concurrent upserts (the migration engine) against one request per row, same rows.
+
+Starts a private emulator (temporary home, free port, scale ``small``), writes one CSV of ``--rows``
+accounts, and loads it into ``account`` three ways, each creating the same rows under its own key prefix:
+
+1. **one request per row, sequential**: the naive loop, ``DataverseClient.upsert`` per row;
+2. **one request per row, concurrent**: the same on ``--concurrency`` threads (the session's governor);
+3. **migration engine**: ``Migration.execute`` end to end (metadata, delta sync of the target,
+   validation and plan of every row, then ``$batch`` change sets, checkpointed per batch), with 1, 2
+   and ``--concurrency`` batches in flight.
+
+It also times plain ``DataverseClient.batch`` calls to show the emulator's own per-operation cost,
+which bounds the ratio any client can reach here.
+
+The emulator's request-count limit is raised for the comparison (6,000 requests per 300 s per user
+in production, protocols.md §1.12): with it, the per-row loops would mostly measure waiting, which the
+table's last column estimates instead. Prints a markdown section for BENCHMARKS.md.
+
+Usage: ``.venv/bin/python bench/bench_migration.py [--rows 10000] [--batch 200] [--concurrency 4]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+
+from bridgekit.config import Profile  # noqa: E402
+from bridgekit.dataverse import Operation  # noqa: E402
+from bridgekit.emulator import process  # noqa: E402
+from bridgekit.migration import Migration, parse_mapping  # noqa: E402
+from bridgekit.workbench import Workbench  # noqa: E402
+
+INDUSTRIES = {"Consulting": 7, "Financial": 16, "Insurance": 20, "Legal Services": 21, "Wholesale": 33}
+MAPPING = """
+target: account
+key: [accountnumber]
+columns:
+  accountnumber: {from: number, transform: [strip, {prefix: "%(prefix)s"}]}
+  name: company
+  telephone1: phone
+  industrycode: {from: industry, choice: label}
+  revenue: {from: revenue, transform: [number]}
+options: {batch_size: %(batch)d, change_set_size: %(change_set)d, concurrency: %(concurrency)d}
+"""
+# Dataverse's service-protection request limit per user (api-limits.md).
+PROD_REQUESTS, PROD_WINDOW_S = 6000, 300
+
+
+def write_csv(path: Path, n: int) -> None:
+    names = list(INDUSTRIES)
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["number", "company", "phone", "industry", "revenue"])
+        for i in range(1, n + 1):
+            out.writerow([f"{i:06d}", f"Bench Company {i}", f"+1 555 {i:06d}", names[i % len(names)], f"{i * 10}.50"])
+
+
+def per_row(wb: Workbench, path: Path, prefix: str, workers: int) -> tuple[float, int]:
+    """Upsert every CSV row with one PATCH each (the same values the mapping produces)."""
+    dv = wb.dataverse
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def one(row: dict[str, str]) -> None:
+        dv.upsert("account", {"accountnumber": prefix + row["number"]}, {
+            "name": row["company"], "telephone1": row["phone"], "industrycode": INDUSTRIES[row["industry"]],
+            "revenue": float(row["revenue"])})
+
+    started = time.perf_counter()
+    if workers == 1:
+        for row in rows:
+            one(row)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, rows))
+    return time.perf_counter() - started, len(rows)
+
+
+def count(wb: Workbench, prefix: str) -> int:
+    from bridgekit.odata import startswith
+
+    return sum(1 for _ in wb.dataverse.rows("account", select=["accountid"], filter=startswith("accountnumber", prefix)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=10000)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--change-set", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bk-bench-mig-"))
+    info = process.start(home=home, port=0, scale="small", seed=42)
+    try:
+        admin = {"X-Emulator-Admin-Key": info.admin_key()}
+        requests.post(f"{info.base_url}/_emulator/settings", json={"dataverse_requests_per_window": 10_000_000},
+                      headers=admin, verify=info.ca_bundle, timeout=30).raise_for_status()
+        wb = Workbench.open(Profile(name="bench", auth="emulator", emulator_home=str(home),
+                                    warehouse=str(home / "bench.duckdb"), max_concurrency=max(8, args.concurrency)))
+        wb.dataverse.whoami()
+        wb.dataverse.table("account")
+        source = home / "accounts.csv"
+        write_csv(source, args.rows)
+        n = args.rows
+        results: list[tuple[str, float, int, str]] = []
+
+        seq_s, _ = per_row(wb, source, "ONE-", 1)
+        results.append(("one request per row, sequential", seq_s, n, "1"))
+        con_s, _ = per_row(wb, source, "PAR-", args.concurrency)
+        results.append((f"one request per row, {args.concurrency} threads", con_s, n, str(args.concurrency)))
+
+        engine: list[tuple[int, Any]] = []
+        for workers in sorted({1, 2, args.concurrency}):
+            prefix = f"BAT{workers}-"
+            text = MAPPING % {"prefix": prefix, "batch": args.batch, "change_set": args.change_set,
+                              "concurrency": workers}
+            mig = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(source), state_dir=home / "state")
+            started = time.perf_counter()
+            report = mig.execute(f"bench-{workers}")
+            secs = time.perf_counter() - started
+            assert report.complete and report.counts["created"] == n, report.counts
+            engine.append((workers, report))
+            results.append((f"migration engine, {workers} in flight", secs, n, str(workers)))
+        for prefix in ["ONE-", "PAR-"] + [f"BAT{w}-" for w, _ in engine]:
+            got = count(wb, prefix)
+            assert got == n, f"{prefix}: {got} rows, expected {n}"
+
+        # Where the time goes: the same writes straight through DataverseClient.batch (no validation, no
+        # plan, no checkpoint), one call at a time -- the emulator's own ceiling for $batch writes.
+        ops = [Operation("PATCH", "account", {"accountnumber": f"RAW-{i:06d}"}, {
+            "name": f"Bench Company {i}", "telephone1": f"+1 555 {i:06d}", "industrycode": 7, "revenue": 10.5},
+            {"If-None-Match": "*"}, idempotent=True) for i in range(min(n, 2000))]
+        started = time.perf_counter()
+        for start in range(0, len(ops), args.batch):
+            dv_results = wb.dataverse.batch(ops[start:start + args.batch], change_set_size=args.change_set)
+            assert all(r.ok for r in dv_results)
+        raw_per_op_ms = (time.perf_counter() - started) / len(ops) * 1000
+        per_row_ms = seq_s / n * 1000
+
+        batches = math.ceil(n / args.batch)
+        calls = {"one request per row": n}
+        best = min(engine, key=lambda e: e[1].write_s)[1]
+        print(f"### Migration: batched concurrent upserts vs one request per row ({n:,} rows)\n")
+        print(f"Emulator scale small on this machine ({os.cpu_count()} cores, shared), {n:,} new `account` rows "
+              f"from one CSV (name, phone, industry by label, revenue), each approach under its own key prefix; "
+              f"every row verified present afterwards. Engine: `$batch` of {args.batch}, change sets of "
+              f"{args.change_set}; its time includes metadata, a delta sync of the target, validation and the "
+              f"plan of every row, and the checkpoint.\n")
+        print("| approach | seconds | rows/s | write calls | speed-up vs per-row sequential |")
+        print("|---|---:|---:|---:|---:|")
+        for label, secs, rows, _ in results:
+            count_calls = calls.get(label.split(",")[0], batches)
+            print(f"| {label} | {secs:.1f} | {rows / secs:,.0f} | {count_calls:,} | {seq_s / secs:.1f}x |")
+        print()
+        print("| engine phase (per run) | " + " | ".join(f"{w} in flight" for w, _ in engine) + " |")
+        print("|---|" + "---:|" * len(engine))
+        print("| validation + plan (s) | " + " | ".join(f"{r.plan_s:.1f}" for _, r in engine) + " |")
+        print("| writes (s) | " + " | ".join(f"{r.write_s:.1f}" for _, r in engine) + " |")
+        print("| writes (rows/s) | " + " | ".join(f"{n / r.write_s:,.0f}" for _, r in engine) + " |")
+        print(f"\n**Why not more.** One request per row costs {per_row_ms:.1f} ms here; one operation inside "
+              f"a `$batch` costs the emulator {raw_per_op_ms:.2f} ms (plain `DataverseClient.batch`, no "
+              f"engine), so on this emulator and machine no client can beat "
+              f"~{per_row_ms / raw_per_op_ms:.0f}x: the server's per-operation work (JSON, validation, "
+              f"key lookup, versioned write) is the floor, and the single-process emulator shares "
+              f"{os.cpu_count()} cores with the client, so more batches in flight add little. The engine's "
+              f"writes reach {n / best.write_s:,.0f} rows/s, {per_row_ms / (best.write_s / n * 1000):.1f}x the "
+              f"per-row loop. Against Dataverse the ratio grows with the limits: it admits "
+              f"{PROD_REQUESTS:,} requests per user per {PROD_WINDOW_S} s (sliding; the emulator's limit was "
+              f"raised for these timings), so {n:,} single requests take at least "
+              f"{(n - 1) // PROD_REQUESTS * PROD_WINDOW_S} s of windows, while the engine needs {batches:,} "
+              f"calls.\n")
+        wb.dataverse.session.close()  # an idle keep-alive connection would hold the emulator's shutdown
+    finally:
+        process.stop(home)
+
+
+if __name__ == "__main__":
+    main()
