@@ -336,9 +336,18 @@ def second_environment(tmp_path_factory: pytest.TempPathFactory, emulator: Any) 
 
 def test_cutover_copies_then_catches_up_until_the_environments_agree(
         emulator: Any, second_environment: Any, tmp_path: Path) -> None:
+    from bridgekit.auth import TokenProvider
+    from bridgekit.dataverse import DataverseClient
+    from bridgekit.http import tls_session
+
     source = workbench(emulator, tmp_path, "legacy")
     target = Workbench.open(Profile(name="new-env", auth="emulator", emulator_home=str(second_environment.home),
                                     warehouse=str(tmp_path / "new-env.duckdb")))
+    # The target's token traffic on a session of our own, closed at the end: an idle keep-alive
+    # connection would hold the second emulator's shutdown for its whole grace period.
+    token_http = tls_session(target.profile.ca_bundle)
+    target.__dict__["dataverse"] = DataverseClient(target.profile,
+                                                   tokens=TokenProvider(target.profile, http_client=token_http))
     assert source.dataverse.whoami()["OrganizationId"] != target.dataverse.whoami()["OrganizationId"]
 
     def changes_arrive(round_no: int) -> None:
@@ -362,7 +371,8 @@ def test_cutover_copies_then_catches_up_until_the_environments_agree(
                      [list(src["employeeid"])])
     assert len(src) > 1000
     assert src.fillna("").values.tolist() == dst.fillna("").values.tolist()
-    target.dataverse.session.close()  # an idle keep-alive connection would hold the emulator's shutdown
+    target.dataverse.session.close()
+    token_http.close()
 
 
 # -- the runbook ---------------------------------------------------------------------------------------------
