@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridgekit.config import Profile
 from bridgekit.errors import ConfigError
@@ -69,8 +71,8 @@ def write_accounts(path: Path, prefix: str, n: int, *, phone: str = "+1 555 01")
 
 
 def simple_migration(wb: Workbench, csv: Path, state: Path, *, batch: int = 50, concurrency: int = 4) -> Migration:
-    mapping = parse_mapping(__import__("yaml").safe_load(SIMPLE_MAPPING % {"batch": batch, "concurrency": concurrency}),
-                            text=SIMPLE_MAPPING % {"batch": batch, "concurrency": concurrency})
+    text = SIMPLE_MAPPING % {"batch": batch, "concurrency": concurrency}
+    mapping = parse_mapping(yaml.safe_load(text), text=text)
     return Migration(wb, mapping, str(csv), state_dir=state)
 
 
@@ -96,6 +98,45 @@ def contacts(emulator: Any, tmp_path: Path) -> None:
 
 
 # -- mapping and validation -----------------------------------------------------------------------------------
+
+
+def test_values_are_coerced_per_column_type_and_compare_canonically() -> None:
+    from decimal import Decimal
+
+    from bridgekit.migration import open_source
+    from bridgekit.migration.sources import CsvSource, ParquetSource, WarehouseSource
+    from bridgekit.migration.values import ValueProblem, apply_transforms, canon, coerce
+
+    assert apply_transforms(" leg-7 ", ["strip", "upper", {"prefix": "X-"}]) == "X-LEG-7"
+    assert apply_transforms(None, [{"default": "no"}, {"map": {"NO": False}}]) is False
+    assert coerce("1,250.505", type="Money", precision=2) == Decimal("1250.50")
+    assert coerce("Legal services", type="Picklist", options={21: "Legal Services"}, choice_labels=True) == 21
+    assert coerce("2024-03-01", type="DateTime") == "2024-03-01T00:00:00Z"
+    assert coerce("2024-03-01T10:00:00+02:00", type="DateTime", date_only=True) == "2024-03-01"
+    for bad, kind in (("12.5", "Integer"), ("maybe", "Boolean"), ("x" * 11, "String"), ("nope", "Uniqueidentifier")):
+        with pytest.raises(ValueProblem):
+            coerce(bad, type=kind, max_length=10)
+    # The same content from a CSV, a Web API row and a DuckDB cell compares equal.
+    assert canon(Decimal("1250.50"), "Money") == canon(1250.5, "Money") == "1250.5"
+    plus_one = dt.timezone(dt.timedelta(hours=1))
+    assert canon("2024-03-01T10:00:00Z", "DateTime") == canon(dt.datetime(2024, 3, 1, 11, tzinfo=plus_one), "DateTime")
+    assert canon("", "String") is None and canon("ABC-{0}", "String") == "ABC-{0}"
+
+    assert isinstance(open_source("legacy/accounts.csv", base_dir="/data"), CsvSource)
+    assert open_source("legacy/accounts.csv", base_dir="/data").description == "csv:/data/legacy/accounts.csv"
+    assert isinstance(open_source({"kind": "parquet", "path": "/x.parquet"}), ParquetSource)
+
+    class FakeWorkbench:
+        warehouse = object()
+        profile = Profile(name="legacy")
+
+    source = open_source("warehouse:dataverse.contact", workbench=FakeWorkbench())
+    assert isinstance(source, WarehouseSource) and source.description == "warehouse:legacy:dataverse.contact"
+    with pytest.raises(ConfigError, match="unknown source"):
+        open_source("accounts.xlsx")
+    with pytest.raises(ConfigError, match="not a table name"):
+        open_source("warehouse:dataverse.contact; drop table x", workbench=FakeWorkbench())
+
 
 
 def test_mapping_errors_list_every_problem_before_any_row_is_read(emulator: Any, tmp_path: Path) -> None:
@@ -247,7 +288,7 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_writing_anything_twic
     pages = list(wb.dataverse.track("account", select=["accountnumber"]))
     delta = pages[-1].delta_link
 
-    report = Migration(wb, parse_mapping(__import__("yaml").safe_load(text), text=text), str(tmp_path / "kill.csv"),
+    report = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(tmp_path / "kill.csv"),
                        state_dir=state).execute("killed-1")
     assert report.resumed and report.complete
 

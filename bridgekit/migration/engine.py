@@ -703,9 +703,16 @@ class Migration:
             with lock:
                 throttled += left
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-migrate") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-migrate")
+        try:
             for future in [pool.submit(send, b) for b in batches]:
                 future.result()
+        except BaseException:
+            # Stop sending on an error that is not per-row (auth, permissions): batches not started stay
+            # pending, the ones in flight are verified by the next run.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return throttled
 
     def _send_batch(self, cp: Checkpoint, schema: TargetSchema, batch: int) -> int:
