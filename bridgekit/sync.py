@@ -538,15 +538,11 @@ class SyncEngine:
         if state.fetched:
             bar.update(state.fetched)
         try:
-            if len(todo) <= 1:
-                for part, cursor in todo:
-                    cur: str | None = cursor
-                    while cur is not None:
-                        page = source.page(cur)
-                        self._write(staging, state, part, page, bar)
-                        cur = page.next
+            if not todo:
                 return
-            # A bounded queue keeps memory flat: fetchers wait while the writer catches up.
+            # Even one partition goes through a fetcher thread: it fetches (and shapes) the next page while
+            # this thread checkpoints the current one. A bounded queue keeps memory flat: fetchers wait
+            # while the writer catches up.
             pages: queue.Queue[tuple[int, Page | BaseException | None]] = queue.Queue(maxsize=len(todo) + 1)
             stop = threading.Event()
 
