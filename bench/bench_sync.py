@@ -1,17 +1,21 @@
-"""Sync engine benchmarks: full sync vs a plain paging loop, delta latency under --watch, and peak memory.
+"""Sync engine benchmarks: full sync vs a plain paging loop, peak memory at two sizes, delta latency.
 
-Starts a private emulator (temporary home, free port, ``--scale``, default ``large``: ~120k contacts) and
-prints markdown:
+Each scenario starts a private emulator (temporary home, free port) and prints markdown:
 
-1. **Full sync vs plain download.** A plain ``requests`` loop reading every page of the table (same
-   ``$select``, page size and annotations as the sync, ``orjson`` parsing, rows thrown away) against
-   ``bridgekit sync --only <table>`` (staging, checkpoints, merge), each in a fresh process; the
-   sync's peak RSS is measured too.  Target: sync <= 1.15x the plain loop.
-2. **Delta latency.** A ``sync --watch --interval 0.2`` process runs; 10,000 rows are changed in the
-   emulator's store in one transaction; we poll the warehouse read-only until all 10,000 changes are
-   visible.  Target: < 2 s.
+1. **Full sync vs plain download** (``--scale``, default ``large``: ~1M Dataverse rows). A plain loop reads
+   every page of every Dataverse table of the sync plan (same ``$select``, page size and annotations as
+   the sync, same HTTP seam, rows thrown away) against ``bridgekit sync`` of the same tables (staging,
+   checkpoints, merge), each in a fresh process, alternating, best of ``--repeats``. Target: <= 1.15x.
+2. **Peak memory.** Peak RSS of a full sync at ``medium`` (~100k rows) and at ``--scale``.
+   Target: < 400 MB and within 20% of each other.
+3. **Delta latency.** A ``sync --watch --interval 0.2`` process mirrors the Dataverse plan plus Graph
+   users and groups; ``bridgekit emulator mutate`` (the admin endpoint) makes 10,000 changes (creates,
+   updates and deletes) in one transaction; the clock runs until every change in the synced collections
+   is visible: created and updated rows written by a sync run that *started after* the mutation committed
+   (a conservative rule: it never credits a run that might have missed the change), deleted rows gone.
+   Target: < 2 s, aim < 0.5 s.
 
-Usage: ``.venv/bin/python bench/bench_sync.py [--scale large] [--table contact] [--changes 10000]``
+Usage: ``.venv/bin/python bench/bench_sync.py [--scale large] [--repeats 2] [--changes 10000] [--skip-full]``
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import orjson
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bridgekit.config import DEFAULT_DATAVERSE_TABLES  # noqa: E402
 from bridgekit.emulator import process  # noqa: E402
 
 _PLAIN = textwrap.dedent("""
@@ -39,14 +42,15 @@ _PLAIN = textwrap.dedent("""
     from bridgekit.workbench import Workbench, resolve_runtime
     from bridgekit.sync import DataverseSource
     wb = Workbench(resolve_runtime(load_profile("emulator")))
-    src = DataverseSource(wb.dataverse, sys.argv[1])
-    url, headers = src._url(), src._headers(track=True)   # the same $select and Prefer as the sync
     t = time.perf_counter()
     rows = pages = 0
-    while url:
-        body = wb.dataverse.session.get_json(url, headers=headers)   # same HTTP seam and JSON parsing
-        rows += len(body["value"]); pages += 1
-        url = body.get("@odata.nextLink")
+    for table in sys.argv[1].split(","):
+        src = DataverseSource(wb.dataverse, table)
+        url, headers = src._url(), src._headers(track=True)   # the same $select and Prefer as the sync
+        while url:
+            body = wb.dataverse.session.get_json(url, headers=headers)   # same HTTP seam and JSON parsing
+            rows += len(body["value"]); pages += 1
+            url = body.get("@odata.nextLink")
     print(rows, pages, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """)
 
@@ -55,12 +59,22 @@ _SYNC = textwrap.dedent("""
     from bridgekit.config import SyncPlan, load_profile
     from bridgekit.workbench import Workbench, resolve_runtime
     prof = resolve_runtime(load_profile("emulator"))
-    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan((sys.argv[1],), (), 5000),
-                            max_concurrency=int(sys.argv[3]))
+    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan(tuple(sys.argv[1].split(",")), (), 5000))
     wb = Workbench(prof)
     t = time.perf_counter()
     r = wb.sync(progress=False, full=True)
+    assert r.ok, r.render()
     print(r.fetched, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+
+_WATCH = textwrap.dedent("""
+    import sys
+    from bridgekit.config import SyncPlan, load_profile
+    from bridgekit.workbench import Workbench, resolve_runtime
+    prof = resolve_runtime(load_profile("emulator"))
+    prof = prof.with_values(warehouse=sys.argv[1], sync=SyncPlan(tuple(sys.argv[2].split(",")),
+                                                                 tuple(sys.argv[3].split(",")), 5000))
+    Workbench(prof).sync_engine(progress=False).watch(interval=float(sys.argv[4]))
 """)
 
 
@@ -72,103 +86,190 @@ def _child(code: str, *args: str) -> str:
     return out.stdout.strip()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scale", default="large")
-    ap.add_argument("--table", default="contact")
-    ap.add_argument("--changes", type=int, default=10000)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--partitions", type=int, default=4, help="max_concurrency of the sync's profile")
-    args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="bk-bench-sync-"))
-    os.environ["BRIDGEKIT_EMULATOR_CLIENT_SECRET"] = "bk~" + secrets.token_urlsafe(24)
-    os.environ["BRIDGEKIT_EMULATOR_HOME"] = str(home)
-    t = time.perf_counter()
-    info = process.start(home=home, port=0, scale=args.scale, seed=42, timeout=3600)
-    os.environ["BRIDGEKIT_EMULATOR_PORT"] = str(info.port)
-    print(f"<!-- emulator ready in {time.perf_counter() - t:.0f}s (scale {args.scale}) -->", file=sys.stderr)
-    try:
-        print(f"## Sync engine ({args.scale} scale, table `{args.table}`, {args.partitions} partition(s))\n")
+class Emulator:
+    """A private emulator for one scenario (the environment variables point bridgekit's profile at it)."""
+
+    def __init__(self, scale: str) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix=f"bk-bench-sync-{scale}-"))
+        os.environ["BRIDGEKIT_EMULATOR_CLIENT_SECRET"] = "bk~" + secrets.token_urlsafe(24)
+        os.environ["BRIDGEKIT_EMULATOR_HOME"] = str(self.home)
+        os.environ.pop("BRIDGEKIT_EMULATOR_PORT", None)
+        t = time.perf_counter()
+        self.info = process.start(home=self.home, port=0, scale=scale, seed=42, timeout=3600)
+        os.environ["BRIDGEKIT_EMULATOR_PORT"] = str(self.info.port)
+        print(f"<!-- {scale} emulator ready in {time.perf_counter() - t:.0f}s -->", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Emulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process.stop(self.home)
+
+
+def full_vs_plain(scale: str, repeats: int) -> int:
+    """Scenario 1; returns the sync's best peak RSS (MB)."""
+    tables = ",".join(DEFAULT_DATAVERSE_TABLES)
+    with Emulator(scale) as emu:
+        print(f"## Full sync vs plain paging loop ({scale} scale: every Dataverse table of the default plan)\n")
         print("| run | rows | seconds | rows/s | peak RSS MB |\n|---|---:|---:|---:|---:|")
         plain_best = sync_best = float("inf")
-        for i in range(args.repeats):
-            out = _child(_PLAIN, args.table)
-            rows, _pages, secs, rss = out.split()
+        rss_best = 10**9
+        for i in range(repeats):
+            rows, _pages, secs, rss = _child(_PLAIN, tables).split()
             plain_best = min(plain_best, float(secs))
-            print(f"| plain paging loop #{i + 1} | {rows} | {float(secs):.2f} | {int(rows) / float(secs):,.0f} "
-                  f"| {rss} |")
-            out = _child(_SYNC, args.table, str(home / f"bench{i}.duckdb"), str(args.partitions))
-            fetched, secs, rss = out.split()
+            print(f"| plain paging loop #{i + 1} | {int(rows):,} | {float(secs):.1f} | "
+                  f"{int(rows) / float(secs):,.0f} | {rss} |", flush=True)
+            fetched, secs, rss = _child(_SYNC, tables, str(emu.home / f"bench{i}.duckdb")).split()
             sync_best = min(sync_best, float(secs))
-            print(f"| bridgekit sync (full) #{i + 1} | {fetched} | {float(secs):.2f} | "
-                  f"{int(fetched) / float(secs):,.0f} | {rss} |")
-        print(f"\nsync / plain (best of {args.repeats}): **{sync_best / plain_best:.2f}x** (target <= 1.15x)\n")
-        _delta(home, info, args)
-    finally:
-        process.stop(home)
+            rss_best = min(rss_best, int(rss))
+            print(f"| bridgekit sync (full) #{i + 1} | {int(fetched):,} | {float(secs):.1f} | "
+                  f"{int(fetched) / float(secs):,.0f} | {rss} |", flush=True)
+        print(f"\nsync / plain (best of {repeats} each): **{sync_best / plain_best:.2f}x** (target <= 1.15x)\n")
+    return rss_best
 
 
-def _delta(home: Path, info: process.EmulatorInfo, args: argparse.Namespace) -> None:
+def memory(scale: str, large_rss: int | None) -> None:
+    """Scenario 2: peak RSS of a full sync at medium and at ``scale``."""
+    tables = ",".join(DEFAULT_DATAVERSE_TABLES)
+    figures: dict[str, tuple[int, int]] = {}
+    for s in ("medium", scale):
+        if s == scale and large_rss is not None:
+            figures[s] = (0, large_rss)
+            continue
+        with Emulator(s) as emu:
+            fetched, _secs, rss = _child(_SYNC, tables, str(emu.home / "mem.duckdb")).split()
+            figures[s] = (int(fetched), int(rss))
+    print("## Peak memory of a full sync (all Dataverse tables of the plan)\n")
+    print("| scale | peak RSS MB |\n|---|---:|")
+    for s, (_n, rss) in figures.items():
+        print(f"| {s} | {rss} |")
+    small, big = figures["medium"][1], figures[scale][1]
+    print(f"\n{scale} / medium: **{big / small:.2f}x** (target: both < 400 MB and within 20%)\n")
+
+
+def delta(changes: int) -> None:
+    """Scenario 3: 10,000 mutate changes until visible under --watch."""
     import duckdb
 
     from bridgekit.emulator.schema import TABLES
-    from bridgekit.emulator.store import Store
 
-    wh = home / "watch.duckdb"
-    watch_code = textwrap.dedent("""
-        import sys
-        from bridgekit.config import SyncPlan, load_profile
-        from bridgekit.workbench import Workbench, resolve_runtime
-        prof = resolve_runtime(load_profile("emulator"))
-        prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan((sys.argv[1],), (), 5000))
-        Workbench(prof).sync_engine(progress=False).watch(interval=float(sys.argv[3]))
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", watch_code, args.table, str(wh), "0.2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    graph = ("users", "groups")
+    with Emulator("medium") as emu:
+        wh = emu.home / "watch.duckdb"
+        proc = subprocess.Popen([sys.executable, "-c", _WATCH, str(wh), ",".join(DEFAULT_DATAVERSE_TABLES),
+                                 ",".join(graph), "0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            _wait_for_first_run(wh, len(DEFAULT_DATAVERSE_TABLES) + len(graph))
+            n_create, n_delete = changes // 5, changes // 10
+            t0 = time.time()
+            result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
+                                            "deletes": n_delete, "seed": 7})["result"]
+            t_committed = time.time()
+            checks = _visibility_checks(result, TABLES, graph)
+            total = sum(len(v) for v in result["created"].values()) + sum(
+                len(v) for v in result["updated"].values()) + sum(len(v) for v in result["deleted"].values())
+            in_plan = sum(len(ids) for _t, _pk, ids, _kind in checks)
+            latency = None
+            while time.time() - t0 < 120:
+                if _all_visible(wh, checks, t_committed):
+                    latency = time.time() - t_committed
+                    break
+                time.sleep(0.02)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print("## Delta latency (`bridgekit sync --watch --interval 0.2`, medium scale)\n")
+    print(f"`bridgekit emulator mutate` made {total:,} changes ({n_create:,} creates, "
+          f"{changes - n_create - n_delete:,} updates, {n_delete:,} deletes requested; cascades included) in one "
+          f"transaction ({t_committed - t0:.2f} s through the admin endpoint); {in_plan:,} of them are in the "
+          f"synced tables (the Dataverse plan plus Graph users and groups; mailbox items and activitypointer are "
+          f"not in this plan).\n")
+    shown = f"**{latency:.2f} s**" if latency is not None else "**not within 120 s**"
+    print(f"All of them visible in the warehouse {shown} after the mutation committed "
+          f"(target < 2 s, aim < 0.5 s; includes up to one 0.2 s poll interval, and the rest of a run that "
+          f"was already under way when the mutation committed)\n")
+
+
+def _admin(emu: Emulator, path: str, body: dict[str, object]) -> dict:
+    import requests
+
+    from bridgekit.http import tls_session
+
+    key = emu.info.admin_key()
+    with tls_session(str(emu.info.ca_bundle)) as s:
+        r = s.post(f"{emu.info.base_url}/_emulator/{path}", json=body, headers={"X-Emulator-Admin-Key": key},
+                   timeout=600)
+    if not isinstance(r, requests.Response) or r.status_code != 200:
+        raise SystemExit(f"admin {path}: {r.status_code} {r.text[:500]}")
+    out: dict = r.json()
+    return out
+
+
+def _visibility_checks(result: dict, tables: dict, graph: tuple[str, ...]) -> list[tuple[str, str, list[str], str]]:
+    checks = []
+    for kind in ("created", "updated", "deleted"):
+        for coll, ids in result[kind].items():
+            if coll.startswith("graph."):
+                if coll.removeprefix("graph.") not in graph:
+                    continue
+                checks.append((coll, "id", list(ids), kind))
+            elif coll in DEFAULT_DATAVERSE_TABLES:
+                checks.append((f"dataverse.{coll}", tables[coll].primary_id, list(ids), kind))
+    return checks
+
+
+def _all_visible(wh: Path, checks: list[tuple[str, str, list[str], str]], committed: float) -> bool:
+    import duckdb
+
     try:
-        # Wait for the first (full) run to land.
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            try:
-                with duckdb.connect(str(wh), read_only=True) as c:
-                    if c.execute(f"select count(*) from dataverse.{args.table}").fetchall()[0][0] > 0:
-                        break
-            except duckdb.Error:
-                pass
-            time.sleep(0.5)
-        time.sleep(1.0)
-        table = TABLES[args.table]
-        store = Store(home / "store.sqlite")
-        marker = "bench-" + secrets.token_hex(4)
-        rows = store.query(args.table, limit=args.changes)
-        items = []
-        for r in rows:
-            rec = orjson.loads(r.data)
-            rec["jobtitle" if table.column("jobtitle") else "description"] = marker
-            items.append((r.id, rec))
-        t0 = time.perf_counter()
-        store.put_many(args.table, items, version_field="versionnumber")
-        t_written = time.perf_counter()
-        column = "jobtitle" if table.column("jobtitle") else "description"
-        seen = 0
-        while time.perf_counter() - t0 < 120:
-            try:
-                with duckdb.connect(str(wh), read_only=True) as c:
-                    seen = c.execute(f"select count(*) from dataverse.{args.table} where {column} = ?",
-                                     [marker]).fetchall()[0][0]
-            except duckdb.Error:
-                seen = seen
-            if seen >= len(items):
-                break
-            time.sleep(0.02)
-        latency = time.perf_counter() - t0
-        print("## Delta latency (`sync --watch --interval 0.2`)\n")
-        print(f"{len(items):,} rows changed in one transaction ({t_written - t0:.2f}s to write); all visible in "
-              f"the warehouse after **{latency:.2f} s** (target < 2 s; includes up to one 0.2 s poll interval)\n")
-        store.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        with duckdb.connect(str(wh), read_only=True) as c:
+            fresh = {r[0] for r in c.execute(
+                "select distinct run_id from bridgekit.sync_runs where epoch(started_at) >= ?", [committed]
+            ).fetchall()}
+            for table, pk, ids, kind in checks:
+                rows = dict(c.execute(f"select cast({pk} as varchar), _bk_run_id from {table} "
+                                      f"where cast({pk} as varchar) in (select unnest(?))", [ids]).fetchall())
+                if kind == "deleted":
+                    if rows:
+                        return False
+                elif len(rows) < len(ids) or any(run not in fresh for run in rows.values()):
+                    return False
+    except duckdb.Error:
+        return False
+    return True
+
+
+def _wait_for_first_run(wh: Path, n_tables: int) -> None:
+    import duckdb
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        try:
+            with duckdb.connect(str(wh), read_only=True) as c:
+                done = c.execute("select count(distinct table_name) from bridgekit.sync_runs "
+                                 "where status = 'ok'").fetchall()[0][0]
+                if done >= n_tables:
+                    time.sleep(1.0)
+                    return
+        except duckdb.Error:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the watch process did not finish its first full run")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", default="large")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--changes", type=int, default=10000)
+    ap.add_argument("--skip-full", action="store_true", help="only the delta scenario")
+    args = ap.parse_args()
+    rss = None
+    if not args.skip_full:
+        rss = full_vs_plain(args.scale, args.repeats)
+        memory(args.scale, rss)
+    delta(args.changes)
 
 
 if __name__ == "__main__":

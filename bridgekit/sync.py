@@ -25,14 +25,15 @@ sources for a profile's clients (``bridgekit.dataverse`` / ``bridgekit.graph``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -346,6 +347,7 @@ class SyncEngine:
         self._sources: dict[str, Source] = {}
         self._tokens: dict[str, str | None] | None = None
         self._estimates: dict[str, int | None] = {}
+        self._prefetched: dict[tuple[str, str], Future[Page]] = {}
 
     def source(self, table: str) -> Source:
         """The (cached) source of ``table``."""
@@ -402,7 +404,7 @@ class SyncEngine:
         records: list[RunRecord] = []
         fetched: list[StageState] = []
         noop: list[StageState] = []
-        with self.warehouse.staging() as staging:
+        with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
                 t0, clock = _now(), time.monotonic()
                 rep = TableReport(table=table, mode="full", status="ok")
@@ -449,6 +451,47 @@ class SyncEngine:
                          " (resynced)" if rep.resynced else "", rep.created, rep.updated, rep.deleted,
                          rep.fetched, rep.duration_s, rep.throughput)
         return report
+
+    @contextlib.contextmanager
+    def _prefetching(self, staging: Staging, selection: list[str], *, full: bool) -> Iterator[None]:
+        """Ask every table for its first delta page at once, before the tables are staged one by one.
+
+        A delta run is mostly one small page per table; fetched one after the other, the round trips
+        add up (a poll of 14 tables waited ~0.5 s on them). Only the first page of a table with one
+        delta link is prefetched, and only when nothing is staged for it (no resume pending), so the
+        checkpoint order is unchanged: the page is still written by the staging thread, in order.
+        """
+        if full or self._tokens is None:
+            yield
+            return
+        wanted: list[tuple[str, Source, str]] = []
+        for table in selection:
+            token = self._tokens.get(table)
+            if not token or staging.get(table) is not None:
+                continue
+            source = self.source(table)
+            if not source.tracked:
+                continue
+            cursors = source.delta_start(token)
+            if len(cursors) == 1:
+                wanted.append((table, source, cursors[0]))
+        if len(wanted) < 2:
+            yield
+            return
+        with ThreadPoolExecutor(max_workers=min(len(wanted), self.concurrency),
+                                thread_name_prefix="bk-prefetch") as pool:
+            self._prefetched = {(t, c): pool.submit(src.page, c) for t, src, c in wanted}
+            try:
+                yield
+            finally:
+                for future in self._prefetched.values():
+                    future.cancel()
+                self._prefetched = {}
+
+    def _page(self, source: Source, cursor: str) -> Page:
+        """The page at ``cursor``: the prefetched one when there is one (its error, if it failed)."""
+        future = self._prefetched.pop((source.table, cursor), None)
+        return future.result() if future is not None else source.page(cursor)
 
     def _fetch(self, staging: Staging, table: str, *, run_id: str, full: bool, report: TableReport) -> StageState | None:
         """Fetch one table into staging (resuming, full, or delta) and return its fetched state."""
@@ -550,7 +593,7 @@ class SyncEngine:
                 cur: str | None = cursor
                 try:
                     while cur is not None and not stop.is_set():
-                        page = source.page(cur)
+                        page = self._page(source, cur)
                         pages.put((part, page))
                         cur = page.next
                     pages.put((part, None))

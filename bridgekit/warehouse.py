@@ -819,7 +819,8 @@ class Staging:
                 f"SELECT count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NULL), "
                 f"count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NOT NULL), "
                 f"count(*) FILTER (WHERE n._bk_op = {_OP_DELETE} AND o.{k} IS NOT NULL) "
-                f"FROM {latest} n LEFT JOIN (SELECT DISTINCT {k} FROM {target}) o USING ({k})").fetchone()
+                f"FROM {latest} n LEFT JOIN (SELECT DISTINCT {k} FROM {target} WHERE {k} IN (SELECT {k} FROM {st})) o "
+                f"USING ({k})").fetchone()
             assert row is not None
             c.created, c.updated, c.deleted = (int(v or 0) for v in row)
             self.conn.execute(f"DELETE FROM {target} WHERE {k} IN (SELECT {k} FROM {st})")
@@ -827,13 +828,23 @@ class Staging:
             self.conn.execute(f"INSERT INTO {target} ({names}, _bk_version, _bk_synced_at, _bk_run_id) "
                               f"SELECT {names}, {meta} FROM {latest} WHERE _bk_op = {_OP_UPSERT}", [now, run_id])
         c.rows = _scalar(self.conn, f"SELECT count(*) FROM {target}")
-        # Option-set labels, replaced wholesale with what the metadata says now.
-        self.conn.execute(f"DELETE FROM {_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels WHERE table_name = ?",
-                          [spec.id])
-        labels = [(spec.id, col, int(v), lab) for col, m in spec.labels.items() for v, lab in m.items()]
-        if labels:
-            self.conn.executemany(f"INSERT INTO {_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels VALUES "
-                                  "(?, ?, ?, ?)", labels)
+        # Option-set labels, replaced wholesale with what the metadata says now (only when they changed:
+        # a delta run of a watcher should not rewrite them every poll).
+        labels_table = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels"
+        labels = sorted((spec.id, col, int(v), lab) for col, m in spec.labels.items() for v, lab in m.items())
+        stored = sorted(self.conn.execute(f"SELECT table_name, column_name, value, label FROM {labels_table} "
+                                          "WHERE table_name = ?", [spec.id]).fetchall())
+        if stored != labels:
+            self.conn.execute(f"DELETE FROM {labels_table} WHERE table_name = ?", [spec.id])
+            if labels:
+                rows = pa.table({"table_name": [r[0] for r in labels], "column_name": [r[1] for r in labels],
+                                 "value": pa.array([r[2] for r in labels], pa.int32()),
+                                 "label": [r[3] for r in labels]})
+                self.conn.register("__bk_labels", rows)
+                try:
+                    self.conn.execute(f"INSERT INTO {labels_table} SELECT * FROM __bk_labels")
+                finally:
+                    self.conn.unregister("__bk_labels")
         return c
 
     def _evolve(self, target: str, old: dict[str, str], spec: TableSpec) -> None:
