@@ -149,7 +149,6 @@ def memory(scale: str, large_rss: int | None) -> None:
 
 def delta(changes: int) -> None:
     """Scenario 3: 10,000 mutate changes until visible under --watch."""
-    import duckdb
 
     from bridgekit.emulator.schema import TABLES
 

@@ -407,6 +407,11 @@ class SyncEngine:
         with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
                 t0, clock = _now(), time.monotonic()
+                if quiet_noop and self._unchanged(table):
+                    # A watcher's poll found nothing new: nothing to stage, the stored link stays valid.
+                    reports.append(TableReport(table=table, mode="delta", status="ok",
+                                               duration_s=time.monotonic() - clock))
+                    continue
                 rep = TableReport(table=table, mode="full", status="ok")
                 try:
                     state = self._fetch(staging, table, run_id=run_id, full=full, report=rep)
@@ -487,6 +492,20 @@ class SyncEngine:
                 for future in self._prefetched.values():
                     future.cancel()
                 self._prefetched = {}
+
+    def _unchanged(self, table: str) -> bool:
+        """True when the table's prefetched delta page says nothing changed (the page is consumed)."""
+        key = next((k for k in self._prefetched if k[0] == table), None)
+        if key is None:
+            return False
+        try:
+            page = self._prefetched[key].result()
+        except Exception:
+            return False  # the normal path takes the same future and reports (or handles) its error
+        if len(page.rows) or page.deletes or page.next is not None:
+            return False
+        self._prefetched.pop(key, None)
+        return True
 
     def _page(self, source: Source, cursor: str) -> Page:
         """The page at ``cursor``: the prefetched one when there is one (its error, if it failed)."""
