@@ -574,7 +574,7 @@ class Reader:
             return [data for _, _, data in rows]
         if wants is None and not opts.expand and opts.select is None:
             return self._fast_rows(table, rows)
-        if not opts.expand and opts.select is None and not wants(FORMATTED):
+        if wants is not None and not opts.expand and opts.select is None and not wants(FORMATTED):
             return self._lookup_annotated(table, rows, wants)
         recs = [orjson.loads(data) for _, _, data in rows]
         names = self.lookup_names(self._lookup_ids(table, recs, opts.select), conn) \
