@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_DATAVERSE_TABLES",
     "DEFAULT_GRAPH_RESOURCES",
     "EMULATOR_PROFILE",
+    "EMULATOR_RUNTIME_SOURCE",
     "Profile",
     "SyncPlan",
     "config_paths",
@@ -36,6 +37,8 @@ __all__ = [
 AuthMode = Literal["client_secret", "certificate", "device_code", "managed_identity", "emulator"]
 AUTH_MODES: tuple[str, ...] = ("client_secret", "certificate", "device_code", "managed_identity", "emulator")
 EMULATOR_PROFILE = "emulator"
+#: The source recorded for values that a running emulator filled into an emulator profile.
+EMULATOR_RUNTIME_SOURCE = "running emulator"
 
 DEFAULT_DATAVERSE_TABLES: tuple[str, ...] = (
     "account", "contact", "lead", "opportunity", "systemuser", "team", "businessunit",
@@ -103,8 +106,9 @@ class Profile:
 
     @property
     def is_emulator(self) -> bool:
-        """True for the built-in emulator profile (or any profile with ``auth = "emulator"``)."""
-        return self.auth == "emulator"
+        """True for the built-in emulator profile (or any ``auth = "emulator"`` profile), also once
+        :func:`bridgekit.workbench.resolve_runtime` has filled in the running emulator's values."""
+        return self.auth == "emulator" or self.sources.get("auth") == EMULATOR_RUNTIME_SOURCE
 
     @property
     def warehouse_path(self) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from bridgekit.config import Profile, load_profile
+from bridgekit.config import EMULATOR_RUNTIME_SOURCE, Profile, load_profile
 from bridgekit.errors import ConfigError
 
 __all__ = ["Workbench"]
@@ -16,12 +16,12 @@ def resolve_runtime(profile: Profile) -> Profile:
 
     For any other profile this returns the profile unchanged. Starts the emulator when it is not running.
     """
-    if not profile.is_emulator:
-        return profile
+    if profile.auth != "emulator":
+        return profile  # a real tenant, or an emulator profile that is already resolved
     from bridgekit.emulator.process import ensure_running
 
     info = ensure_running(home=profile.emulator_home)
-    src = "running emulator"
+    src = EMULATOR_RUNTIME_SOURCE
     values: dict[str, Any] = {
         "auth": "certificate",
         "tenant_id": info.tenant_id,

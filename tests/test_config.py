@@ -161,3 +161,11 @@ def test_cli_one_line_errors(in_dir: Path, edit: tuple[str, str], needle: str) -
     assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
     assert needle in proc.stderr
     assert "hunter2hunter2" not in proc.stderr + proc.stdout
+
+
+def test_a_resolved_emulator_profile_is_still_the_emulator(in_dir: Path) -> None:
+    from bridgekit.config import EMULATOR_RUNTIME_SOURCE
+
+    resolved = load_profile().with_values(auth="certificate", sources={"auth": EMULATOR_RUNTIME_SOURCE})
+    assert resolved.is_emulator
+    assert not load_profile().with_values(auth="certificate", sources={}).is_emulator
