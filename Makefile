@@ -57,6 +57,7 @@ lab: $(STAMP)
 	@$(BIN)/jupyter lab --notebook-dir=. notebooks/
 
 bench: $(STAMP)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	@$(BIN)/python bench/run.py
 
 clean:
