@@ -247,6 +247,9 @@ def _is_lock_error(exc: BaseException) -> bool:
 def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> None:
     # Timestamps without an offset (Graph's dateTimeTimeZone values after shaping) are UTC.
     conn.execute("SET TimeZone = 'UTC'")
+    # DuckDB draws a progress bar on stdout for queries over ~2 s (a large merge): it would land in the
+    # CLI's output, in notebooks and in runbook reports.
+    conn.execute("SET enable_progress_bar = false")
     if memory_limit:
         conn.execute(f"SET memory_limit = '{memory_limit}'")
 

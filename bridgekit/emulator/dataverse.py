@@ -42,7 +42,7 @@ from bridgekit.emulator.dv_common import (
     parse_prefer,
 )
 from bridgekit.emulator.dv_metadata import MetadataService
-from bridgekit.emulator.dv_query import ReadContext, Reader, parse_options
+from bridgekit.emulator.dv_query import ReadContext, Reader, parse_options, split_top
 from bridgekit.emulator.dv_write import Caller, Writer, not_found, parse_key, payload_error
 from bridgekit.emulator.schema import Table
 
@@ -75,23 +75,7 @@ class DvRequest:
 
 def split_path(path: str) -> list[str]:
     """Split a resource path on ``/`` outside quotes and parentheses (keys may contain slashes)."""
-    out: list[str] = []
-    buf: list[str] = []
-    depth, quoted = 0, False
-    for ch in path:
-        if ch == "'":
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-        if ch == "/" and depth == 0 and not quoted:
-            out.append("".join(buf))
-            buf = []
-        else:
-            buf.append(ch)
-    out.append("".join(buf))
-    return [s for s in out if s]
+    return split_top(path, "/")
 
 
 def _json_body(table: Table, body: bytes) -> dict[str, Any]:

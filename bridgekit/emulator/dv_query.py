@@ -82,7 +82,7 @@ class QueryOptions:
     count: bool = False
 
 
-def _split_top(text: str, sep: str = ",") -> list[str]:
+def split_top(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside parentheses and quotes."""
     out: list[str] = []
     buf: list[str] = []
@@ -105,7 +105,7 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 
 def _select(table: Table, text: str) -> list[Column]:
     cols: list[Column] = []
-    for name in _split_top(text):
+    for name in split_top(text):
         col = next((c for c in table.columns if c.json_name == name), None)
         if col is None:
             # Lookups must be selected as _x_value; the bare name or the navigation property fails (§1.4).
@@ -142,7 +142,7 @@ def parse_options(table: Table, tables: Mapping[str, Table], query: Sequence[tup
         except FilterError as exc:
             raise DvError(400, "0x80060888", exc.message) from None
     if "$orderby" in opts.raw:
-        for item in _split_top(opts.raw["$orderby"]):
+        for item in split_top(opts.raw["$orderby"]):
             name, _, direction = item.partition(" ")
             direction = direction.strip().lower() or "asc"
             col = next((c for c in table.columns if c.json_name == name.strip()), None)
@@ -173,7 +173,7 @@ def parse_options(table: Table, tables: Mapping[str, Table], query: Sequence[tup
 def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand]:
     navs = nav_props(table)
     out: list[Expand] = []
-    items = _split_top(text)
+    items = split_top(text)
     if len(items) > 15:
         raise DvError(400, "0x80060888", "The number of $expand options exceeds the limit of 15.")
     for item in items:
@@ -191,7 +191,7 @@ def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand
         if target is None:
             raise DvError(400, "0x80060888", f"The navigation property '{name}' cannot be expanded by the emulator.")
         exp = Expand(nav, target, ref=ref)
-        for opt in _split_top(inner or "", ";"):
+        for opt in split_top(inner or "", ";"):
             key, _, value = opt.partition("=")
             if key.strip() == "$select":
                 exp.select = _select(target, value)
