@@ -248,8 +248,10 @@ def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> Non
     # Timestamps without an offset (Graph's dateTimeTimeZone values after shaping) are UTC.
     conn.execute("SET TimeZone = 'UTC'")
     # DuckDB draws a progress bar on stdout for queries over ~2 s (a large merge): it would land in the
-    # CLI's output, in notebooks and in runbook reports.
-    conn.execute("SET enable_progress_bar = false")
+    # CLI's output, in notebooks and in runbook reports. Inside a Jupyter kernel without ipywidgets DuckDB
+    # refuses to change the setting at all (and then draws no bar either), so a refusal is fine.
+    with contextlib.suppress(duckdb.Error):
+        conn.execute("SET enable_progress_bar = false")
     if memory_limit:
         conn.execute(f"SET memory_limit = '{memory_limit}'")
 
