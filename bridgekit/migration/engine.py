@@ -135,8 +135,21 @@ def _md_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 # -- reports --------------------------------------------------------------------------------------------------
 
 
+class _Markdown:
+    """Reports render as markdown: in notebooks (``_repr_markdown_``) and as their ``str``."""
+
+    def to_markdown(self) -> str:
+        raise NotImplementedError
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
 @dataclass
-class Plan:
+class Plan(_Markdown):
     """What a run would do (or did plan): counts, samples with field-level differences, and rejects.
 
     Attributes:
@@ -187,15 +200,9 @@ class Plan:
                                [(r["row_no"], r["key"], r["columns"], r["reason"]) for r in self.reject_samples])
         return "\n".join(lines)
 
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
 
 @dataclass
-class ExecutionReport:
+class ExecutionReport(_Markdown):
     """What an execution wrote: per status counts, batches, sends, time, and whether it resumed."""
 
     run_id: str
@@ -237,15 +244,9 @@ class ExecutionReport:
                           "process stopped were found already written and were not sent again."]
         return "\n".join(lines)
 
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
 
 @dataclass
-class Reconciliation:
+class Reconciliation(_Markdown):
     """Source (intended values) against target (the synced table) after a run.
 
     Attributes:
@@ -289,12 +290,6 @@ class Reconciliation:
             lines += _md_table(("key", "column", "source", "target"),
                                [(d["key"], d["column"], d["source"], d["target"]) for d in self.differences])
         return "\n".join(lines)
-
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def __str__(self) -> str:
-        return self.to_markdown()
 
 
 @dataclass
@@ -1133,7 +1128,7 @@ def rejects(workbench: Any, run_id: str, *, state_dir: str | Path | None = None)
 
 
 @dataclass
-class MigrationOutcome:
+class MigrationOutcome(_Markdown):
     """What :func:`run_migration` did: the run id and its reports, in order (plan, execution, reconciliation)."""
 
     run_id: str
@@ -1143,12 +1138,6 @@ class MigrationOutcome:
     def to_markdown(self) -> str:
         """Every report, as markdown."""
         return "\n\n".join(r.to_markdown() for r in self.reports)
-
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def __str__(self) -> str:
-        return self.to_markdown()
 
 
 def run_migration(workbench: Any, mapping: str | Path | MigrationMapping | None, *, source: Any = None,
