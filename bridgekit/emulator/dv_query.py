@@ -13,7 +13,7 @@ import html
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -360,6 +360,16 @@ class ReadContext:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+def _by_ids(conn: sqlite3.Connection, coll: str, columns: str, ids: Iterable[str]) -> Iterator[tuple[Any, ...]]:
+    """``(id, *columns)`` of the stored records with these ids, asked 500 ids at a time (SQLite's
+    bound-parameter limit)."""
+    id_list = sorted(ids)
+    for i in range(0, len(id_list), 500):
+        chunk = id_list[i:i + 500]
+        sql = f"SELECT id, {columns} FROM {Store.table_sql(coll)} WHERE id IN ({', '.join('?' * len(chunk))})"
+        yield from conn.execute(sql, chunk)
+
+
 class Reader:
     """Serves entity-set reads, single-record reads and change-tracking feeds from the store."""
 
@@ -477,14 +487,9 @@ class Reader:
             target = self.tables.get(logical)
             if target is None or not ids or logical not in self.store.collections():
                 continue
-            id_list = sorted(ids)
-            for i in range(0, len(id_list), 500):
-                chunk = id_list[i:i + 500]
-                sql = (f"SELECT id, {Store.field(target.primary_name)} FROM {Store.table_sql(logical)} "
-                       f"WHERE id IN ({', '.join('?' * len(chunk))})")
-                for rid, name in c.execute(sql, chunk):
-                    if name is not None:
-                        names[rid] = str(name)
+            for rid, name in _by_ids(c, logical, Store.field(target.primary_name), ids):
+                if name is not None:
+                    names[rid] = str(name)
         return names
 
     def shape(self, table: Table, rec: dict[str, Any], version: int, *, select: list[Column] | None,
@@ -543,13 +548,8 @@ class Reader:
             logical = exp.target.logical_name
             if not ids or logical not in self.store.collections():
                 continue
-            id_list = sorted(ids)
-            for i in range(0, len(id_list), 500):
-                chunk = id_list[i:i + 500]
-                sql = (f"SELECT id, version, data FROM {Store.table_sql(logical)} "
-                       f"WHERE id IN ({', '.join('?' * len(chunk))})")
-                for rid, version, data in conn.execute(sql, chunk):
-                    found[rid] = {"version": version, "data": orjson.loads(data)}
+            for rid, version, data in _by_ids(conn, logical, "version, data", ids):
+                found[rid] = {"version": version, "data": orjson.loads(data)}
         return found
 
     def _lookup_ids(self, table: Table, recs: Sequence[dict[str, Any]], select: list[Column] | None

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from bridgekit.emulator.dv_common import CRM, DvError, NavProp, is_guid, nav_props
 from bridgekit.emulator.schema import Column, Table
-from bridgekit.emulator.store import Store
+from bridgekit.emulator.store import Row, Store
 
 __all__ = ["Caller", "Writer", "parse_key"]
 
@@ -351,16 +351,21 @@ class Writer:
             version = self._store(table, rid, rec)
         return rid, version, rec
 
+    def _existing(self, table: Table, rid: str, expect_version: int | None) -> Row:
+        """The stored row, or 404 when missing and 412 when ``expect_version`` (an If-Match) differs."""
+        row = self.store.get(table.logical_name, rid)
+        if row is None:
+            raise not_found(table.logical_name, rid)
+        if expect_version is not None and row.version != expect_version:
+            raise DvError(412, "0x80060882",
+                          "The version of the existing record doesn't match the RowVersion property provided.")
+        return row
+
     def update(self, table: Table, rid: str, values: dict[str, Any], caller: Caller, *,
                expect_version: int | None = None) -> tuple[int, dict[str, Any]]:
         """Merge ``values`` into an existing record; 404 when missing, 412 on a version mismatch."""
         with self.store.write():
-            row = self.store.get(table.logical_name, rid)
-            if row is None:
-                raise not_found(table.logical_name, rid)
-            if expect_version is not None and row.version != expect_version:
-                raise DvError(412, "0x80060882",
-                              "The version of the existing record doesn't match the RowVersion property provided.")
+            row = self._existing(table, rid, expect_version)
             rec = row.load()
             values = {k: v for k, v in values.items() if k != table.primary_id}
             rec.update(values)
@@ -377,12 +382,7 @@ class Writer:
     def delete(self, table: Table, rid: str, *, expect_version: int | None = None) -> None:
         """Delete a record (and its activitypointer row); 404 when missing, 412 on a version mismatch."""
         with self.store.write():
-            row = self.store.get(table.logical_name, rid)
-            if row is None:
-                raise not_found(table.logical_name, rid)
-            if expect_version is not None and row.version != expect_version:
-                raise DvError(412, "0x80060882",
-                              "The version of the existing record doesn't match the RowVersion property provided.")
+            self._existing(table, rid, expect_version)
             self.store.delete(table.logical_name, rid)
             if table.is_activity and table.logical_name != _POINTER:
                 self.store.delete(_POINTER, rid)
