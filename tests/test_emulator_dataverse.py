@@ -653,6 +653,68 @@ def test_batch_continue_on_error_lf_line_ends_and_limit(dv: Dv, tag: str) -> Non
     assert r.status_code == 400 and "limit of 1000" in error_of(r)[1]
 
 
+def test_batch_upserts_by_alternate_key_create_then_update_and_a_failed_change_set_leaves_no_trace(
+        dv: Dv, tag: str) -> None:
+    """One batch, continue-on-error: the same key created then updated within a change set and again in a
+    later one; a change set whose last part fails (If-Match mismatch) is rolled back whole, its earlier
+    parts included; a change set after it still commits; the delta feed reports only what committed."""
+    r = dv.get("accounts", params={"$select": "name,telephone1,versionnumber"},
+               headers={"Prefer": "odata.track-changes"})
+    delta = r.json().get("@odata.deltaLink")
+    while "@odata.nextLink" in r.json():
+        r = dv.get(r.json()["@odata.nextLink"], headers={"Prefer": "odata.track-changes"})
+        delta = r.json().get("@odata.deltaLink", delta)
+    key = f"accounts(accountnumber='BK-{tag}')"
+    created = _changeset([
+        _part("PATCH", key, f'{{"name":"Batch key {tag}","telephone1":"1"}}', 1),
+        _part("PATCH", key, '{"telephone1":"2"}', 2),
+        _part("PATCH", "$1", '{"websiteurl":"3"}', 3),
+    ], "cs_one")
+    updated = _changeset([_part("PATCH", key, '{"telephone1":"4"}', 4)], "cs_two")
+    doomed = _changeset([
+        _part("PATCH", f"accounts(accountnumber='GONE-{tag}')", f'{{"name":"Rolled back {tag}"}}', 5),
+        _part("PATCH", key, '{"telephone1":"never"}', 6),
+        _part("PATCH", key, '{"name":"stale"}', 7).replace("HTTP/1.1\r\n", 'HTTP/1.1\r\nIf-Match: W/"1"\r\n'),
+    ], "cs_three")
+    dup = _changeset([_part("PATCH", key, '{"name":"create only"}', 8)], "cs_four").replace(
+        "HTTP/1.1\r\n", "HTTP/1.1\r\nIf-None-Match: *\r\n")
+    after = _changeset([_part("PATCH", f"accounts(accountnumber='AFTER-{tag}')", f'{{"name":"After {tag}"}}', 9)],
+                       "cs_five")
+    r = dv.call("POST", "$batch", data=_batch([created, updated, doomed, dup, after], "batch_keys").encode(),
+                headers={"Content-Type": "multipart/mixed; boundary=batch_keys", "Prefer": "odata.continue-on-error"})
+    assert r.status_code == 200, r.text
+    assert _statuses(r.text) == [204, 204, 204, 204, 412, 412, 204]
+    assert "0x80060882" in r.text and "0x80040237" in r.text
+    rows = dv.rows("accounts", {"$select": "name,telephone1,websiteurl,versionnumber",
+                                "$filter": f"accountnumber eq 'BK-{tag}'"})
+    assert len(rows) == 1
+    assert (rows[0]["name"], rows[0]["telephone1"], rows[0]["websiteurl"]) == (f"Batch key {tag}", "4", "3")
+    assert dv.rows("accounts", {"$select": "name", "$filter": f"accountnumber eq 'GONE-{tag}'"}) == []
+    assert len(dv.rows("accounts", {"$select": "name", "$filter": f"accountnumber eq 'AFTER-{tag}'"})) == 1
+    changed = [row for data in dv.pages(delta) for row in data["value"]]
+    names = {row.get("name") for row in changed}
+    assert {f"Batch key {tag}", f"After {tag}"} <= names and f"Rolled back {tag}" not in names
+    mine = [row for row in changed if row.get("accountid") == rows[0]["accountid"]]
+    assert len(mine) == 1 and mine[0]["telephone1"] == "4"
+    assert int(mine[0]["versionnumber"]) == int(rows[0]["versionnumber"])
+
+
+def test_batch_parser_finds_delimiters_only_at_line_starts() -> None:
+    from bridgekit.emulator.dv_batch import BatchRequest, ChangeSet, parse_batch
+
+    inner = _changeset([_part("POST", "accounts", '{"name":"a --b_x inside"}', 1, nl="\n")], "cs_x", nl="\n")
+    text = (f"--b_x \t\r\n{_part('GET', '/org/api/data/v9.2/WhoAmI')}\r\n"
+            f"--b_x\n{inner}\n--b_x--\r\nepilogue --b_x\r\n")
+    parts = parse_batch(text.encode(), 'multipart/mixed; boundary="b_x"', "/org/api/data/v9.2")
+    assert len(parts) == 2 and isinstance(parts[0], BatchRequest) and isinstance(parts[1], ChangeSet)
+    assert (parts[0].method, parts[0].target) == ("GET", "WhoAmI")
+    req = parts[1].requests[0]
+    assert (req.method, req.target, req.body, req.content_id) == (
+        "POST", "accounts", b'{"name":"a --b_x inside"}', "1")
+    with pytest.raises(Exception, match="not terminated by its closing boundary"):
+        parse_batch(b"--b_x\r\n" + _part("GET", "WhoAmI").encode(), "multipart/mixed; boundary=b_x", "/")
+
+
 # -- Microsoft's own client ------------------------------------------------------------------------------
 
 

@@ -71,6 +71,8 @@ class DvRequest:
     root: str  # service root URL as the caller addressed it
     claims: Mapping[str, Any] = field(default_factory=dict)
     content_ids: dict[str, str] = field(default_factory=dict)
+    # The systemuser behind the token, resolved once per HTTP request (a batch's parts share it).
+    caller: Caller | None = None
 
 
 def split_path(path: str) -> list[str]:
@@ -266,9 +268,15 @@ class DataverseService:
             self._callers[oid] = caller  # only cache real matches: synthetic data may arrive later
         return caller
 
+    def caller_of(self, req: DvRequest) -> Caller:
+        """:meth:`caller` for a request's token, resolved once per HTTP request (``$batch`` parts share it)."""
+        if req.caller is None:
+            req.caller = self.caller(req.claims)
+        return req.caller
+
     def who_am_i(self, req: DvRequest) -> Reply:
         """``WhoAmI`` (§1.15)."""
-        caller = self.caller(req.claims)
+        caller = self.caller_of(req)
         return json_reply({"@odata.context": f"{req.root}/$metadata#{CRM}.WhoAmIResponse",
                            "BusinessUnitId": caller.business_unit_id, "UserId": caller.user_id,
                            "OrganizationId": str(uuid.uuid5(_NS, f"organization:{self.ctx.tenant_id}"))})
@@ -324,7 +332,7 @@ class DataverseService:
         if req.prefer.return_representation:
             parse_options(table, self.tables, [(k, v) for k, v in req.query if k == "$select"])
         values = self.writer.changes(table, _json_body(table, req.body), req.content_ids, creating=True)
-        rid, _version, _rec = self.writer.create(table, values, self.caller(req.claims))
+        rid, _version, _rec = self.writer.create(table, values, self.caller_of(req))
         url = f"{req.root}/{table.entity_set}({rid})"
         if req.prefer.return_representation:
             return self._representation(table, req, rid, 201, url, {"Location": url})
@@ -337,7 +345,7 @@ class DataverseService:
         values = self.writer.changes(table, body, req.content_ids, creating=False)
         if_match = req.headers.get("if-match")
         if_none_match = (req.headers.get("if-none-match") or "").strip()
-        caller = self.caller(req.claims)
+        caller = self.caller_of(req)
         created = False
         with self.store.write():
             found, row = self.writer.find(table, rid, alt)
@@ -349,7 +357,7 @@ class DataverseService:
                     values.update({k: v for k, v in alt.items() if k not in values})
                 if rid is not None:
                     values[table.primary_id] = rid
-                found, _v, _r = self.writer.create(table, values, caller, rid=rid)
+                found, _v, _r = self.writer.create(table, values, caller, rid=rid, known_absent=alt)
                 created = True
             else:
                 if if_none_match == "*":
@@ -389,7 +397,7 @@ class DataverseService:
                 values = self.writer.changes(table, {f"{name}@odata.bind": ref}, req.content_ids, creating=False)
             else:
                 raise self._not_allowed(req.method)
-            self.writer.update(table, found, values, self.caller(req.claims))
+            self.writer.update(table, found, values, self.caller_of(req))
             return Reply(204, b"", content_type=None)
         column = next((c for c in table.columns if c.json_name == name), None)
         if column is None or len(rest) != 1:
@@ -410,7 +418,7 @@ class DataverseService:
         else:
             raise self._not_allowed(req.method)
         values = self.writer.changes(table, {column.name: value}, req.content_ids, creating=False)
-        self.writer.update(table, found, values, self.caller(req.claims))
+        self.writer.update(table, found, values, self.caller_of(req))
         return Reply(204, b"", content_type=None)
 
     def multiple(self, table: Table, req: DvRequest, action: str) -> Reply:
@@ -419,7 +427,7 @@ class DataverseService:
         targets = _json_body(table, req.body).get("Targets")
         if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
             raise payload_error(table.logical_name, "The Targets parameter must be a list of entities.")
-        caller = self.caller(req.claims)
+        caller = self.caller_of(req)
         ids: list[str] = []
         results: list[dict[str, Any]] = []
         with self.store.write():
@@ -468,17 +476,23 @@ class DataverseService:
         parts = parse_batch(req.body, ctype, service_path)
         keep_going = req.prefer.continue_on_error
         results: list[PartResult] = []
-        for part in parts:
-            if isinstance(part, ChangeSet):
-                ok, replies = self._changeset(req, part)
-                results.append(PartResult(changeset=replies))
-                if not ok and not keep_going:
-                    return self._batch_reply([PartResult(changeset=replies)], replies[-1][1].status)
-            else:
-                reply = self._execute(req, part, {})
-                results.append(PartResult(reply=reply))
-                if reply.status >= 400 and not keep_going:
-                    return self._batch_reply([PartResult(reply=reply)], reply.status)
+        # One store transaction for the whole batch: each part (a change set, or a request on its own)
+        # is a savepoint inside it, so a failing part undoes exactly its own writes, and the batch pays
+        # for one commit instead of one per part. Nothing is visible to other readers before the batch
+        # commits, so no reader sees a state that the per-part commits would not also have shown.
+        with self.store.write():
+            for part in parts:
+                if isinstance(part, ChangeSet):
+                    ok, replies = self._atomic(req, part.requests, {})
+                    results.append(PartResult(changeset=replies))
+                    if not ok and not keep_going:
+                        return self._batch_reply([PartResult(changeset=replies)], replies[-1][1].status)
+                else:
+                    ok, replies = self._atomic(req, [part], None)
+                    reply = replies[0][1]
+                    results.append(PartResult(reply=reply))
+                    if not ok and not keep_going:
+                        return self._batch_reply([PartResult(reply=reply)], reply.status)
         return self._batch_reply(results, 200,
                                  {"Preference-Applied": "odata.continue-on-error"} if keep_going else None)
 
@@ -490,20 +504,23 @@ class DataverseService:
     class _Rollback(Exception):
         pass
 
-    def _changeset(self, outer: DvRequest, cs: ChangeSet) -> tuple[bool, list[tuple[str | None, Reply]]]:
-        """Run a change set in one write transaction; on the first failure roll back, return only it."""
-        content_ids: dict[str, str] = {}
+    def _atomic(self, outer: DvRequest, requests: Sequence[BatchRequest], content_ids: dict[str, str] | None
+                ) -> tuple[bool, list[tuple[str | None, Reply]]]:
+        """Run requests as one atomic unit (a change set when ``content_ids`` is a dict, else a lone part).
+
+        On the first failure its writes are rolled back and only the failing reply is returned.
+        """
         replies: list[tuple[str | None, Reply]] = []
         failed: tuple[str | None, Reply] | None = None
         try:
-            with self.store.write():
-                for sub in cs.requests:
-                    reply = self._execute(outer, sub, content_ids)
+            with self.store.savepoint():
+                for sub in requests:
+                    reply = self._execute(outer, sub, content_ids if content_ids is not None else {})
                     if reply.status >= 400:
                         failed = (sub.content_id, reply)
                         raise self._Rollback
                     replies.append((sub.content_id, reply))
-                    if sub.content_id and reply.entity_url:
+                    if content_ids is not None and sub.content_id and reply.entity_url:
                         content_ids[f"${sub.content_id}"] = reply.entity_url
         except self._Rollback:
             assert failed is not None
@@ -522,10 +539,10 @@ class DataverseService:
         path, _, query = target.partition("?")
         req = DvRequest(method=sub.method, path=unquote(path), query=parse_qsl(query, keep_blank_values=True),
                         headers=sub.headers, prefer=Prefer(), body=sub.body, root=outer.root, claims=outer.claims,
-                        content_ids=content_ids)
+                        content_ids=content_ids, caller=self.caller_of(outer))
         try:
             req.prefer = parse_prefer([v for k, v in sub.headers.items() if k == "prefer"])
-            if split_path(req.path)[:1] == ["$batch"]:
+            if req.path.partition("/")[0] == "$batch":
                 raise DvError(400, "0x80060888", "Batches cannot be nested.")
             return self.dispatch(req)
         except DvError as err:

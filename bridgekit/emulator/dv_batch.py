@@ -53,38 +53,58 @@ def _boundary(content_type: str) -> str:
 
 
 def _split_parts(body: str, boundary: str) -> list[str]:
-    delim = re.compile(r"(?:^|\r?\n)--" + re.escape(boundary) + r"(--)?[ \t]*(?:\r?\n|$)")
+    """The parts between ``--boundary`` delimiter lines, up to the closing ``--boundary--``.
+
+    A delimiter counts only at the start of a line and when only spaces or tabs follow it on that
+    line; the line break before it belongs to the delimiter (RFC 2046 §5.1.1). Plain string search:
+    every change set has its own boundary, so a compiled pattern per boundary would not be reused.
+    """
+    delim = "--" + boundary
+    size = len(body)
     parts: list[str] = []
-    pos = None
-    for m in delim.finditer(body):
+    pos: int | None = None  # where the current part's text starts
+    i = 0
+    while (j := body.find(delim, i)) >= 0:
+        i = j + 1
+        if j and body[j - 1] != "\n":
+            continue
+        k = j + len(delim)
+        closing = body.startswith("--", k)
+        if closing:
+            k += 2
+        while k < size and body[k] in " \t":
+            k += 1
+        if k < size and body[k] != "\n" and not body.startswith("\r\n", k):
+            continue
         if pos is not None:
-            parts.append(body[pos:m.start()])
-        if m.group(1):
+            end = j - 1 if j else 0
+            parts.append(body[pos:end - 1 if end and body[end - 1] == "\r" else end])
+        if closing:
             return parts
-        pos = m.end()
+        pos = k + (2 if body.startswith("\r\n", k) else 1 if k < size else 0)
+        i = pos
     if pos is None:
         raise DvError(400, "0x80060888", "The batch body does not contain the boundary declared in Content-Type.")
     raise DvError(400, "0x80060888", "The batch body is not terminated by its closing boundary.")
 
 
-_LINE = re.compile(r"([^\r\n]*)(\r?\n|$)")
-
-
 def _headers_and_rest(text: str) -> tuple[dict[str, str], str]:
     """Header lines up to the first blank line (lower-cased names), and what follows it."""
     headers: dict[str, str] = {}
-    pos = 0
-    while pos < len(text):
-        m = _LINE.match(text, pos)
-        assert m is not None  # the pattern matches at any position
-        pos = m.end()
-        line = m.group(1)
+    pos, size = 0, len(text)
+    while pos < size:
+        end = text.find("\n", pos)
+        line, pos = (text[pos:], size) if end < 0 else (text[pos:end], end + 1)
         if not line.strip():
             break
         k, sep, v = line.partition(":")
         if sep:
             headers[k.strip().lower()] = v.strip()
     return headers, text[pos:]
+
+
+_API_PREFIX = re.compile(r"^/api/data/v\d+\.\d+/?")
+_REQUEST_LINE = re.compile(r"(GET|POST|PATCH|PUT|DELETE)\s+(\S+)(?:\s+HTTP/\d\.\d)?\s*")
 
 
 def _relative(url: str, service_path: str) -> str:
@@ -95,7 +115,7 @@ def _relative(url: str, service_path: str) -> str:
         idx = path.find("/api/data/v")
         if idx >= 0:
             path = path[idx:]
-            path = re.sub(r"^/api/data/v\d+\.\d+/?", "", path)
+            path = _API_PREFIX.sub("", path)
         elif path.startswith(service_path):
             path = path[len(service_path):].lstrip("/")
         else:
@@ -108,10 +128,9 @@ def _request(text: str, part_headers: dict[str, str], service_path: str) -> Batc
     if not ctype.lower().startswith("application/http"):
         raise DvError(400, "0x80060888", f"A batch part has the unsupported Content-Type '{ctype}'.")
     text = text.lstrip("\r\n")
-    line_end = re.search(r"\r?\n", text)
-    request_line = text[: line_end.start()] if line_end else text
-    rest = text[line_end.end():] if line_end else ""
-    m = re.fullmatch(r"(GET|POST|PATCH|PUT|DELETE)\s+(\S+)(?:\s+HTTP/\d\.\d)?\s*", request_line)
+    request_line, _, rest = text.partition("\n")
+    request_line = request_line.removesuffix("\r")
+    m = _REQUEST_LINE.fullmatch(request_line)
     if m is None:
         raise DvError(400, "0x80060888", f"The batch part's request line '{request_line[:100]}' is not valid.")
     headers, body = _headers_and_rest(rest)

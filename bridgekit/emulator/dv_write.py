@@ -8,6 +8,7 @@ version) and ``modifiedon``, and keeps ``activitypointer`` in step with the conc
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,9 +35,16 @@ class Caller:
     business_unit_id: str | None = None
 
 
+_NOW: tuple[int, str] = (0, "")
+
+
 def now_text() -> str:
-    """The current UTC time as Dataverse serves date-times."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current UTC time as Dataverse serves date-times (whole seconds: formatted once per second)."""
+    global _NOW
+    second = int(time.time())
+    if _NOW[0] != second:
+        _NOW = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return _NOW[1]
 
 
 def payload_error(table: str, inner: str) -> DvError:
@@ -112,7 +120,51 @@ def parse_key(table: Table, text: str) -> tuple[str | None, dict[str, Any] | Non
                   f"properties for the resource '{CRM}.{table.logical_name}'.")
 
 
+_EDM = {"String": "Edm.String", "Memo": "Edm.String", "Integer": "Edm.Int32", "BigInt": "Edm.Int64",
+        "Picklist": "Edm.Int32", "State": "Edm.Int32", "Status": "Edm.Int32", "Boolean": "Edm.Boolean",
+        "Money": "Edm.Decimal", "Decimal": "Edm.Decimal", "Double": "Edm.Double",
+        "DateTime": "Edm.DateTimeOffset", "Uniqueidentifier": "Edm.Guid"}
+
+
+@dataclass(frozen=True, slots=True)
+class _BadLiteral:
+    """The payload error for a value of the wrong type, built only when it is raised."""
+
+    table: Table
+    type: str
+    value: Any
+
+    def error(self) -> DvError:
+        return payload_error(self.table.logical_name, f"Cannot convert the literal '{self.value}' to the expected "
+                                                      f"type '{_EDM.get(self.type, 'Edm.String')}'.")
+
+
 _REF = re.compile(r"^(?:.*?/api/data/v\d+\.\d+/|/)?([A-Za-z0-9_]+)\((.+)\)$", re.S)
+
+
+@dataclass(frozen=True)
+class _TableInfo:
+    """What every write of one table looks up, worked out once per table."""
+
+    navs: dict[str, NavProp]  # navigation properties by name
+    plain: dict[str, Column]  # non-lookup columns by logical name (first definition wins)
+    template: dict[str, Any]  # a new record's columns in schema order with their defaults
+
+    @classmethod
+    def of(cls, table: Table) -> _TableInfo:
+        plain: dict[str, Column] = {}
+        for c in table.columns:
+            if not c.is_lookup:
+                plain.setdefault(c.name, c)
+        template: dict[str, Any] = {c.json_name: False if c.type == "Boolean" else None for c in table.columns}
+        state, status = table.column("statecode"), table.column("statuscode")
+        if state is not None:
+            template["statecode"] = 0
+            if status is not None and state.options is not None:
+                template["statuscode"] = state.options.default_status.get(0)
+        if table.is_activity and "activitytypecode" in template:
+            template["activitytypecode"] = table.logical_name
+        return cls(nav_props(table), plain, template)
 
 
 class Writer:
@@ -122,11 +174,18 @@ class Writer:
         self.store = store
         self.tables = tables
         self.by_set = {t.entity_set: t for t in tables.values()}
+        self._infos: dict[str, tuple[Table, _TableInfo]] = {}
         # Dataverse backs each alternate key with an index (EntityKeyIndexStatus "Active"); without one,
         # every upsert by key would scan its table. NOCASE serves find()'s case-insensitive match.
         for t in tables.values():
             for key in t.alternate_keys:
                 store.ensure_index(t.logical_name, "ak_" + "_".join(key), list(key), nocase=True)
+
+    def _info(self, table: Table) -> _TableInfo:
+        cached = self._infos.get(table.logical_name)
+        if cached is None or cached[0] is not table:
+            cached = self._infos[table.logical_name] = (table, _TableInfo.of(table))
+        return cached[1]
 
     # -- lookups by key ----------------------------------------------------------------------------
     def find(self, table: Table, rid: str | None, alt: Mapping[str, Any] | None) -> tuple[str | None, Any]:
@@ -168,15 +227,10 @@ class Writer:
         if value is None:
             return None
         t = col.type
-        edm = {"String": "Edm.String", "Memo": "Edm.String", "Integer": "Edm.Int32", "BigInt": "Edm.Int64",
-               "Picklist": "Edm.Int32", "State": "Edm.Int32", "Status": "Edm.Int32", "Boolean": "Edm.Boolean",
-               "Money": "Edm.Decimal", "Decimal": "Edm.Decimal", "Double": "Edm.Double",
-               "DateTime": "Edm.DateTimeOffset", "Uniqueidentifier": "Edm.Guid"}.get(t, "Edm.String")
-        bad = payload_error(table.logical_name,
-                            f"Cannot convert the literal '{value}' to the expected type '{edm}'.")
+        bad = _BadLiteral(table, t, value)
         if t in ("String", "Memo", "EntityName"):
             if not isinstance(value, str):
-                raise bad
+                raise bad.error()
             if col.max_length is not None and len(value) > col.max_length:
                 raise DvError(400, "0x80044331",
                               f"A validation error occurred. The length of the '{col.name}' attribute of the "
@@ -185,7 +239,7 @@ class Writer:
             return value
         if t in ("Integer", "BigInt", "Picklist", "State", "Status"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad
+                raise bad.error()
             if col.options is not None and value not in col.options.options:
                 raise DvError(400, "0x8004431a",
                               f"A validation error occurred. The value {value} of '{col.name}' on record of type "
@@ -194,33 +248,34 @@ class Writer:
             return value
         if t in ("Money", "Decimal", "Double"):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad
+                raise bad.error()
             return value
         if t == "Boolean":
             if not isinstance(value, bool):
-                raise bad
+                raise bad.error()
             return value
         if t == "DateTime":
             if not isinstance(value, str):
-                raise bad
+                raise bad.error()
             try:
                 dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
-                raise bad from None
+                raise bad.error() from None
             if col.date_only:
                 return dt.date().isoformat()
             dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
             return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if t == "Uniqueidentifier":
             if not isinstance(value, str) or not is_guid(value):
-                raise bad
+                raise bad.error()
             return str(uuid.UUID(value.strip("{}")))
-        raise bad
+        raise bad.error()
 
     def changes(self, table: Table, body: Mapping[str, Any], content_ids: Mapping[str, str], *,
                 creating: bool) -> dict[str, Any]:
         """Validated column values of a create/update body (lookups bound from ``@odata.bind``)."""
-        navs: dict[str, NavProp] = nav_props(table)
+        info = self._info(table)
+        navs = info.navs
         out: dict[str, Any] = {}
         for key, value in body.items():
             if key.endswith("@odata.bind"):
@@ -251,7 +306,7 @@ class Writer:
                 continue
             if key.startswith("@") or "@" in key:
                 continue  # instance annotations (@odata.type, x@OData.Community...) carry no data
-            plain = next((c for c in table.columns if c.name == key and not c.is_lookup), None)
+            plain = info.plain.get(key)
             if plain is None:
                 raise payload_error(table.logical_name,
                                     f"The property '{key}' does not exist on type '{CRM}.{table.logical_name}'. "
@@ -281,9 +336,7 @@ class Writer:
     def new_record(self, table: Table, values: Mapping[str, Any], caller: Caller, rid: str) -> dict[str, Any]:
         """A full record for a create: every column in schema order, system columns set."""
         now = now_text()
-        rec: dict[str, Any] = {}
-        for col in table.columns:
-            rec[col.json_name] = False if col.type == "Boolean" else None
+        rec = dict(self._info(table).template)
         rec[table.primary_id] = rid
         for key in ("createdon", "modifiedon"):
             if key in rec:
@@ -296,23 +349,21 @@ class Writer:
             rec["@emu._ownerid_value.type"] = "systemuser"
         if "_owningbusinessunit_value" in rec:
             rec["_owningbusinessunit_value"] = caller.business_unit_id
-        state, status = table.column("statecode"), table.column("statuscode")
-        if state is not None:
-            rec["statecode"] = 0
-            if status is not None and state.options is not None:
-                rec["statuscode"] = state.options.default_status.get(0)
-        if table.is_activity and "activitytypecode" in rec:
-            rec["activitytypecode"] = table.logical_name
         rec.update(values)
         rec[table.primary_id] = rid
         self._finish(table, rec, values)
-        return {k: v for k, v in rec.items() if not (k.startswith("@emu.") and v is None)}
+        for k in [k for k, v in rec.items() if v is None and k.startswith("@emu.")]:
+            del rec[k]
+        return rec
 
-    def _check_alternate_keys(self, table: Table, rec: Mapping[str, Any], rid: str) -> None:
+    def _check_alternate_keys(self, table: Table, rec: Mapping[str, Any], rid: str,
+                              known_absent: Mapping[str, Any] | None = None) -> None:
         for key in table.alternate_keys:
             values = {k: rec.get(k) for k in key}
             if any(v is None for v in values.values()):
                 continue
+            if values == known_absent:
+                continue  # the caller just looked these values up in this transaction and found no row
             found, _ = self.find(table, None, values)
             if found is not None and found != rid:
                 names = ", ".join(key)
@@ -338,16 +389,20 @@ class Writer:
             self.store.put(_POINTER, rid, pointer, version_field=VERSION_FIELD)
         return version
 
-    def create(self, table: Table, values: dict[str, Any], caller: Caller, *, rid: str | None = None
-               ) -> tuple[str, int, dict[str, Any]]:
-        """Insert a record; 412 DuplicateRecord when the id exists. Returns (id, version, record)."""
+    def create(self, table: Table, values: dict[str, Any], caller: Caller, *, rid: str | None = None,
+               known_absent: Mapping[str, Any] | None = None) -> tuple[str, int, dict[str, Any]]:
+        """Insert a record; 412 DuplicateRecord when the id exists. Returns (id, version, record).
+
+        ``known_absent``: alternate-key values the caller has just looked up (with :meth:`find`, inside
+        the same write transaction) and not found, so their uniqueness check is not repeated.
+        """
         given = values.get(table.primary_id)
         rid = str(given or rid or uuid.uuid4())
         with self.store.write():
             if self.store.get(table.logical_name, rid) is not None:
                 raise DvError(412, "0x80040237", "A record with matching key values already exists.")
             rec = self.new_record(table, values, caller, rid)
-            self._check_alternate_keys(table, rec, rid)
+            self._check_alternate_keys(table, rec, rid, known_absent)
             version = self._store(table, rid, rec)
         return rid, version, rec
 

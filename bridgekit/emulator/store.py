@@ -178,6 +178,24 @@ class Store:
             finally:
                 self._write_depth = 0
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[sqlite3.Connection]:
+        """A nested atomic unit: inside an outer :meth:`write`, an exception undoes only this block's writes.
+
+        Lets one transaction hold several independent units (a ``$batch``'s change sets) and commit
+        once, instead of paying a commit per unit; outside a write it is a write of its own.
+        """
+        with self.write() as conn:
+            name = f"bk_sp{self._write_depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            conn.execute(f"RELEASE {name}")
+
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
         conn = self._shared or getattr(self._local, "conn", None)
