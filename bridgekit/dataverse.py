@@ -626,6 +626,7 @@ class DataverseClient:
         boundary = f"batch_{uuid.uuid4()}"
         lines: list[str] = []
         content_ids: dict[str, int] = {}
+        set_urls: dict[str, str] = {}
         for cs_start in range(0, len(indices), change_set_size):
             group = indices[cs_start:cs_start + change_set_size]
             cs = f"changeset_{uuid.uuid4()}"
@@ -633,7 +634,7 @@ class DataverseClient:
             for idx in group:
                 cid = str(len(content_ids) + 1)
                 content_ids[cid] = idx
-                lines += [f"--{cs}", *self._part_lines(ops[idx], cid)]
+                lines += [f"--{cs}", *self._part_lines(ops[idx], cid, set_urls)]
             lines += [f"--{cs}--"]
         lines += [f"--{boundary}--", ""]
         body = "\r\n".join(lines).encode("utf-8")
@@ -676,11 +677,14 @@ class DataverseClient:
                     service="dataverse", status=None)))
         return results
 
-    def _part_lines(self, op: Operation, content_id: str) -> list[str]:
-        info = self.table(op.table)
-        path = info.entity_set + (_key_segment(op.key) if op.key is not None else "")
+    def _part_lines(self, op: Operation, content_id: str, set_urls: dict[str, str]) -> list[str]:
+        url = set_urls.get(op.table)
+        if url is None:  # the entity set's absolute URL, once per table and batch
+            url = set_urls[op.table] = self.session.url(self.table(op.table).entity_set)
+        # The key segment is percent-encoded (no '/', '?' or '#'), so appending it equals resolving it.
+        path = url + (_key_segment(op.key) if op.key is not None else "")
         lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary", f"Content-ID: {content_id}",
-                 "", f"{op.method} {self.session.url(path)} HTTP/1.1"]
+                 "", f"{op.method} {path} HTTP/1.1"]
         payload = json.dumps(dict(op.data), ensure_ascii=False) if op.data is not None else None
         if payload is not None:
             lines.append("Content-Type: application/json; type=entry")

@@ -77,6 +77,9 @@ class DvRequest:
 
 def split_path(path: str) -> list[str]:
     """Split a resource path on ``/`` outside quotes and parentheses (keys may contain slashes)."""
+    if "/" not in path:  # the common case, e.g. accounts(accountnumber='A-1')
+        segment = path.strip()
+        return [segment] if segment else []
     return split_top(path, "/")
 
 

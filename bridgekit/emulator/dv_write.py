@@ -82,6 +82,8 @@ def _literal(text: str) -> Any:
 
 
 def _split_key(text: str) -> list[str]:
+    if "," not in text:
+        return [text]
     parts: list[str] = []
     buf: list[str] = []
     quoted = False

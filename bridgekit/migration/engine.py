@@ -733,17 +733,21 @@ class Migration:
         if conflicts:
             outcome |= self._settle_conflicts(schema, conflicts)
         left = sum(1 for o in outcome.values() if o["status"] == "retry")
+        now = _now()  # the batch's rows were answered by one call: one finish time for all of them
         with cp.transaction() as conn:
+            updates = []
             for r in rows:
                 o = outcome[r["seq"]]
-                conn.execute("UPDATE rows SET status = ?, http_status = ?, created = ?, target_id = ?, error = ?, "
-                             "note = ?, attempts = attempts + 1, finished_at = ? WHERE seq = ?",
-                             (o["status"], o["http"], o["created"], o["id"], o["error"], o["note"], _now(), r["seq"]))
+                updates.append((o["status"], o["http"], o["created"], o["id"], o["error"], o["note"], now, r["seq"]))
+            conn.executemany("UPDATE rows SET status = ?, http_status = ?, created = ?, target_id = ?, error = ?, "
+                             "note = ?, attempts = attempts + 1, finished_at = ? WHERE seq = ?", updates)
+            for r in rows:
+                o = outcome[r["seq"]]
                 if o["status"] == "failed":
                     cp.reject(conn, row_no=r["row_no"], key=_shown_key(r["key_json"]), columns=[],
                               reason=f"refused by Dataverse ({o['http']}): {o['error']}", row=None, stage="write")
             conn.execute("UPDATE batches SET state = ?, finished_at = ? WHERE batch = ?",
-                         ("pending" if left else "done", _now(), batch))
+                         ("pending" if left else "done", now, batch))
         return left
 
     def _settle_conflicts(self, schema: TargetSchema, rows: list[Any]) -> dict[int, dict[str, Any]]:

@@ -176,6 +176,19 @@ def _to_datetime(value: Any, *, date_only: bool) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_BY_LABEL: dict[int, tuple[Mapping[int, str], dict[str, int]]] = {}
+
+
+def _labels(options: Mapping[int, str]) -> dict[str, int]:
+    """Lower-cased label -> value of a choice's options, worked out once per options mapping (not per row)."""
+    cached = _BY_LABEL.get(id(options))
+    if cached is None or cached[0] is not options:
+        if len(_BY_LABEL) > 256:  # holds each mapping it has seen: keep it small
+            _BY_LABEL.clear()
+        cached = _BY_LABEL[id(options)] = (options, {lab.strip().lower(): v for v, lab in options.items()})
+    return cached[1]
+
+
 def coerce(value: Any, *, type: str, max_length: int | None = None, options: Mapping[int, str] | None = None,
            precision: int | None = None, date_only: bool = False, choice_labels: bool = False) -> Any:
     """``value`` converted for a Dataverse column of AttributeType ``type``; None stays None.
@@ -215,7 +228,7 @@ def coerce(value: Any, *, type: str, max_length: int | None = None, options: Map
             if re.fullmatch(r"-?\d+", text):
                 candidate = int(text)
             elif choice_labels:
-                by_label = {lab.strip().lower(): v for v, lab in opts.items()}
+                by_label = _labels(options or {})
                 if text.lower() in by_label:
                     return by_label[text.lower()]
                 shown = ", ".join(sorted(opts.values())[:8]) + (", ..." if len(opts) > 8 else "")
