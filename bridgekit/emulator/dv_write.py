@@ -398,10 +398,11 @@ class Writer:
         ``known_absent``: alternate-key values the caller has just looked up (with :meth:`find`, inside
         the same write transaction) and not found, so their uniqueness check is not repeated.
         """
-        given = values.get(table.primary_id)
-        rid = str(given or rid or uuid.uuid4())
+        given = values.get(table.primary_id) or rid
+        rid = str(given or uuid.uuid4())
         with self.store.write():
-            if self.store.get(table.logical_name, rid) is not None:
+            # An id the caller chose may be taken; a fresh random one is not (no lookup needed).
+            if given and self.store.get(table.logical_name, rid) is not None:
                 raise DvError(412, "0x80040237", "A record with matching key values already exists.")
             rec = self.new_record(table, values, caller, rid)
             self._check_alternate_keys(table, rec, rid, known_absent)
