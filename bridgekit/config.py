@@ -60,7 +60,7 @@ _PROFILE_KEYS = {
     "dataverse_url", "graph_url", "authority_host", "ca_bundle", "warehouse", "sync", "max_concurrency",
     "emulator_home",
 }
-_SYNC_KEYS = {"dataverse", "graph", "page_size"}
+_SYNC_KEYS = {"dataverse", "graph", "page_size", "partitions"}
 _TOP_KEYS = {"default_profile", "profiles"}
 _REQUIRED = {
     "client_secret": ("tenant_id", "client_id", "client_secret_env"),
@@ -78,6 +78,16 @@ class SyncPlan:
     dataverse: tuple[str, ...] = DEFAULT_DATAVERSE_TABLES
     graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES
     page_size: int = 5000
+    #: Range partitions of a large table's full load; None: automatic (see :meth:`partitions_for`).
+    partitions: int | None = None
+
+    def partitions_for(self, profile: Profile, concurrency: int) -> int:
+        """The partitions a full load uses: the configured number, else ``concurrency`` against a
+        tenant and 1 against the local emulator, a single process on the same machine, where
+        concurrent range reads add server work and win nothing."""
+        if self.partitions is not None:
+            return self.partitions
+        return 1 if profile.is_emulator else concurrency
 
 
 @dataclass(frozen=True)
@@ -308,4 +318,11 @@ def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:
             raise ConfigError(f"sync.page_size in {where} must be 1..5000", key="page_size", path=src,
                               profile=name, hint="Dataverse pages hold at most 5000 rows")
         plan = replace(plan, page_size=ps)
+    if "partitions" in table:
+        parts = table["partitions"]
+        if not isinstance(parts, int) or isinstance(parts, bool) or not 1 <= parts <= 16:
+            raise ConfigError(f"sync.partitions in {where} must be 1..16", key="partitions", path=src,
+                              profile=name, hint="the number of concurrent range reads of a large table's "
+                                                 "full load, e.g. partitions = 4")
+        plan = replace(plan, partitions=parts)
     return plan

@@ -629,7 +629,7 @@ class Staging:
         self.conn.execute("COMMIT")
 
     def write_page(self, state: StageState, part: int, rows: pa.Table | None, deletes: Sequence[str],
-                   versions: Sequence[str | None] | None, next_cursor: str | None, *,
+                   versions: Sequence[str | None] | pa.Array | None, next_cursor: str | None, *,
                    token: str | None = None) -> None:
         """Stage one page and the position reached, atomically (the checkpoint).
 
@@ -650,8 +650,9 @@ class Staging:
             if rows is not None and rows.num_rows:
                 # The sequence is built here, not with row_number(): a page may repeat a key (Graph
                 # delta replays) and the later occurrence must win.
-                batch = rows.append_column("_bk_version", pa.array(
-                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string()))
+                version = versions if isinstance(versions, pa.Array) else pa.array(
+                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
+                batch = rows.append_column("_bk_version", version)
                 batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
                 self.conn.register("_bk_page", batch)
                 casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
@@ -791,6 +792,14 @@ class Staging:
         k = quote(spec.key)
         st = _stage_table(spec.id)
         latest = (f"(SELECT * FROM {st} QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1)")
+        if state.mode == "full":
+            # A full load stages each key once, except keys the catch-up delta (or a Graph replay) staged
+            # again: only those go through the window, the rest are taken as they are (the window over a
+            # whole million-row table was ~40% of the merge).
+            dup = f"(SELECT {k} FROM {st} GROUP BY {k} HAVING count(*) > 1)"
+            latest = (f"(SELECT * FROM {st} ANTI JOIN {dup} USING ({k}) UNION ALL "
+                      f"SELECT * FROM (SELECT * FROM {st} SEMI JOIN {dup} USING ({k})) "
+                      f"QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1)")
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_STAGE_ALIAS}.{quote(spec.schema)}")
         old = self._columns(spec)
         meta = "_bk_version, CAST(? AS TIMESTAMPTZ) AS _bk_synced_at, CAST(? AS VARCHAR) AS _bk_run_id"

@@ -83,7 +83,9 @@ class Workbench:
         from bridgekit.sync import SyncEngine, sources_for
 
         tables, factory = sources_for(self)
-        return SyncEngine(self.warehouse, tables, factory, concurrency=max(1, min(self.profile.max_concurrency, 4)),
+        concurrency = max(1, min(self.profile.max_concurrency, 4))
+        return SyncEngine(self.warehouse, tables, factory, concurrency=concurrency,
+                          partitions=self.profile.sync.partitions_for(self.profile, concurrency),
                           progress=progress, untracked=untracked, label=self.profile.name)
 
     def sync(self, only: str | list[str] | None = None, full: bool = False, *,

@@ -169,3 +169,21 @@ def test_a_resolved_emulator_profile_is_still_the_emulator(in_dir: Path) -> None
     resolved = load_profile().with_values(auth="certificate", sources={"auth": EMULATOR_RUNTIME_SOURCE})
     assert resolved.is_emulator
     assert not load_profile().with_values(auth="certificate", sources={}).is_emulator
+
+
+def test_full_load_partitions_by_profile(in_dir: Path) -> None:
+    # A tenant reads large tables in concurrent ranges; the local emulator (one process on the same
+    # machine) in one read; an explicit setting wins over both.
+    write(in_dir, GOOD)
+    tenant = load_profile("contoso")
+    assert tenant.sync.partitions is None and tenant.sync.partitions_for(tenant, 4) == 4
+    emulator = load_profile("emulator")
+    assert emulator.sync.partitions_for(emulator, 4) == 1
+    write(in_dir, GOOD.replace('graph = ["users"]', 'graph = ["users"]\npartitions = 2'))
+    tenant = load_profile("contoso")
+    assert tenant.sync.partitions == 2 and tenant.sync.partitions_for(tenant, 4) == 2
+    for bad in ("0", "17", '"4"', "true"):
+        write(in_dir, GOOD.replace('graph = ["users"]', f'graph = ["users"]\npartitions = {bad}'))
+        with pytest.raises(ConfigError, match="partitions") as err:
+            load_profile("contoso")
+        assert err.value.hint and "partitions = 4" in err.value.hint
