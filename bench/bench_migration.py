@@ -159,7 +159,8 @@ def main() -> None:
               f"from one CSV (name, phone, industry by label, revenue), each approach under its own key prefix; "
               f"every row verified present afterwards. Engine: `$batch` of {args.batch}, change sets of "
               f"{args.change_set}; its time includes metadata, a delta sync of the target, validation and the "
-              f"plan of every row, and the checkpoint.\n")
+              f"plan of every row, and the checkpoint. Batches are sent as soon as planned rows fill them, so "
+              f"the engine's write window overlaps its planning.\n")
         print("| approach | seconds | rows/s | write calls | speed-up vs per-row sequential |")
         print("|---|---:|---:|---:|---:|")
         for label, secs, rows, _ in results:
@@ -168,16 +169,22 @@ def main() -> None:
         print()
         print("| engine phase (per run) | " + " | ".join(f"{w} in flight" for w, _ in engine) + " |")
         print("|---|" + "---:|" * len(engine))
-        print("| validation + plan (s) | " + " | ".join(f"{r.plan_s:.1f}" for _, r in engine) + " |")
-        print("| writes (s) | " + " | ".join(f"{r.write_s:.1f}" for _, r in engine) + " |")
-        print("| writes (rows/s) | " + " | ".join(f"{n / r.write_s:,.0f}" for _, r in engine) + " |")
+        print("| validation + plan (s: start to last row planned) | "
+              + " | ".join(f"{r.plan_s:.1f}" for _, r in engine) + " |")
+        print("| writes (s: first batch sent to last answered) | "
+              + " | ".join(f"{r.write_s:.1f}" for _, r in engine) + " |")
+        print("| overlap of the two (s) | "
+              + " | ".join(f"{max(0.0, r.plan_s + r.write_s - r.duration_s):.1f}" for _, r in engine) + " |")
+        print("| writes (rows/s over the write window) | "
+              + " | ".join(f"{n / r.write_s:,.0f}" for _, r in engine) + " |")
         print(f"\n**Why not more.** One request per row costs {per_row_ms:.1f} ms here; one operation inside "
               f"a `$batch` costs {raw_per_op_ms:.2f} ms (plain `DataverseClient.batch` calls one at a time, no "
               f"engine), so batching alone is worth ~{per_row_ms / raw_per_op_ms:.1f}x on this emulator: its "
               f"per-operation work (JSON, validation, key lookup, versioned write) is the floor. Overlapping "
-              f"calls adds a little (best engine write phase: {n / best.write_s:,.0f} rows/s, "
-              f"{per_row_ms / (best.write_s / n * 1000):.1f}x the per-row loop); more in flight adds nothing "
-              f"because the single-process emulator and the client share {os.cpu_count()} busy cores. Against "
+              f"calls, and writing while later rows are planned, adds some (best engine write window: "
+              f"{n / best.write_s:,.0f} rows/s, {per_row_ms / (best.write_s / n * 1000):.1f}x the per-row loop); "
+              f"more in flight adds little because the single-process emulator (one writer at a time) and the "
+              f"client share {os.cpu_count()} busy cores. Against "
               f"Dataverse the ratio grows with the limits: it admits {PROD_REQUESTS:,} requests per user per "
               f"{PROD_WINDOW_S} s (sliding; the emulator's limit was raised for these timings), so {n:,} single "
               f"requests take at least {(n - 1) // PROD_REQUESTS * PROD_WINDOW_S} s of windows, while the "

@@ -305,6 +305,74 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_writing_anything_twic
     assert reconcile(wb, "killed-1", state_dir=state).status == "green"
 
 
+class _FailingSource:
+    """A CSV source that breaks after ``rows`` rows, as a source that goes away while it is read; it breaks
+    only once ``checkpoint`` records two batches written, so the failure surely comes after writes began."""
+
+    def __init__(self, path: Path, rows: int, checkpoint: Path) -> None:
+        from bridgekit.migration.sources import CsvSource
+
+        self.inner, self.rows, self.checkpoint = CsvSource(path), rows, checkpoint
+        self.description = self.inner.description
+
+    def columns(self) -> list[str]:
+        return self.inner.columns()
+
+    def batches(self, size: int) -> Any:
+        seen = 0
+        for chunk in self.inner.batches(size):
+            seen += len(chunk)
+            if seen > self.rows:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with sqlite3.connect(self.checkpoint, timeout=5) as conn:
+                        if conn.execute("SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0] >= 2:
+                            break
+                    time.sleep(0.02)
+                raise OSError("the source went away")
+            yield chunk
+
+
+def test_batches_are_written_while_planning_goes_on_and_a_run_stopped_while_planning_resumes(
+        emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridgekit.migration import engine
+
+    wb = workbench(emulator, tmp_path)
+    intended = write_accounts(tmp_path / "stop.csv", "STP", 300)
+    text = SIMPLE_MAPPING % {"batch": 20, "concurrency": 2}
+    mapping = parse_mapping(yaml.safe_load(text), text=text)
+    state = tmp_path / "state"
+    monkeypatch.setattr(engine, "_PLAN_CHUNK", 50)  # six plan chunks, so writing starts after the first
+    with pytest.raises(OSError, match="went away"):
+        Migration(wb, mapping, _FailingSource(tmp_path / "stop.csv", 150, state / "stopped-1.sqlite"),
+                  state_dir=state).execute("stopped-1")
+    cp_file = state / "stopped-1.sqlite"
+    with sqlite3.connect(cp_file) as conn:
+        status = conn.execute("SELECT status FROM run").fetchone()[0]
+        planned = conn.execute("SELECT count(*) FROM rows").fetchone()[0]
+        done = conn.execute("SELECT count(*) FROM rows WHERE status = 'done'").fetchone()[0]
+        unnumbered = conn.execute("SELECT count(*) FROM rows WHERE batch IS NULL").fetchone()[0]
+    # Stopped while planning, with some of the full batches of the rows planned so far already written (the
+    # rest were not started when planning failed); the rows short of a full batch wait for the next ones.
+    assert (status, planned, unnumbered) == ("planning", 150, 10) and 40 <= done <= 140 and done % 20 == 0
+    written_before = {r["accountnumber"] for r in live_accounts(wb, "STP")}
+    assert len(written_before) == done
+    delta = list(wb.dataverse.track("account", select=["accountnumber"]))[-1].delta_link
+
+    report = Migration(wb, mapping, str(tmp_path / "stop.csv"), state_dir=state).execute("stopped-1")
+    assert report.resumed and report.complete
+    assert report.counts["created"] == 300 and report.plan.counts["source_rows"] == 300
+    assert report.plan.counts["batches"] == 15  # 300 rows in batches of 20: no short batch per plan chunk
+    changed = set()
+    for page in wb.dataverse.changes(delta):
+        changed |= {r.get("accountnumber") for r in page.upserts}
+    changed.discard(None)
+    assert not changed & written_before and changed | written_before == set(intended)
+    live = live_accounts(wb, "STP")
+    assert len(live) == 300 and all(r["name"] == intended[r["accountnumber"]]["name"] for r in live)
+    assert reconcile(wb, "stopped-1", state_dir=state).status == "green"
+
+
 # -- reconciliation and rollback ---------------------------------------------------------------------------------
 
 

@@ -156,17 +156,35 @@ class Checkpoint:
                      (row_no, key, ",".join(columns), reason,
                       json.dumps(row, default=str) if row is not None else None, stage))
 
-    def number_batches(self, size: int) -> int:
-        """Assign batch numbers to the planned creates and updates, in source order; returns the count."""
+    def number_batches(self, size: int, *, complete: bool = True) -> int:
+        """Number the planned creates and updates that have no batch yet, in source order; returns the count.
+
+        Numbering continues after the batches already numbered. With ``complete`` false only full batches
+        are numbered (the remainder waits for rows planned later), so writing can start while planning
+        goes on without leaving a short batch behind every plan chunk.
+        """
         with self.transaction() as conn:
+            start = int(conn.execute("SELECT coalesce(max(batch) + 1, 0) FROM rows").fetchone()[0])
+            todo = int(conn.execute("SELECT count(*) FROM rows WHERE batch IS NULL AND action IN ('create', 'update')"
+                                    ).fetchone()[0])
+            take = todo if complete else todo - todo % size
             conn.execute("""
-                WITH r AS (SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / ? AS b FROM rows
-                           WHERE action IN ('create', 'update'))
+                WITH r AS (SELECT seq, ? + (row_number() OVER (ORDER BY seq) - 1) / ? AS b FROM rows
+                           WHERE batch IS NULL AND action IN ('create', 'update') ORDER BY seq LIMIT ?)
                 UPDATE rows SET batch = (SELECT b FROM r WHERE r.seq = rows.seq)
-                WHERE action IN ('create', 'update')""", (size,))
+                WHERE seq IN (SELECT seq FROM r)""", (start, size, take))
             conn.execute("INSERT OR IGNORE INTO batches (batch, state) SELECT DISTINCT batch, 'pending' FROM rows "
                          "WHERE batch IS NOT NULL")
             return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+    def last_planned_row(self) -> int:
+        """The highest source row number planned (kept or rejected by validation); 0 when none."""
+        return int(self.scalar("SELECT max(n) FROM (SELECT max(row_no) AS n FROM rows UNION ALL "
+                               "SELECT max(row_no) FROM rejects WHERE stage = 'validation')") or 0)
+
+    def writes_started(self) -> bool:
+        """Whether any batch has been sent (or is being sent)."""
+        return bool(self.scalar("SELECT count(*) FROM batches WHERE sends > 0 OR state != 'pending'"))
 
     # -- execution --------------------------------------------------------------------------------------
     def batches_in(self, *states: str) -> list[int]:

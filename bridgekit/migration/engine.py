@@ -11,11 +11,13 @@ How a run goes (:meth:`Migration.execute`), top to bottom:
    its column (type, length, option values, required), lookups resolved in bulk (by alternate key with
    a live query, or through a synced warehouse). A row with any problem goes to the ``rejects`` table
    with every reason; a valid row is compared with the target row of the same key: ``create``,
-   ``update`` (only the differing fields are sent) or ``unchanged``. The plan is written to the run's
-   checkpoint (:mod:`bridgekit.migration.checkpoint`) before anything is written to Dataverse. A dry
-   run stops here (:meth:`Migration.plan`).
+   ``update`` (only the differing fields are sent) or ``unchanged``. Each chunk's plan is written to the
+   run's checkpoint (:mod:`bridgekit.migration.checkpoint`) before any of its rows is written to
+   Dataverse. A dry run plans everything and stops here (:meth:`Migration.plan`).
 4. **Execution.** Batches of the plan go out as ``$batch`` calls with atomic change sets, several at
    once (never more than the session's governor allows, which also pauses every thread on a 429).
+   An execution sends each batch as soon as planned rows fill it, while later chunks are still being
+   planned; a run stopped while planning resumes by planning only the source rows not planned yet.
    Creates are sent with ``If-None-Match: *`` and updates with ``If-Match: *`` (protocols.md §1.8), so
    each answer says exactly what happened and a row created meanwhile by someone else is never
    overwritten blindly. Each batch is marked *in flight* before it is sent and *done*, with its rows'
@@ -36,8 +38,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger("bridgekit.migration")
 
-_PLAN_CHUNK = 5000  # source rows validated and diffed per warehouse query (each opens the warehouse once)
+_PLAN_CHUNK = 2000  # source rows validated and diffed per warehouse query (each opens the warehouse once)
 _LOOKUP_CHUNK = 50  # values per live lookup query (an `or` of `eq`s; URLs stay short)
 _SEP = "\x1f"
 _LOOKUP_TYPES = ("Lookup", "Customer", "Owner")
@@ -214,7 +216,10 @@ class ExecutionReport(_Markdown):
     resumed: bool = False
     verified_after_interruption: int = 0
     throttled: int = 0
+    #: From the start to the last source row planned (metadata, sync, validation and plan).
     plan_s: float = 0.0
+    #: From the first batch sent to the last one answered; it overlaps ``plan_s`` because batches go out
+    #: as soon as they are full, while later rows are still being planned.
     write_s: float = 0.0
 
     @property
@@ -238,7 +243,8 @@ class ExecutionReport(_Markdown):
                            [(c.get("created"), c.get("updated"), c.get("unchanged"), c.get("failed"),
                              c.get("pending"), c.get("rejected"))])
         lines += ["", f"validation and plan {self.plan_s:.1f}s, writes {self.write_s:.1f}s "
-                      f"({(c.get('created', 0) + c.get('updated', 0)) / self.write_s if self.write_s else 0:.0f} rows/s)"]
+                      f"({(c.get('created', 0) + c.get('updated', 0)) / self.write_s if self.write_s else 0:.0f} rows/s)"
+                      + (", overlapping" if self.plan_s + self.write_s > self.duration_s + 0.05 else "")]
         if self.verified_after_interruption:
             lines += ["", f"{self.verified_after_interruption} row(s) of batches in flight when the previous "
                           "process stopped were found already written and were not sent again."]
@@ -419,29 +425,44 @@ class Migration:
             if run is not None and run["mapping_sha"] != self.mapping.sha256:
                 raise ConfigError(f"run {run_id} was planned with a different mapping",
                                   hint="resume with the mapping the run started with, or use a new run id")
-            if run is None or run["status"] == "planning":
-                if run is not None:  # killed while planning: nothing was written; plan again
-                    cp.close()
-                    path.unlink()
-                    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                        extra.unlink(missing_ok=True)
-                    return self.execute(run_id, raise_on_incomplete=raise_on_incomplete)
-                cp.start(run_id=run_id, target=self.mapping.target, key=self.mapping.key, mapping=self.mapping.text,
-                         mapping_sha=self.mapping.sha256, source=self.source.description,
-                         profile=self.workbench.profile.name, mode="execute")
-                plan = self._plan(cp, run_id, mode="execute")
-                cp.set_status("executing", {"plan": plan.to_dict()})
-                resumed = False
-            else:
-                plan = _stored_plan(cp)
-            planned = time.monotonic()
-            verified = self._verify_in_flight(cp)
-            throttled = self._write(cp)
+            sender = _Sender(self, cp)
+            try:
+                if run is None or run["status"] == "planning":
+                    if run is not None and not cp.writes_started():  # killed while planning, before any write
+                        cp.close()
+                        path.unlink()
+                        for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                            extra.unlink(missing_ok=True)
+                        return self.execute(run_id, raise_on_incomplete=raise_on_incomplete)
+                    if run is None:
+                        cp.start(run_id=run_id, target=self.mapping.target, key=self.mapping.key,
+                                 mapping=self.mapping.text, mapping_sha=self.mapping.sha256,
+                                 source=self.source.description, profile=self.workbench.profile.name, mode="execute")
+                        resumed, verified, after = False, 0, 0
+                    else:
+                        # Killed while planning, after writing had started: check what was in flight, then
+                        # plan the source rows not planned yet. Rows already planned keep their plan.
+                        verified, after = self._verify_in_flight(cp), cp.last_planned_row()
+                    # Batches are written as soon as they are full, while later rows are still planned.
+                    plan = self._plan(cp, run_id, mode="execute", after_row=after, on_batches=sender.send_pending)
+                    cp.set_status("executing", {"plan": plan.to_dict()})
+                else:
+                    plan = _stored_plan(cp)
+                    verified = self._verify_in_flight(cp)
+                planned = time.monotonic()
+                sender.send_pending()
+                throttled = sender.finish()
+            except BaseException:
+                # Stop sending on an error that is not per-row (auth, permissions, a source failure while
+                # planning): batches not started stay pending, the ones in flight are verified by the next run.
+                sender.abort()
+                raise
             counts = _result_counts(cp)
             ended = time.monotonic()
+            first_sent = sender.first_sent if sender.first_sent is not None else planned
             report = ExecutionReport(run_id, self.mapping.target, plan, counts, int(plan.counts.get("batches", 0)),
                                      ended - started, resumed=resumed, verified_after_interruption=verified,
-                                     throttled=throttled, plan_s=planned - started, write_s=ended - planned)
+                                     throttled=throttled, plan_s=planned - started, write_s=ended - first_sent)
             cp.set_status("executed" if report.complete else "executing",
                           {"plan": plan.to_dict(), "execution": report.to_dict()})
         if not report.complete and raise_on_incomplete:
@@ -480,7 +501,10 @@ class Migration:
             self._workbenches[profile] = Workbench.open(profile)
         return self._workbenches[profile]
 
-    def _plan(self, cp: Checkpoint, run_id: str, *, mode: str) -> Plan:
+    def _plan(self, cp: Checkpoint, run_id: str, *, mode: str, after_row: int = 0,
+              on_batches: Callable[[], None] | None = None) -> Plan:
+        """Validate and plan every source row after ``after_row``; ``on_batches`` is called whenever planned
+        rows fill new batches (numbered already), so they can be written while planning goes on."""
         schema = self.schema()
         have = set(self.source.columns())
         missing = [c for c in self.mapping.source_columns if c not in have]
@@ -499,7 +523,13 @@ class Migration:
                 row_no += 1
                 numbered.append((row_no, row))
             source_rows += len(chunk)
+            numbered = [(n, row) for n, row in numbered if n > after_row]
+            if not numbered:
+                continue
             self._plan_chunk(cp, schema, key_cols, numbered)
+            if on_batches is not None:
+                cp.number_batches(self.batch_size, complete=False)
+                on_batches()
         batches = cp.number_batches(self.batch_size)
         return _summarise(cp, run_id, schema.table, self.source.description, source_rows, batches,
                           dry_run=mode == "dry_run", sample_size=self.sample_size)
@@ -682,34 +712,6 @@ class Migration:
                 ops.append(Operation.update(schema.table, key, payload))
         return ops
 
-    def _write(self, cp: Checkpoint) -> int:
-        """Send every pending batch, ``concurrency`` at a time; returns how many rows ended throttled."""
-        schema = self.schema()
-        batches = cp.batches_in("pending")
-        if not batches:
-            return 0
-        workers = max(1, min(self.concurrency, self.client.session.governor.max_concurrency, len(batches)))
-        throttled = 0
-        lock = threading.Lock()
-
-        def send(batch: int) -> None:
-            nonlocal throttled
-            left = self._send_batch(cp, schema, batch)
-            with lock:
-                throttled += left
-
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-migrate")
-        try:
-            for future in [pool.submit(send, b) for b in batches]:
-                future.result()
-        except BaseException:
-            # Stop sending on an error that is not per-row (auth, permissions): batches not started stay
-            # pending, the ones in flight are verified by the next run.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        return throttled
-
     def _send_batch(self, cp: Checkpoint, schema: TargetSchema, batch: int) -> int:
         rows = cp.pending_rows(batch)
         if not rows:
@@ -840,6 +842,47 @@ class Migration:
         return verified
 
 
+class _Sender:
+    """Sends a run's pending batches, ``concurrency`` at a time, as they become pending (each batch once)."""
+
+    def __init__(self, migration: Migration, cp: Checkpoint) -> None:
+        self.migration = migration
+        self.cp = cp
+        self.workers = max(1, min(migration.concurrency, migration.client.session.governor.max_concurrency))
+        self._pool: ThreadPoolExecutor | None = None
+        self._sent: set[int] = set()
+        self._futures: list[Future[int]] = []
+        self.first_sent: float | None = None  # time.monotonic() when the first batch was queued
+
+    def send_pending(self) -> None:
+        """Queue every pending batch not queued yet; raises the error of a batch that failed as a whole."""
+        for future in self._futures:
+            if future.done():
+                future.result()
+        new = [b for b in self.cp.batches_in("pending") if b not in self._sent]
+        if not new:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bk-migrate")
+            self.first_sent = time.monotonic()
+        schema = self.migration.schema()
+        for batch in new:
+            self._sent.add(batch)
+            self._futures.append(self._pool.submit(self.migration._send_batch, self.cp, schema, batch))
+
+    def finish(self) -> int:
+        """Wait for every queued batch; returns how many rows ended throttled (still pending)."""
+        throttled = sum(future.result() for future in self._futures)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        return throttled
+
+    def abort(self) -> None:
+        """Send nothing more; wait for the batches already being sent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 # -- helpers shared by execute, reconcile and rollback ----------------------------------------------------------
 
 
@@ -931,8 +974,9 @@ def _result_counts(cp: Checkpoint) -> dict[str, int]:
 
 def _summarise(cp: Checkpoint, run_id: str, target: str, source: str, source_rows: int, batches: int, *,
                dry_run: bool, sample_size: int) -> Plan:
+    # Validation rejects only: when writing overlaps planning, rows refused on write are rejects too.
     counts = {"source_rows": source_rows, "batches": batches,
-              "rejected": int(cp.scalar("SELECT count(*) FROM rejects") or 0)}
+              "rejected": int(cp.scalar("SELECT count(*) FROM rejects WHERE stage = 'validation'") or 0)}
     samples: dict[str, list[dict[str, Any]]] = {}
     for action in ("create", "update", "unchanged"):
         counts[action] = int(cp.scalar("SELECT count(*) FROM rows WHERE action = ?", (action,)) or 0)
@@ -940,8 +984,8 @@ def _summarise(cp: Checkpoint, run_id: str, target: str, source: str, source_row
                         (action, sample_size))
         samples[action] = [{"row_no": r["row_no"], "key": _shown_key(r["key_json"]),
                             "changes": json.loads(r["diff_json"] or "{}")} for r in rows]
-    rejects = [dict(r) for r in cp.query("SELECT row_no, key, columns, reason FROM rejects ORDER BY row_no LIMIT ?",
-                                         (sample_size,))]
+    rejects = [dict(r) for r in cp.query("SELECT row_no, key, columns, reason FROM rejects WHERE stage = 'validation' "
+                                         "ORDER BY row_no LIMIT ?", (sample_size,))]
     return Plan(run_id, target, source, counts, samples, rejects, dry_run=dry_run)
 
 
