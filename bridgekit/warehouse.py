@@ -407,7 +407,8 @@ class Warehouse:
         """Like :meth:`sql` but returns an Arrow table."""
         with self.reader() as conn:
             try:
-                result: pa.Table = conn.execute(query, params).to_arrow_table()
+                # A relation, not a DB-API result: DuckDB hands its batches to Arrow without another copy.
+                result: pa.Table = conn.sql(query, params=params).to_arrow_table()
             except duckdb.Error as exc:
                 raise WarehouseError(f"query failed: {exc}", path=str(self.path)) from exc
             return result
@@ -456,7 +457,8 @@ class Warehouse:
                 else:
                     from deltalake import write_deltalake
 
-                    reader: Any = conn.execute(_delta_select(conn, schema, table)).to_arrow_reader()
+                    # Streamed batch by batch (a DB-API result would first copy the whole table).
+                    reader: Any = conn.sql(_delta_select(conn, schema, table)).to_arrow_reader()
                     write_deltalake(str(target), reader, mode="overwrite", schema_mode="overwrite")
             written.append(target)
         return written
