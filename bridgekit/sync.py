@@ -19,7 +19,9 @@ How a run goes (:meth:`SyncEngine.run`), top to bottom:
    and record ``bridgekit.sync_runs``; return a :class:`SyncReport`.
 
 The engine knows nothing about HTTP: each table is a :class:`Source` yielding pages by *position*
-(a next/delta link), which is what makes resuming after a crash possible. :func:`sources_for` builds the
+(a next/delta link), which is what makes resuming after a crash possible. A :class:`SplitSource` hands
+over each page as soon as it knows the next position, so its fetcher thread keeps the service busy
+while the writer thread decodes, shapes and checkpoints (the service is what a full load waits on). :func:`sources_for` builds the
 sources for a profile's clients (``bridgekit.dataverse`` / ``bridgekit.graph``).
 """
 
