@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 from bridgekit.config import Profile  # noqa: E402
 from bridgekit.dataverse import Operation  # noqa: E402
 from bridgekit.emulator import process  # noqa: E402
-from bridgekit.migration import Migration, parse_mapping  # noqa: E402
+from bridgekit.migration import Migration, parse_mapping, sync_tables  # noqa: E402
 from bridgekit.workbench import Workbench  # noqa: E402
 
 INDUSTRIES = {"Consulting": 7, "Financial": 16, "Insurance": 20, "Legal Services": 21, "Wholesale": 33}
@@ -129,6 +129,9 @@ def main() -> None:
             text = MAPPING % {"prefix": prefix, "batch": args.batch, "change_set": args.change_set,
                               "concurrency": workers}
             mig = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(source), state_dir=home / "state")
+            # Untimed: bring the target warehouse up to date first, as a user's synced warehouse is, so the
+            # run's own (timed) delta sync does not also fetch the rows the approach before it just wrote.
+            sync_tables(wb, ["account"])
             started = time.perf_counter()
             report = mig.execute(f"bench-{workers}")
             secs = time.perf_counter() - started
@@ -159,7 +162,8 @@ def main() -> None:
               f"from one CSV (name, phone, industry by label, revenue), each approach under its own key prefix; "
               f"every row verified present afterwards. Engine: `$batch` of {args.batch}, change sets of "
               f"{args.change_set}; its time includes metadata, a delta sync of the target, validation and the "
-              f"plan of every row, and the checkpoint. Batches are sent as soon as planned rows fill them, so "
+              f"plan of every row, and the checkpoint (the target warehouse is synced, untimed, before each "
+              f"engine run, as a user's is, so that delta does not hold the rows the approach before it wrote). Batches are sent as soon as planned rows fill them, so "
               f"the engine's write window overlaps its planning.\n")
         print("| approach | seconds | rows/s | write calls | speed-up vs per-row sequential |")
         print("|---|---:|---:|---:|---:|")

@@ -78,11 +78,14 @@ class Workbench:
 
         return Warehouse(self.profile.warehouse_path)
 
-    def sync_engine(self, *, progress: bool | None = None, untracked: str = "reload") -> Any:
-        """A :class:`~bridgekit.sync.SyncEngine` over this profile's sync plan and clients."""
+    def sync_engine(self, *, progress: bool | None = None, untracked: str = "reload",
+                    tables: list[str] | None = None) -> Any:
+        """A :class:`~bridgekit.sync.SyncEngine` over this profile's sync plan (or ``tables``: qualified
+        table ids such as ``dataverse.account``, planned or not) and clients."""
         from bridgekit.sync import SyncEngine, sources_for
 
-        tables, factory = sources_for(self)
+        planned, factory = sources_for(self)
+        tables = planned if tables is None else tables
         concurrency = max(1, min(self.profile.max_concurrency, 4))
         return SyncEngine(self.warehouse, tables, factory, concurrency=concurrency,
                           partitions=self.profile.sync.partitions_for(self.profile, concurrency),

@@ -95,13 +95,8 @@ def sync_tables(workbench: Any, tables: Iterable[str]) -> Any:
     Raises:
         SyncError: a table failed to sync.
     """
-    from bridgekit.sync import SyncEngine, sources_for
-
     ids = list(dict.fromkeys(f"dataverse.{t}" for t in tables))
-    _, factory = sources_for(workbench)
-    engine = SyncEngine(workbench.warehouse, ids, factory, concurrency=max(1, min(workbench.profile.max_concurrency, 4)),
-                        progress=False, label=workbench.profile.name)
-    report = engine.run()
+    report = workbench.sync_engine(progress=False, tables=ids).run()
     if not report.ok:
         bad = [t for t in report.tables if t.status == "error"]
         raise SyncError(f"syncing {', '.join(t.table for t in bad)} failed: {bad[0].error}", table=bad[0].table)
