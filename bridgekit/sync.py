@@ -1081,7 +1081,7 @@ class DataverseSource:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise SyncError(f"{spec.id}: a value does not fit its column's type: {exc}", table=spec.id,
                             hint="the table's metadata may have changed during the sync; run it again") from exc
-        top = table.slice(0, 1).to_pylist()[0] if table.num_rows == 1 else {}
+        top = table.select(["@odata.nextLink", "@odata.deltaLink"]).to_pylist()[0] if table.num_rows == 1 else {}
         nxt = top.get("@odata.nextLink")
         if (raw.cursor[:2] + nxt if nxt else None) != raw.next:
             raise SyncError(f"{self.table}: the next-page link read ahead differs from the page's own",
