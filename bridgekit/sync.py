@@ -427,6 +427,7 @@ class SyncEngine:
         self._tokens: dict[str, str | None] | None = None
         self._estimates: dict[str, int | None] = {}
         self._prefetched: dict[tuple[str, str], Future[Page]] = {}
+        self._digests: dict[str, str] = {}  # untracked tables: digest of the reload last merged
 
     def source(self, table: str) -> Source:
         """The (cached) source of ``table``."""
@@ -502,7 +503,9 @@ class SyncEngine:
                     rep.mode, rep.resynced = state.mode, state.resynced
                     rep.fetched, rep.pages = state.fetched, state.pages
                     rep.message = rep.message or state.message
-                    if quiet_noop and state.mode == "delta" and state.fetched == 0:
+                    if state.mode == "full" and not self.source(table).tracked:
+                        state.digest = staging.digest(state)
+                    if quiet_noop and self._same_as_merged(state):
                         noop.append(state)
                     else:
                         fetched.append(state)
@@ -525,12 +528,15 @@ class SyncEngine:
                         rep.created, rep.updated, rep.deleted = c.created, c.updated, c.deleted
                 for state in fetched:
                     self._tokens[state.table] = state.token
+                    if state.digest is not None:
+                        self._digests[state.table] = state.digest
                 log.debug("run %s merged %d table(s) in %.3fs", run_id, len(fetched), merge_s)
         report = SyncReport(run_id, started, _now(), reports)
+        quiet = {state.table for state in noop}
         for rep in reports:
             if rep.status == "error":
                 continue
-            if not (quiet_noop and rep.mode == "delta" and rep.fetched == 0):
+            if rep.table not in quiet and not (quiet_noop and rep.mode == "delta" and rep.fetched == 0):
                 log.info("%s: %s%s, +%d ~%d -%d, %d fetched in %.2fs (%.0f rows/s)", rep.table, rep.mode,
                          " (resynced)" if rep.resynced else "", rep.created, rep.updated, rep.deleted,
                          rep.fetched, rep.duration_s, rep.throughput)
@@ -571,6 +577,14 @@ class SyncEngine:
                 for future in self._prefetched.values():
                     future.cancel()
                 self._prefetched = {}
+
+    def _same_as_merged(self, state: StageState) -> bool:
+        """True when a watcher's poll fetched nothing new for the table: an empty delta, or a table without
+        change tracking whose full reload is row for row what the last merge of this engine wrote (so an
+        idle watcher does not rewrite it, and lock readers out, at every poll)."""
+        if state.mode == "delta":
+            return state.fetched == 0
+        return state.digest is not None and self._digests.get(state.table) == state.digest
 
     def _unchanged(self, table: str) -> bool:
         """True when the table's prefetched delta page says nothing changed (the page is consumed)."""

@@ -185,6 +185,7 @@ class StageState:
     cursors: dict[int, str | None]  # partition -> next position (None: partition done)
     message: str | None = None
     part_tokens: dict[int, str | None] = field(default_factory=dict)  # partition -> its delta link
+    digest: str | None = None  # of the staged rows, when asked for (Staging.digest)
 
     @property
     def done(self) -> bool:
@@ -241,7 +242,9 @@ def _now() -> datetime:
 
 def _is_lock_error(exc: BaseException) -> bool:
     text = str(exc)
-    return "Could not set lock" in text or "Conflicting lock" in text
+    # Another process holds the file, or (in this process) another connection has it open: a notebook
+    # querying while a watcher thread merges. Both pass; the caller waits and tries again.
+    return any(s in text for s in ("Could not set lock", "Conflicting lock", "Unique file handle conflict"))
 
 
 def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> None:
@@ -693,6 +696,16 @@ class Staging:
             self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
             state.cursors[first + i] = cur
         self.conn.execute("COMMIT")
+
+    def digest(self, state: StageState) -> str:
+        """A digest of the staged rows (order-independent: each row's key, columns and version hashed),
+        to tell whether a full reload brought anything the last one did not."""
+        spec = state.spec
+        cols = ", ".join([quote(c.name) for c in spec.columns] + ["_bk_version"])
+        row = self.conn.execute(f"SELECT count(*), coalesce(bit_xor(hash({cols})), 0) FROM {_stage_table(spec.id)} "
+                                f"WHERE _bk_op = {_OP_UPSERT}").fetchone()
+        assert row is not None
+        return f"{row[0]}:{row[1]}"
 
     def mark_fetched(self, state: StageState, token: str | None) -> None:
         """Record that every page is staged (and the delta link to keep); the table awaits its merge."""

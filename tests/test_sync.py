@@ -214,6 +214,36 @@ def test_watch_applies_changes_and_stops(tmp_path: Path) -> None:
     assert _mirror(eng.warehouse) == _expected(src)
 
 
+def test_an_idle_watcher_leaves_untracked_tables_alone_but_picks_up_their_changes(tmp_path: Path) -> None:
+    src = MemorySource("gadget", tracked=False)
+    eng = _engine(tmp_path, src)
+    wh = eng.warehouse
+    stop = threading.Event()
+    reports: list[Any] = []
+    thread = threading.Thread(target=eng.watch, kwargs={"interval": 0.05, "stop": stop,
+                                                        "on_report": reports.append})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reports and reports[0].ok
+        before = wh.path.stat().st_mtime_ns
+        time.sleep(1.0)  # about 20 polls, each reloading the table in full and finding it unchanged
+        assert wh.path.stat().st_mtime_ns == before
+        assert wh.sql("select count(*) as n from bridgekit.sync_runs")["n"][0] == 1
+        rid = sorted(src.rows)[3]
+        src.upsert(rid, "changed while watched", 99)
+        while _mirror(wh, "dataverse.gadget").get(rid) != ("changed while watched", 99) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert _mirror(wh, "dataverse.gadget") == _expected(src)
+    assert len(reports) == 2 and reports[1].table("gadget").mode == "full"
+
+
 # -- against the emulator -----------------------------------------------------------------------------------
 
 DV_TABLES = ("account", "contact", "businessunit", "email")
