@@ -373,6 +373,46 @@ def test_batches_are_written_while_planning_goes_on_and_a_run_stopped_while_plan
     assert reconcile(wb, "stopped-1", state_dir=state).status == "green"
 
 
+def test_a_duplicate_key_is_rejected_naming_the_first_row_whether_in_the_same_plan_chunk_or_an_earlier_one(
+        emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridgekit.migration import engine
+
+    wb = workbench(emulator, tmp_path)
+    intended = write_accounts(tmp_path / "dup.csv", "DUP", 120)
+    lines = (tmp_path / "dup.csv").read_text().splitlines()
+    # Row numbers count data rows. Row 5 repeats row 3 (same chunk); rows 101 and 123 repeat rows 8 and 2
+    # (later chunks), with different values and another spelling of the key, which normalises the same.
+    lines.insert(5, lines[3].replace("Company DUP 3", "Second DUP 3"))
+    lines.insert(101, " dup-00007 ,Second DUP 7,,Consulting,1")
+    lines.append("DUP-00002,Third DUP 2,,Consulting,2")
+    (tmp_path / "dup.csv").write_text("\n".join(lines) + "\n")
+    text = SIMPLE_MAPPING % {"batch": 10, "concurrency": 2}
+    mapping = parse_mapping(yaml.safe_load(text), text=text)
+    state = tmp_path / "state"
+    monkeypatch.setattr(engine, "_PLAN_CHUNK", 40)  # an execution plans pieces of 10, 20, 40, 40 ... rows
+    expected = {5: 3, 101: 8, 123: 2}
+
+    plan = Migration(wb, mapping, str(tmp_path / "dup.csv"), state_dir=state).plan("dup-dry")
+    assert (plan.counts["source_rows"], plan.counts["create"], plan.counts["rejected"]) == (123, 120, 3)
+    report = Migration(wb, mapping, str(tmp_path / "dup.csv"), state_dir=state).execute("dup-1")
+    assert report.complete and report.counts["created"] == 120 and report.counts["rejected"] == 3
+    for run in ("dup-dry", "dup-1"):
+        table = rejects(wb, run, state_dir=state)
+        assert list(table["row_no"]) == list(expected)
+        for row_no, reason in zip(table["row_no"], table["reason"], strict=True):
+            assert reason == f"duplicate alternate key: source row {expected[row_no]} has the same key"
+        assert set(table["columns"]) == {"accountnumber"} and set(table["stage"]) == {"validation"}
+    # The first row with a key is the one written; the planned rows read back as they were planned.
+    live = live_accounts(wb, "DUP")
+    assert len(live) == 120 and all(r["name"] == intended[r["accountnumber"]]["name"] for r in live)
+    per_row = results(wb, "dup-1", state_dir=state)
+    assert list(per_row["row_no"]) == [n for n in range(1, 124) if n not in expected]
+    assert per_row.set_index("row_no").loc[100, "key"] == "DUP-00099"
+    rec = reconcile(wb, "dup-1", state_dir=state)
+    assert rec.status == "amber"  # rows were rejected; every planned row matches
+    assert (rec.counts["matched"], rec.counts["missing"], rec.counts["mismatched"]) == (120, 0, 0)
+
+
 # -- reconciliation and rollback ---------------------------------------------------------------------------------
 
 

@@ -156,6 +156,20 @@ class Checkpoint:
                      (row_no, key, ",".join(columns), reason,
                       json.dumps(row, default=str) if row is not None else None, stage))
 
+    def planned_keys(self, conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]:
+        """Normalised key -> source row number, for those of ``keys`` already planned (inside a transaction)."""
+        if not keys:
+            return {}
+        found = conn.execute("SELECT key_norm, row_no FROM rows WHERE key_norm IN (SELECT value FROM json_each(?))",
+                             (json.dumps(list(keys)),))
+        return {str(k): int(n) for k, n in found}
+
+    def add_planned(self, conn: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> None:
+        """Record planned rows (inside a transaction): ``(row_no, key_norm, key_json, action, payload_json,
+        intended_json, diff_json, status)`` each, keys not planned yet (see :meth:`planned_keys`)."""
+        conn.executemany("INSERT INTO rows (row_no, key_norm, key_json, action, payload_json, intended_json, "
+                         "diff_json, status) VALUES (?,?,?,?,?,?,?,?)", rows)
+
     def number_batches(self, size: int, *, complete: bool = True) -> int:
         """Number the planned creates and updates that have no batch yet, in source order; returns the count.
 

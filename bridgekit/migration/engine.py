@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bridgekit.errors import ConfigError, SyncError, TransientError
 from bridgekit.migration.checkpoint import Checkpoint, checkpoint_path
 from bridgekit.migration.mapping import LookupMap, load_mapping, parse_mapping
@@ -72,6 +74,9 @@ __all__ = [
 log = logging.getLogger("bridgekit.migration")
 
 _PLAN_CHUNK = 2000  # source rows validated and diffed per warehouse query (each opens the warehouse once)
+# An execution plans its first rows in pieces growing from one batch to _PLAN_CHUNK, so the first batch
+# goes out after one batch of rows is planned instead of a whole chunk; later chunks stay large.
+_RAMP = 2
 _LOOKUP_CHUNK = 50  # values per live lookup query (an `or` of `eq`s; URLs stay short)
 _SEP = "\x1f"
 _LOOKUP_TYPES = ("Lookup", "Customer", "Owner")
@@ -368,7 +373,6 @@ class Migration:
         self._schema: TargetSchema | None = None
         self._lookup_cache: dict[tuple[str, str], str | tuple[str, ...] | None] = {}
         self._cache_lock = threading.Lock()
-        self._present: set[str] | None = None
 
     # -- public entry points ----------------------------------------------------------------------------
 
@@ -512,6 +516,8 @@ class Migration:
         key_cols = [schema.columns[k] for k in self.mapping.key]
         source_rows = 0
         row_no = 0
+        # A dry run has no writes to start early: it plans whole chunks from the first.
+        piece = self.batch_size if on_batches is not None else _PLAN_CHUNK
         for chunk in self.source.batches(_PLAN_CHUNK):
             numbered = []
             for row in chunk:
@@ -519,12 +525,15 @@ class Migration:
                 numbered.append((row_no, row))
             source_rows += len(chunk)
             numbered = [(n, row) for n, row in numbered if n > after_row]
-            if not numbered:
-                continue
-            self._plan_chunk(cp, schema, key_cols, numbered)
-            if on_batches is not None:
-                cp.number_batches(self.batch_size, complete=False)
-                on_batches()
+            start = 0
+            while start < len(numbered):
+                part = numbered[start:start + piece]
+                start += len(part)
+                piece = min(piece * _RAMP, _PLAN_CHUNK)
+                self._plan_chunk(cp, schema, key_cols, part)
+                if on_batches is not None:
+                    cp.number_batches(self.batch_size, complete=False)
+                    on_batches()
         batches = cp.number_batches(self.batch_size)
         return _summarise(cp, run_id, schema.table, self.source.description, source_rows, batches,
                           dry_run=mode == "dry_run", sample_size=self.sample_size)
@@ -595,18 +604,25 @@ class Migration:
                     key_text = "/".join(str(row.get(c.source) or "") for c in m.columns if c.target in m.key and c.source)
                     cp.reject(conn, row_no=row_no, key=key_text or None, columns=[c for c, _ in errs],
                               reason="; ".join(r for _, r in errs), row=row)
+            # The first source row with a key wins; a later one is rejected naming it. Rows are in source
+            # order, so the winner is in an earlier chunk (one lookup) or earlier in this one.
+            first = cp.planned_keys(conn, list(keys.values()))
+            planned: list[tuple[Any, ...]] = []
+            duplicates: list[tuple[int, dict[str, Any], dict[str, Any], int]] = []
             for row_no, row, values in valid:
-                entry = self._entry(schema, values, ids[row_no], current.get(keys[row_no]))
-                cur = conn.execute(
-                    "INSERT INTO rows (row_no, key_norm, key_json, action, payload_json, intended_json, diff_json, "
-                    "status) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key_norm) DO NOTHING",
-                    (row_no, keys[row_no], json.dumps({k: json_value(values[k]) for k in m.key}), entry["action"],
-                     json.dumps(entry["payload"]), json.dumps(entry["intended"]), json.dumps(entry["diff"]),
-                     "unchanged" if entry["action"] == "unchanged" else "planned"))
-                if cur.rowcount == 0:
-                    first = conn.execute("SELECT row_no FROM rows WHERE key_norm = ?", (keys[row_no],)).fetchone()
-                    cp.reject(conn, row_no=row_no, key="/".join(str(values[k]) for k in m.key), columns=list(m.key),
-                              reason=f"duplicate alternate key: source row {first[0]} has the same key", row=row)
+                key = keys[row_no]
+                if key in first:
+                    duplicates.append((row_no, row, values, first[key]))
+                    continue
+                first[key] = row_no
+                entry = self._entry(schema, values, ids[row_no], current.get(key))
+                planned.append((row_no, key, _dumps({k: json_value(values[k]) for k in m.key}), entry["action"],
+                                _dumps(entry["payload"]), _dumps(entry["intended"]), _dumps(entry["diff"]),
+                                "unchanged" if entry["action"] == "unchanged" else "planned"))
+            cp.add_planned(conn, planned)
+            for row_no, row, values, first_row in duplicates:
+                cp.reject(conn, row_no=row_no, key="/".join(str(values[k]) for k in m.key), columns=list(m.key),
+                          reason=f"duplicate alternate key: source row {first_row} has the same key", row=row)
 
     def _entry(self, schema: TargetSchema, values: dict[str, Any], lookup_ids: dict[str, str],
                current: dict[str, str | None] | None) -> dict[str, Any]:
@@ -651,9 +667,7 @@ class Migration:
     def _current(self, schema: TargetSchema, key_cols: list[TargetColumn], keys: list[str]
                  ) -> dict[str, dict[str, str | None]]:
         """Canonical current values of the target rows with these normalised keys (from the synced warehouse)."""
-        if self._present is None:
-            self._present = _warehouse_columns(self.workbench.warehouse, schema.table)
-        return _warehouse_rows(self.workbench.warehouse, schema, self.mapping, key_cols, keys, present=self._present)
+        return _warehouse_rows(self.workbench.warehouse, schema, self.mapping, key_cols, keys)
 
     def _resolve(self, lk: LookupMap, values: dict[int, str]) -> dict[int, str | tuple[str, ...] | None]:
         """Row number -> id (str), None (no match) or a tuple of ids (ambiguous)."""
@@ -698,8 +712,8 @@ class Migration:
 
         ops = []
         for r in rows:
-            key = json.loads(r["key_json"])
-            payload = json.loads(r["payload_json"])
+            key = _loads(r["key_json"])
+            payload = _loads(r["payload_json"])
             if r["action"] == "create":
                 # If-None-Match: * -> create only; a 412 means the row appeared since planning.
                 ops.append(Operation("PATCH", schema.table, key, payload, {"If-None-Match": "*"}, idempotent=True))
@@ -885,6 +899,21 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
+def _dumps(value: Any) -> str:
+    """JSON text for the checkpoint (orjson: several times faster per row than the json module)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson does not encode (an integer beyond 64 bits): the json module's text
+        return json.dumps(value)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # text written by the json module that orjson does not read back
+        return json.loads(text)
+
+
 def _failure(row: Any, res: Any) -> dict[str, Any]:
     transient = res.status is None or res.status == 429 or res.status >= 500
     message = res.error.message if res.error is not None else f"status {res.status}"
@@ -892,30 +921,23 @@ def _failure(row: Any, res: Any) -> dict[str, Any]:
             "error": message[:500], "note": None}
 
 
-def _warehouse_columns(warehouse: Any, table: str) -> set[str]:
-    from bridgekit.warehouse import quote
-
-    return set(warehouse.arrow(f"SELECT * FROM dataverse.{quote(table)} LIMIT 0").column_names)
-
-
 def _warehouse_rows(warehouse: Any, schema: TargetSchema, mapping: MigrationMapping, key_cols: list[TargetColumn],
-                    keys: Sequence[str], *, present: set[str] | None = None) -> dict[str, dict[str, str | None]]:
+                    keys: Sequence[str]) -> dict[str, dict[str, str | None]]:
     """Canonical values of the mapped columns of target rows, by normalised key, from the synced warehouse."""
     from bridgekit.warehouse import quote
 
     if not keys:
         return {}
     names = [c.target for c in mapping.columns] + [lk.target for lk in mapping.lookups]
-    present = present if present is not None else _warehouse_columns(warehouse, schema.table)
     key_expr = " || chr(31) || ".join(f"lower(coalesce(CAST({quote(k)} AS VARCHAR), ''))" for k in mapping.key)
-    cols = [n for n in names if n in present]
     out: dict[str, dict[str, str | None]] = {}
     uniq = sorted(set(keys))
-    select = ", ".join([f"{key_expr} AS _bk_key"] + [quote(c) for c in cols])
     # The keys go as one list parameter: binding a list is several times faster than thousands of `?`s,
-    # and one query (one warehouse open) serves any number of keys.
-    table = warehouse.arrow(f"SELECT {select} FROM dataverse.{quote(schema.table)} "
-                            f"WHERE {key_expr} IN (SELECT unnest(?::VARCHAR[]))", [uniq])
+    # and one query (one warehouse open) serves any number of keys. COLUMNS picks the mapped columns the
+    # synced table has (a column never synced reads as null), so no query for the table's columns first.
+    table = warehouse.arrow(f"SELECT {key_expr} AS _bk_key, COLUMNS(lambda c: list_contains(?::VARCHAR[], c)) "
+                            f"FROM dataverse.{quote(schema.table)} WHERE {key_expr} IN (SELECT unnest(?::VARCHAR[]))",
+                            [names, uniq])
     data = table.to_pydict()
     types = [(n, schema.columns[n]) for n in names]
     for i, k in enumerate(data["_bk_key"]):
@@ -1049,10 +1071,8 @@ def reconcile(workbench: Any, run_id: str, *, state_dir: str | Path | None = Non
         dst_sums = dict.fromkeys(names, 0)
         compared = matched = missing = mismatched = 0
         differences: list[dict[str, Any]] = []
-        present = _warehouse_columns(workbench.warehouse, schema.table)
         for rows in _iter_rows(cp, "status IN ('done', 'unchanged')", size=2000):
-            current = _warehouse_rows(workbench.warehouse, schema, mapping, key_cols, [r["key_norm"] for r in rows],
-                                      present=present)
+            current = _warehouse_rows(workbench.warehouse, schema, mapping, key_cols, [r["key_norm"] for r in rows])
             for r in rows:
                 compared += 1
                 intended = json.loads(r["intended_json"])
