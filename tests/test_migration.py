@@ -343,9 +343,11 @@ def test_batches_are_written_while_planning_goes_on_and_a_run_stopped_while_plan
     mapping = parse_mapping(yaml.safe_load(text), text=text)
     state = tmp_path / "state"
     monkeypatch.setattr(engine, "_PLAN_CHUNK", 50)  # six plan chunks, so writing starts after the first
+    switch_interval = sys.getswitchinterval()
     with pytest.raises(OSError, match="went away"):
         Migration(wb, mapping, _FailingSource(tmp_path / "stop.csv", 150, state / "stopped-1.sqlite"),
                   state_dir=state).execute("stopped-1")
+    assert sys.getswitchinterval() == switch_interval  # shortened while writing and planning, restored
     cp_file = state / "stopped-1.sqlite"
     with sqlite3.connect(cp_file) as conn:
         status = conn.execute("SELECT status FROM run").fetchone()[0]
@@ -360,7 +362,7 @@ def test_batches_are_written_while_planning_goes_on_and_a_run_stopped_while_plan
     delta = list(wb.dataverse.track("account", select=["accountnumber"]))[-1].delta_link
 
     report = Migration(wb, mapping, str(tmp_path / "stop.csv"), state_dir=state).execute("stopped-1")
-    assert report.resumed and report.complete
+    assert report.resumed and report.complete and sys.getswitchinterval() == switch_interval
     assert report.counts["created"] == 300 and report.plan.counts["source_rows"] == 300
     assert report.plan.counts["batches"] == 15  # 300 rows in batches of 20: no short batch per plan chunk
     changed = set()

@@ -416,7 +416,12 @@ class Migration:
         self.schema()
         path = checkpoint_path(self.state_dir, run_id)
         resumed = path.exists()
-        with Checkpoint(path) as cp:
+        # While rows are planned, the sender threads give up the GIL at every TLS record and, at the default
+        # 5 ms switch interval, wait behind the planning thread to get it back: the service sits idle
+        # between batches. The sync's shorter interval (counted, restored by the last user) applies here too.
+        from bridgekit.sync import _responsive_threads
+
+        with Checkpoint(path) as cp, _responsive_threads():
             run = cp.run()
             if run is not None and run["mode"] != "execute":
                 raise ConfigError(f"run {run_id} was a {run['mode']}; executions take a new run id",
