@@ -55,6 +55,7 @@ __all__ = [
     "SyncReport",
     "TableReport",
     "resolve_selection",
+    "responsive_threads",
     "to_arrow",
 ]
 
@@ -348,8 +349,8 @@ _switch_saved = 0.0
 
 
 @contextlib.contextmanager
-def _responsive_threads() -> Iterator[None]:
-    """Shorten the interpreter's thread switch interval for the duration of a sync.
+def responsive_threads() -> Iterator[None]:
+    """Shorten the interpreter's thread switch interval while a sync (or a migration's writes) runs.
 
     A fetcher thread gives up the GIL hundreds of times per page (every TLS record read, every
     syscall) and, while the writer thread shapes rows, waits up to a whole switch interval each time
@@ -449,7 +450,7 @@ class SyncEngine:
             WarehouseError: the warehouse cannot be written.
         """
         selection = resolve_selection(self.tables, only)
-        with self.warehouse.lock(), _responsive_threads():
+        with self.warehouse.lock(), responsive_threads():
             return self._run(selection, full=full, quiet_noop=False)
 
     def watch(self, only: Iterable[str] | str | None = None, *, interval: float = 1.0,
@@ -463,7 +464,7 @@ class SyncEngine:
         """
         selection = resolve_selection(self.tables, only)
         stop = stop or threading.Event()
-        with self.warehouse.lock(), _responsive_threads():
+        with self.warehouse.lock(), responsive_threads():
             first = True
             while not stop.is_set():
                 report = self._run(selection, full=full and first, quiet_noop=not first)

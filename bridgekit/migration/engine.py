@@ -419,9 +419,9 @@ class Migration:
         # While rows are planned, the sender threads give up the GIL at every TLS record and, at the default
         # 5 ms switch interval, wait behind the planning thread to get it back: the service sits idle
         # between batches. The sync's shorter interval (counted, restored by the last user) applies here too.
-        from bridgekit.sync import _responsive_threads
+        from bridgekit.sync import responsive_threads
 
-        with Checkpoint(path) as cp, _responsive_threads():
+        with Checkpoint(path) as cp, responsive_threads():
             run = cp.run()
             if run is not None and run["mode"] != "execute":
                 raise ConfigError(f"run {run_id} was a {run['mode']}; executions take a new run id",
