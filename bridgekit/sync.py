@@ -21,8 +21,9 @@ How a run goes (:meth:`SyncEngine.run`), top to bottom:
 The engine knows nothing about HTTP: each table is a :class:`Source` yielding pages by *position*
 (a next/delta link), which is what makes resuming after a crash possible. A :class:`SplitSource` hands
 over each page as soon as it knows the next position, so its fetcher thread keeps the service busy
-while the writer thread decodes, shapes and checkpoints (the service is what a full load waits on). :func:`sources_for` builds the
-sources for a profile's clients (``bridgekit.dataverse`` / ``bridgekit.graph``).
+while the writer thread decodes, shapes and checkpoints (the service is what a full load waits on).
+:func:`sources_for` builds the sources for a profile's clients (``bridgekit.dataverse`` /
+``bridgekit.graph``).
 """
 
 from __future__ import annotations
@@ -699,8 +700,8 @@ class SyncEngine:
         try:
             if not todo:
                 return
-            # Even one partition goes through a fetcher thread: it fetches (and shapes) the next page while
-            # this thread checkpoints the current one. A bounded queue keeps memory flat: fetchers wait
+            # Even one partition goes through a fetcher thread: it fetches the next page while this thread
+            # shapes and checkpoints the current one. A bounded queue keeps memory flat: fetchers wait
             # while the writer catches up.
             pages: queue.Queue[tuple[int, Page | RawPage | BaseException | None]] = queue.Queue(
                 maxsize=len(todo) + 1)
@@ -711,8 +712,8 @@ class SyncEngine:
                 cur: str | None = cursor
                 try:
                     while cur is not None and not stop.is_set():
-                        # A split source hands over the decoded body and goes on to the next request
-                        # while the writer shapes it: the service never waits for the shaping.
+                        # A split source hands over the page as fetched and goes on to the next request
+                        # while the writer decodes and shapes it: the service never waits for that.
                         item = self._page(source, cur) if split is None or self._has_prefetched(source, cur) \
                             else split.fetch(cur)
                         pages.put((part, item))
@@ -797,8 +798,8 @@ def _scan_next_link(raw: bytes) -> str | None:
     Inside a JSON string every ``"`` is escaped, so ``"@odata.nextLink"`` followed by ``:`` can only be
     a member name; Dataverse rows have no member of that exact name (an expanded collection's is
     ``<navigation>@odata.nextLink``), and the page's own comes after ``value`` (protocols.md §1.7), so
-    the last one is the page's. A link with an escape in it is left to the decoder. The result is
-    only a hint: the decoded link is compared with it, and a mismatch wastes one request, no more.
+    the last one is the page's. A link with an escape in it is left to the decoder. The decoded link
+    is still compared with it before the page is staged (:meth:`DataverseSource.shape`).
     """
     i = raw.rfind(_NEXT_LINK_KEY)
     if i < 0:
@@ -817,22 +818,6 @@ def _scan_next_link(raw: bytes) -> str | None:
         return tail[1:end].decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def _decode(raw: bytes, url: str) -> dict[str, Any]:
-    import orjson
-
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        from bridgekit.errors import ApiError, redact
-
-        raise ApiError(f"dataverse GET {redact(url[:200])}: response is not JSON", service="dataverse") from exc
-    if not isinstance(body, dict):
-        from bridgekit.errors import ApiError
-
-        raise ApiError("dataverse answered a page that is not a JSON object", service="dataverse")
-    return body
 
 
 def _row_version(row: Mapping[str, Any]) -> str | None:
@@ -870,7 +855,6 @@ class DataverseSource:
         self._select = ""
         self._schema: pa.Schema | None = None
         self._has_text = False
-        self._rows: int | None = None  # the row count found when planning a full read
 
     @property
     def tracked(self) -> bool:
@@ -946,12 +930,11 @@ class DataverseSource:
     def plan_full(self, partitions: int) -> FullPlan:
         from bridgekit.odata import with_query
 
-        self._rows = None
-        filters = self._ranges(partitions)
+        filters, estimate = self._ranges(partitions)
         if not self.tracked:
-            return FullPlan([_PLAIN + self._url({"$filter": f}) for f in filters], None, self._rows)
+            return FullPlan([_PLAIN + self._url({"$filter": f}) for f in filters], None, estimate)
         if len(filters) <= 1:
-            return FullPlan([_TRACKED + self._url()], estimate=self._rows)
+            return FullPlan([_TRACKED + self._url()], estimate=estimate)
         # Take the delta link first (a key-only tracked read: its snapshot is taken at its first page),
         # so every change made while the ranges are read comes back in the catch-up delta.
         url: str | None = with_query(self._info.entity_set, {"$select": self._info.primary_id})
@@ -963,7 +946,7 @@ class DataverseSource:
         if token is None:
             raise SyncError(f"{self.table}: the tracked read ended without a delta link", table=self.table)
         return FullPlan([_PLAIN + self._url({"$filter": f}) for f in filters], self._with_select(token),
-                        estimate=self._rows)
+                        estimate=estimate)
 
     def _with_select(self, link: str) -> str:
         """``link`` with the table's full ``$select``: a delta link repeats the query it came from, and the
@@ -975,38 +958,37 @@ class DataverseSource:
         query = [(k, self._select if k == "$select" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
         return urlunsplit(parts._replace(query=urlencode(query, safe="$,!", quote_via=quote)))
 
-    def _ranges(self, partitions: int) -> list[Any]:
+    def _ranges(self, partitions: int) -> tuple[list[Any], int | None]:
+        """The ``$filter`` of each partition (``[None]``: one read) and the rows expected, when counted."""
         if partitions <= 1:
-            return [None]
+            return [None], None
+        estimate: int | None = None
         try:
-            rows = self._estimate()
-            if rows is not None and rows < self.single_read_below:
-                return [None]
+            estimate, exact = self._count()
+            if exact and estimate < self.single_read_below:
+                return [None], estimate
         except BridgekitError as exc:  # a count is an optimisation only
             log.debug("%s: count failed (%s); reading in ranges", self.table, exc)
-        filters: list[Any] = list(self.client.partitions(self.name, partitions))
-        return filters
+        return list(self.client.partitions(self.name, partitions)), estimate
 
-    def _estimate(self) -> int | None:
-        """How many rows the table has, or None when only "at least 5,000" is known.
+    def _count(self) -> tuple[int, bool]:
+        """How many rows the table has, and whether that is the number or only "at least" it.
 
         ``$count`` stops at 5,000 (count-rows.md), so a capped answer is completed with
         ``RetrieveTotalRecordCount``, which is not capped but may be up to 24 hours old: fine for
         choosing how to read the table and for a progress bar.
         """
         n = int(self.client.count(self.name))
-        self._rows = n
         if n < COUNT_CAP:
-            return n
+            return n, True
         try:
             snapshot = self.client.total_record_counts([self.name]).get(self._info.logical_name)
         except BridgekitError as exc:
             log.debug("%s: total record count unavailable (%s)", self.table, exc)
             snapshot = None
         if snapshot is None or snapshot < 0:
-            return None
-        self._rows = max(n, snapshot)
-        return self._rows
+            return n, False
+        return max(n, snapshot), True
 
     def delta_start(self, token: str) -> list[str]:
         return [_DELTA + token]
@@ -1045,9 +1027,27 @@ class DataverseSource:
         hint = _scan_next_link(raw)
         if hint is not None:
             return RawPage(raw, kind + hint, cursor)
-        body = _decode(raw, url)  # no link found by scanning: decode here to be sure there is none
+        body = self._decode(raw, url)  # no link found by scanning: decode here to be sure there is none
         nxt = body.get("@odata.nextLink")
         return RawPage(body, (kind + nxt) if nxt else None, cursor)
+
+    def _decode(self, raw: bytes, url: str) -> dict[str, Any]:
+        body = self.client.session.decode_json(raw, url)
+        if not isinstance(body, dict):
+            from bridgekit.errors import ApiError
+
+            raise ApiError("dataverse answered a page that is not a JSON object", service="dataverse")
+        return body
+
+    def _check_next(self, raw: RawPage, link: str | None) -> None:
+        """Stop before staging a page whose own next link is not the one read ahead from its bytes.
+
+        Never seen from Dataverse; the page is not staged, so the checkpoint still points at it and the
+        next run reads on from there.
+        """
+        if (raw.cursor[:2] + link if link else None) != raw.next:
+            raise SyncError(f"{self.table}: the next-page link read ahead differs from the page's own",
+                            table=self.table, hint="run the sync again; it resumes from this page")
 
     def _get(self, cursor: str) -> bytes:
         kind, url = cursor[:2], cursor[2:]
@@ -1060,13 +1060,8 @@ class DataverseSource:
             # Pages of a full read hold current rows only (no deletes): decoded by Arrow's JSON
             # reader, which neither builds Python objects nor holds the GIL.
             return self._shape_arrow(spec, raw)
-        body = raw.body if isinstance(raw.body, dict) else _decode(raw.body, raw.cursor[2:])
-        nxt = body.get("@odata.nextLink")
-        if (raw.cursor[:2] + nxt if nxt else None) != raw.next:
-            # Never seen from Dataverse: the scanned link was not the page's. The page is not staged,
-            # so the checkpoint still points at it and the next run reads on from there.
-            raise SyncError(f"{self.table}: the next-page link read ahead differs from the page's own",
-                            table=self.table, hint="run the sync again; it resumes from this page")
+        body = raw.body if isinstance(raw.body, dict) else self._decode(raw.body, raw.cursor[2:])
+        self._check_next(raw, body.get("@odata.nextLink"))
         upserts: list[dict[str, Any]] = []
         deletes: list[str] = []
         for item in body.get("value", []):
@@ -1097,10 +1092,7 @@ class DataverseSource:
             raise SyncError(f"{spec.id}: a value does not fit its column's type: {exc}", table=spec.id,
                             hint="the table's metadata may have changed during the sync; run it again") from exc
         top = table.select(["@odata.nextLink", "@odata.deltaLink"]).to_pylist()[0] if table.num_rows == 1 else {}
-        nxt = top.get("@odata.nextLink")
-        if (raw.cursor[:2] + nxt if nxt else None) != raw.next:
-            raise SyncError(f"{self.table}: the next-page link read ahead differs from the page's own",
-                            table=self.table, hint="run the sync again; it resumes from this page")
+        self._check_next(raw, top.get("@odata.nextLink"))
         items = table.column("value").combine_chunks().flatten() if table.num_rows else None
         if items is None or not len(items):
             return Page(rows=[], next=raw.next, token=top.get("@odata.deltaLink"))

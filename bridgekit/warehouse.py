@@ -806,15 +806,16 @@ class Staging:
         target = f"{_STAGE_ALIAS}.{quote(spec.schema)}.{quote(spec.name)}"
         k = quote(spec.key)
         st = _stage_table(spec.id)
-        latest = (f"(SELECT * FROM {st} QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1)")
+        last = f"QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1"
         if state.mode == "full":
             # A full load stages each key once, except keys the catch-up delta (or a Graph replay) staged
             # again: only those go through the window, the rest are taken as they are (the window over a
             # whole million-row table was ~40% of the merge).
             dup = f"(SELECT {k} FROM {st} GROUP BY {k} HAVING count(*) > 1)"
             latest = (f"(SELECT * FROM {st} ANTI JOIN {dup} USING ({k}) UNION ALL "
-                      f"SELECT * FROM (SELECT * FROM {st} SEMI JOIN {dup} USING ({k})) "
-                      f"QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1)")
+                      f"SELECT * FROM (SELECT * FROM {st} SEMI JOIN {dup} USING ({k})) {last})")
+        else:
+            latest = f"(SELECT * FROM {st} {last})"
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_STAGE_ALIAS}.{quote(spec.schema)}")
         old = self._columns(spec)
         meta = "_bk_version, CAST(? AS TIMESTAMPTZ) AS _bk_synced_at, CAST(? AS VARCHAR) AS _bk_run_id"

@@ -542,7 +542,7 @@ def test_next_links_read_off_raw_pages_only_when_certain() -> None:
 def test_arrow_shaped_pages_equal_python_shaped_pages_for_every_table(emulator: Any, tmp_path: Path) -> None:
     """Full-read pages are shaped by Arrow's JSON reader; every value, label, lookup target and version
     must be what the row-by-row path makes of the same bytes."""
-    from bridgekit.sync import DataverseSource, RawPage, _decode
+    from bridgekit.sync import DataverseSource, RawPage
     from bridgekit.workbench import Workbench
 
     wb = Workbench(_profile(emulator, tmp_path / "a.duckdb"))
@@ -556,7 +556,7 @@ def test_arrow_shaped_pages_equal_python_shaped_pages_for_every_table(emulator: 
             raw = src.fetch(cursor)
             if isinstance(raw.body, bytes):
                 fast = src.shape(raw)
-                slow = src.shape(RawPage(_decode(raw.body, ""), raw.next, raw.cursor))
+                slow = src.shape(RawPage(json.loads(raw.body), raw.next, raw.cursor))
                 assert isinstance(fast.rows, pa.Table) and isinstance(slow.rows, pa.Table)
                 assert fast.rows.num_rows == slow.rows.num_rows > 0
                 for col in spec.columns:

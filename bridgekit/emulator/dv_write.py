@@ -128,17 +128,10 @@ _EDM = {"String": "Edm.String", "Memo": "Edm.String", "Integer": "Edm.Int32", "B
         "DateTime": "Edm.DateTimeOffset", "Uniqueidentifier": "Edm.Guid"}
 
 
-@dataclass(frozen=True, slots=True)
-class _BadLiteral:
-    """The payload error for a value of the wrong type, built only when it is raised."""
-
-    table: Table
-    type: str
-    value: Any
-
-    def error(self) -> DvError:
-        return payload_error(self.table.logical_name, f"Cannot convert the literal '{self.value}' to the expected "
-                                                      f"type '{_EDM.get(self.type, 'Edm.String')}'.")
+def _bad_literal(table: Table, type: str, value: Any) -> DvError:
+    """The payload error for a value of the wrong type (built only when raised: most values are fine)."""
+    return payload_error(table.logical_name, f"Cannot convert the literal '{value}' to the expected type "
+                                             f"'{_EDM.get(type, 'Edm.String')}'.")
 
 
 _REF = re.compile(r"^(?:.*?/api/data/v\d+\.\d+/|/)?([A-Za-z0-9_]+)\((.+)\)$", re.S)
@@ -229,10 +222,9 @@ class Writer:
         if value is None:
             return None
         t = col.type
-        bad = _BadLiteral(table, t, value)
         if t in ("String", "Memo", "EntityName"):
             if not isinstance(value, str):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             if col.max_length is not None and len(value) > col.max_length:
                 raise DvError(400, "0x80044331",
                               f"A validation error occurred. The length of the '{col.name}' attribute of the "
@@ -241,7 +233,7 @@ class Writer:
             return value
         if t in ("Integer", "BigInt", "Picklist", "State", "Status"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             if col.options is not None and value not in col.options.options:
                 raise DvError(400, "0x8004431a",
                               f"A validation error occurred. The value {value} of '{col.name}' on record of type "
@@ -250,28 +242,28 @@ class Writer:
             return value
         if t in ("Money", "Decimal", "Double"):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             return value
         if t == "Boolean":
             if not isinstance(value, bool):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             return value
         if t == "DateTime":
             if not isinstance(value, str):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             try:
                 dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
-                raise bad.error() from None
+                raise _bad_literal(table, t, value) from None
             if col.date_only:
                 return dt.date().isoformat()
             dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
             return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if t == "Uniqueidentifier":
             if not isinstance(value, str) or not is_guid(value):
-                raise bad.error()
+                raise _bad_literal(table, t, value)
             return str(uuid.UUID(value.strip("{}")))
-        raise bad.error()
+        raise _bad_literal(table, t, value)
 
     def changes(self, table: Table, body: Mapping[str, Any], content_ids: Mapping[str, str], *,
                 creating: bool) -> dict[str, Any]:
