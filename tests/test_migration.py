@@ -504,10 +504,13 @@ def test_cutover_copies_then_catches_up_until_the_environments_agree(
     def changes_arrive(round_no: int) -> None:
         if round_no == 1:  # users keep working in the source while the copy runs
             emulator.admin("mutate", {"creates": 15, "updates": 60, "deletes": 8, "seed": 99})
-            # mutate spreads its deletes over every collection, so whether one hits a contact depends on
-            # what earlier tests left in the shared emulator: delete two copied contacts for certain.
+            # mutate spreads its creates and deletes over every collection, so whether one hits a copied
+            # contact depends on what earlier tests left in the shared emulator: create one contact with a
+            # key and delete two copied contacts for certain.
             from bridgekit import odata
 
+            source.dataverse.create("contact", {"employeeid": "CUT-NEW-1", "firstname": "Cutover",
+                                                "lastname": "Newcomer", "jobtitle": "Analyst"})
             gone = list(source.dataverse.rows("contact", select=["contactid"], top=2,
                                               filter=odata.ne("employeeid", None)))
             assert len(gone) == 2
@@ -519,7 +522,7 @@ def test_cutover_copies_then_catches_up_until_the_environments_agree(
     snapshot, catch_up, last = report.rounds[0], report.rounds[1], report.rounds[-1]
     assert snapshot["kind"] == "snapshot" and snapshot["created"] > 1000
     assert catch_up["kind"] == "catch-up" and catch_up["source_changes"] > 0
-    assert catch_up["created"] > 0 and catch_up["updated"] > 0 and catch_up["deleted"] > 0
+    assert catch_up["created"] > 0 and catch_up["updated"] > 0 and catch_up["deleted"] > 0, catch_up
     assert len(report.rounds) == 3 and last["lag"] == 0
     assert report.ready and report.lag == 0 and report.status in ("green", "amber")
     assert "ready to switch" in report.to_markdown()
