@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
@@ -134,28 +135,29 @@ class Operation:
     """One write for :meth:`DataverseClient.batch`. Build with the class methods.
 
     ``idempotent`` says whether repeating it is harmless (upserts and conditional updates), which lets
-    a batch be retried after a 5xx.
+    a batch be retried after a 5xx. ``data`` is the JSON body: a mapping, or the text of a JSON object
+    already encoded (a migration keeps each row's payload encoded in its checkpoint).
     """
 
     method: str
     table: str
     key: Key | None = None
-    data: Mapping[str, Any] | None = None
+    data: Mapping[str, Any] | str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotent: bool = False
 
     @classmethod
-    def create(cls, table: str, data: Mapping[str, Any]) -> Operation:
+    def create(cls, table: str, data: Mapping[str, Any] | str) -> Operation:
         """POST a new row."""
         return cls("POST", table, None, data)
 
     @classmethod
-    def update(cls, table: str, key: Key, data: Mapping[str, Any], *, if_match: str = "*") -> Operation:
+    def update(cls, table: str, key: Key, data: Mapping[str, Any] | str, *, if_match: str = "*") -> Operation:
         """PATCH an existing row (``If-Match: *`` prevents creating it; an ETag adds a concurrency check)."""
         return cls("PATCH", table, key, data, {"If-Match": if_match}, idempotent=True)
 
     @classmethod
-    def upsert(cls, table: str, key: Key, data: Mapping[str, Any]) -> Operation:
+    def upsert(cls, table: str, key: Key, data: Mapping[str, Any] | str) -> Operation:
         """PATCH by id or alternate key: creates or updates."""
         return cls("PATCH", table, key, data, idempotent=True)
 
@@ -207,6 +209,14 @@ def _key_segment(key: Key) -> str:
             raise ValueError(f"not a column name: {name!r}")
         parts.append(f"{name}={literal(value)}")
     return "(" + quote(",".join(parts), safe="'=,") + ")"
+
+
+def _json_text(data: Mapping[str, Any]) -> str:
+    """A write body as JSON text (orjson; the json module for what orjson refuses, e.g. integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(data if isinstance(data, dict) else dict(data)).decode()
+    except TypeError:
+        return json.dumps(dict(data), ensure_ascii=False)
 
 
 def _entity_id(url: str | None) -> str | None:
@@ -685,7 +695,8 @@ class DataverseClient:
         path = url + (_key_segment(op.key) if op.key is not None else "")
         lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary", f"Content-ID: {content_id}",
                  "", f"{op.method} {path} HTTP/1.1"]
-        payload = json.dumps(dict(op.data), ensure_ascii=False) if op.data is not None else None
+        data = op.data
+        payload = data if data is None or isinstance(data, str) else _json_text(data)
         if payload is not None:
             lines.append("Content-Type: application/json; type=entry")
             # Some servers reject write parts without an inner Content-Length (protocols.md §1.13, [T]).

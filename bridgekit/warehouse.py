@@ -58,6 +58,7 @@ __all__ = [
     "LOCK_TIMEOUT_S",
     "META_COLUMNS",
     "Column",
+    "HeldReader",
     "MergeCounts",
     "RunRecord",
     "StageState",
@@ -416,6 +417,10 @@ class Warehouse:
                 raise WarehouseError(f"query failed: {exc}", path=str(self.path)) from exc
             return result
 
+    def held_reader(self, hold_s: float = 1.0) -> HeldReader:
+        """A read-only connection shared by a run of short queries, held at most ``hold_s`` (see :class:`HeldReader`)."""
+        return HeldReader(self, hold_s)
+
     def tables(self) -> list[str]:
         """``schema.table`` of every mirrored table."""
         with self.reader() as conn:
@@ -473,6 +478,49 @@ class Warehouse:
     def lock(self) -> SyncLock:
         """The one-sync-per-warehouse lock."""
         return SyncLock(self.lock_path)
+
+
+class HeldReader:
+    """One read-only connection reused by a run of short queries, reopened once it is older than ``hold_s``.
+
+    Opening the warehouse file costs ~15 ms of CPU (its catalog is read each time), more than a small
+    query; a loop of them (a migration looks up the current target rows of each chunk it plans) pays it
+    once per ``hold_s`` instead of per query. While the connection is open a merge waits for it, so it
+    is never held longer than ``hold_s`` plus one query. Use it as a context manager, or :meth:`close` it.
+    """
+
+    def __init__(self, warehouse: Warehouse, hold_s: float = 1.0) -> None:
+        self.warehouse = warehouse
+        self.hold_s = hold_s
+        self._held: contextlib.AbstractContextManager[duckdb.DuckDBPyConnection] | None = None
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._opened = 0.0
+
+    def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
+        """Like :meth:`Warehouse.arrow`, on the held connection."""
+        if self._conn is not None and time.monotonic() - self._opened > self.hold_s:
+            self.close()
+        if self._conn is None:
+            held = self.warehouse.reader()
+            self._conn = held.__enter__()
+            self._held, self._opened = held, time.monotonic()
+        try:
+            result: pa.Table = self._conn.sql(query, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            raise WarehouseError(f"query failed: {exc}", path=str(self.warehouse.path)) from exc
+        return result
+
+    def close(self) -> None:
+        """Release the connection (a later query opens a new one)."""
+        held, self._held, self._conn = self._held, None, None
+        if held is not None:
+            held.__exit__(None, None, None)
+
+    def __enter__(self) -> HeldReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _sql_string(text: str) -> str:

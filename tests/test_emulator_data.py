@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,33 @@ def test_mutate_on_an_empty_store_changes_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "empty.db")
     out = activity.mutate(store, creates=5, updates=5, deletes=5, seed=1)
     assert out["counts"]["records"] == 0 and out["created"] == {} and out["deleted"] == {}
+
+
+def test_versions_allocated_in_a_transaction_are_seen_inside_it_and_stored_at_commit(tmp_path: Path) -> None:
+    """The version counter lives in memory during a write transaction: what it hands out must still be
+    strictly increasing, visible to reads inside the transaction, invisible outside it until commit,
+    persisted by the commit, and forgotten when the transaction rolls back."""
+    store = Store(tmp_path / "v.db")
+    store.ensure_collection("thing")
+    start = store.current_version()
+    seen_outside: list[int] = []
+    with store.write():
+        first = store.put("thing", "a", {"n": 1})
+        with pytest.raises(RuntimeError), store.savepoint():
+            store.put("thing", "b", {"n": 2})
+            raise RuntimeError("undo this part")
+        second = store.put("thing", "c", {"n": 3})
+        assert store.current_version() == second
+        with sqlite3.connect(tmp_path / "v.db") as other:
+            seen_outside.append(int(other.execute("SELECT v FROM meta WHERE k='version'").fetchone()[0]))
+    assert first == start + 1 and second > first
+    assert seen_outside == [start]  # other connections see only committed versions
+    assert store.get("thing", "b") is None
+    assert Store(tmp_path / "v.db").current_version() == second
+    with pytest.raises(RuntimeError), store.write():
+        store.put("thing", "d", {"n": 4})
+        raise RuntimeError("roll the whole transaction back")
+    assert store.current_version() == second and store.get("thing", "d") is None
+    assert store.put("thing", "e", {"n": 5}) == second + 1
+    changed = [(c.id, c.version) for c in store.changes_since("thing", start)]
+    assert changed == [("a", first), ("c", second), ("e", second + 1)]

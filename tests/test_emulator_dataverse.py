@@ -739,3 +739,24 @@ def test_powerplatform_dataverse_sdk_pages_and_creates(emulator: Any, dv: Dv, ta
         assert pages >= 2 and len(seen) == len(set(seen)) == int(dv.get("contacts/$count").text)
     row = dv.get(f"accounts({new_id})", params={"$select": "name,numberofemployees"}).json()
     assert (row["name"], row["numberofemployees"]) == (f"From the SDK {tag}", 12)
+
+
+def test_records_created_without_an_id_get_ascending_guids(dv: Dv, tag: str) -> None:
+    """Dataverse assigns sequential GUIDs when the caller gives no id; the emulator's ids ascend too,
+    whether the record comes from a POST, an upsert by alternate key or a $batch part."""
+    ids = []
+    for i in range(3):
+        r = dv.call("POST", "accounts", json={"name": f"Seq {tag} {i}"})
+        assert r.status_code == 204, r.text
+        ids.append(re.search(r"\(([0-9a-f-]{36})\)", r.headers["OData-EntityId"]).group(1))  # type: ignore[union-attr]
+    r = dv.call("PATCH", f"accounts(accountnumber='SEQ-{tag}')", json={"name": f"Seq {tag} upsert"})
+    assert r.status_code == 204, r.text
+    ids.append(dv.rows("accounts", {"$select": "accountid", "$filter": f"accountnumber eq 'SEQ-{tag}'"})[0]["accountid"])
+    body = _batch([_changeset([_part("POST", "accounts", f'{{"name":"Seq {tag} batch {i}"}}', i + 1)
+                               for i in range(2)], "cs_seq")], "batch_seq")
+    r = dv.call("POST", "$batch", data=body.encode(), headers={"Content-Type": "multipart/mixed; boundary=batch_seq"})
+    assert r.status_code == 200 and _statuses(r.text) == [204, 204], r.text
+    ids += re.findall(r"OData-EntityId: \S+accounts\(([0-9a-f-]{36})\)", r.text)
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert ids == sorted(ids)
+    assert all(str(uuid.UUID(i)) == i for i in ids)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -192,3 +194,38 @@ def test_export_parquet_and_delta(tmp_path: Path) -> None:
     (path,) = wh.export(tmp_path / "dl", format="delta")
     table = DeltaTable(str(path)).to_pyarrow_table()
     assert table.num_rows == 3 and "thingid" in table.column_names
+
+
+def test_held_reader_reuses_its_connection_for_a_while_then_lets_a_writer_in(tmp_path: Path) -> None:
+    """A run of small queries shares one read connection; past ``hold_s`` (or once closed) it is
+    released, so a merge in another process is not kept out for longer."""
+    wh = Warehouse(tmp_path / "w.duckdb", lock_timeout=0.5)
+    _stage(wh, SPEC, "full", [(_rows([1, 2, 3]), [])])
+    opened = []
+    real = wh.reader
+
+    def counting_reader() -> Any:
+        opened.append(1)
+        return real()
+
+    wh.reader = counting_reader  # type: ignore[method-assign]
+    with wh.held_reader(hold_s=0.3) as reader:
+        for n in (1, 2, 3):
+            got = reader.arrow("select name from dataverse.thing where thingid = ?", [_id(n)])
+            assert got.column("name").to_pylist() == [f"x{n}"]
+        assert len(opened) == 1
+        time.sleep(0.4)
+        assert reader.arrow("select count(*) as n from dataverse.thing").column("n").to_pylist() == [3]
+        assert len(opened) == 2
+        with pytest.raises(WarehouseError, match="query failed"):
+            reader.arrow("select * from dataverse.nothing_here")
+    # Released: a writer (another process) gets in at once.
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_write_lock, args=(str(wh.path), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(30)
+    finally:
+        release.set()
+        proc.join(30)

@@ -88,27 +88,35 @@ def _split_parts(body: str, boundary: str) -> list[str]:
     raise DvError(400, "0x80060888", "The batch body is not terminated by its closing boundary.")
 
 
+_BLANK_LINE = re.compile(r"^[ \t\r\f\v]*(?:\n|\Z)", re.M)
+
+
 def _headers_and_rest(text: str) -> tuple[dict[str, str], str]:
     """Header lines up to the first blank line (lower-cased names), and what follows it."""
+    m = _BLANK_LINE.search(text)
+    head, rest = (text[:m.start()], text[m.end():]) if m else (text, "")
     headers: dict[str, str] = {}
-    pos, size = 0, len(text)
-    while pos < size:
-        end = text.find("\n", pos)
-        line, pos = (text[pos:], size) if end < 0 else (text[pos:end], end + 1)
-        if not line.strip():
-            break
+    for line in head.split("\n"):
         k, sep, v = line.partition(":")
         if sep:
             headers[k.strip().lower()] = v.strip()
-    return headers, text[pos:]
+    return headers, rest
 
 
 _API_PREFIX = re.compile(r"^/api/data/v\d+\.\d+/?")
 _REQUEST_LINE = re.compile(r"(GET|POST|PATCH|PUT|DELETE)\s+(\S+)(?:\s+HTTP/\d\.\d)?\s*")
 
 
+# An absolute URL or a root-relative path up to and including the service root (the common form of a part).
+_ROOTED = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?(?:/[^?#]*?)?/api/data/v\d+\.\d+(?:/|(?=[?]|$))")
+
+
 def _relative(url: str, service_path: str) -> str:
     """Reduce an absolute URL or a root-relative path to the part after the service root."""
+    if "#" not in url:
+        m = _ROOTED.match(url)
+        if m is not None:
+            return url[m.end():]
     parts = urlsplit(url)
     path = parts.path
     if parts.scheme or path.startswith("/"):

@@ -7,7 +7,9 @@ version) and ``modifiedon``, and keeps ``activitypointer`` in step with the conc
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -20,7 +22,7 @@ from bridgekit.emulator.dv_common import CRM, DvError, NavProp, is_guid, nav_pro
 from bridgekit.emulator.schema import Column, Table
 from bridgekit.emulator.store import Row, Store
 
-__all__ = ["Caller", "Writer", "parse_key"]
+__all__ = ["Caller", "Writer", "parse_key", "sequential_id"]
 
 VERSION_FIELD = "versionnumber"
 _PAYLOAD_HELP = "https://go.microsoft.com/fwlink/?linkid=2195293"
@@ -36,6 +38,31 @@ class Caller:
 
 
 _NOW: tuple[int, str] = (0, "")
+
+
+_SEQ_LOCK = threading.Lock()
+_SEQ_LAST = 0  # the last (milliseconds << 12 | counter) handed out
+
+
+def sequential_id() -> str:
+    """A new record id that sorts after every id this process generated before it.
+
+    Dataverse assigns sequential GUIDs to records created without an id, and its best practices ask
+    clients to let it, because they index better than random ones ("The Dangers of Guid.NewGuid()",
+    Microsoft's CRM in the Field blog, 2015-01-19). Here the same property keeps the store's
+    primary-key B-tree append-only: a random id dirties a random page per insert, and writing those
+    pages out was about a quarter of a batched create's cost. The layout is RFC 9562's UUIDv7 (48-bit
+    Unix milliseconds, version 7, a 12-bit counter within the millisecond, 62 random bits), so the
+    text ascends in the store's (binary) key order and is still a valid GUID.
+    """
+    global _SEQ_LAST
+    tail = int.from_bytes(os.urandom(8)) >> 2
+    with _SEQ_LOCK:
+        stamp = max(_SEQ_LAST + 1, int(time.time() * 1000) << 12)
+        _SEQ_LAST = stamp
+    ms, counter = stamp >> 12, stamp & 0xFFF
+    text = f"{(ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | tail:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def now_text() -> str:
@@ -346,7 +373,8 @@ class Writer:
         rec.update(values)
         rec[table.primary_id] = rid
         self._finish(table, rec, values)
-        for k in [k for k, v in rec.items() if v is None and k.startswith("@emu.")]:
+        # A bind to null in ``values`` leaves a type annotation of None: drop it (the template has none).
+        for k in [k for k in values if k.startswith("@emu.") and rec.get(k) is None]:
             del rec[k]
         return rec
 
@@ -376,11 +404,11 @@ class Writer:
                 out[k] = v
         return out
 
-    def _store(self, table: Table, rid: str, rec: dict[str, Any]) -> int:
-        version = self.store.put(table.logical_name, rid, rec, version_field=VERSION_FIELD)
+    def _store(self, table: Table, rid: str, rec: dict[str, Any], *, fresh: bool = False) -> int:
+        version = self.store.put(table.logical_name, rid, rec, version_field=VERSION_FIELD, fresh=fresh)
         pointer = self._pointer(table, rec)
         if pointer is not None:
-            self.store.put(_POINTER, rid, pointer, version_field=VERSION_FIELD)
+            self.store.put(_POINTER, rid, pointer, version_field=VERSION_FIELD, fresh=fresh)
         return version
 
     def create(self, table: Table, values: dict[str, Any], caller: Caller, *, rid: str | None = None,
@@ -391,14 +419,14 @@ class Writer:
         the same write transaction) and not found, so their uniqueness check is not repeated.
         """
         given = values.get(table.primary_id) or rid
-        rid = str(given or uuid.uuid4())
+        rid = str(given or sequential_id())
         with self.store.write():
             # An id the caller chose may be taken; a fresh random one is not (no lookup needed).
             if given and self.store.get(table.logical_name, rid) is not None:
                 raise DvError(412, "0x80040237", "A record with matching key values already exists.")
             rec = self.new_record(table, values, caller, rid)
             self._check_alternate_keys(table, rec, rid, known_absent)
-            version = self._store(table, rid, rec)
+            version = self._store(table, rid, rec, fresh=not given)
         return rid, version, rec
 
     def _existing(self, table: Table, rid: str, expect_version: int | None) -> Row:

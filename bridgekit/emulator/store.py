@@ -67,6 +67,54 @@ class Change:
         return self.row is None
 
 
+class _WriteTransaction:
+    """:meth:`Store.write`: the outermost entry takes the lock and begins; nested entries join it."""
+
+    __slots__ = ("_outer", "_store")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        store = self._store
+        store._write_lock.acquire()
+        try:
+            conn = store._conn()
+            if store._write_depth:
+                store._write_depth += 1
+                return conn
+            store._write_depth = 1
+            self._outer = True
+            store._version, store._writer = None, threading.get_ident()
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            if self._outer:
+                store._write_depth, self._outer = 0, False
+            store._write_lock.release()
+            raise
+        return conn
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        store = self._store
+        try:
+            if not self._outer:
+                store._write_depth -= 1
+                return
+            try:
+                conn = store._conn()
+                if exc_type is not None:
+                    conn.execute("ROLLBACK")
+                else:
+                    if store._version is not None:  # the counter, kept in memory during the transaction
+                        conn.execute("UPDATE meta SET v=? WHERE k='version'", (str(store._version),))
+                    conn.execute("COMMIT")
+            finally:
+                store._write_depth, store._version, store._writer = 0, None, None
+        finally:
+            store._write_lock.release()
+
+
 def _table(coll: str) -> str:
     # Collection names are ours (schema-defined), but quote defensively: "graph.users" has a dot.
     return '"c_' + coll.replace('"', "") + '"'
@@ -89,6 +137,9 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._write_depth = 0  # nesting of write() on the thread holding _write_lock
+        # Inside a write transaction: the version counter (stored at commit) and the writing thread.
+        self._version: int | None = None
+        self._writer: int | None = None
         self._shared: sqlite3.Connection | None = None
         if self._memory:
             self._shared = self._open()
@@ -152,35 +203,15 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> _WriteTransaction:
         """An exclusive write transaction; versions allocated inside it are committed together.
 
         Nested calls on the thread that holds the transaction join it instead of starting another, so
         several store calls (a Dataverse ``$batch`` change set, an activity and its ``activitypointer``
-        row) commit or roll back as one.
+        row) commit or roll back as one. (A class, not a generator: a batched write enters it several
+        times per record.)
         """
-        with self._write_lock:
-            conn = self._conn()
-            if self._write_depth:
-                self._write_depth += 1
-                try:
-                    yield conn
-                finally:
-                    self._write_depth -= 1
-                return
-            self._write_depth = 1
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                else:
-                    conn.execute("COMMIT")
-            finally:
-                self._write_depth = 0
+        return _WriteTransaction(self)
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[sqlite3.Connection]:
@@ -283,14 +314,21 @@ class Store:
 
     # -- versions and meta -------------------------------------------------------------------------
     def current_version(self, conn: sqlite3.Connection | None = None) -> int:
-        """The highest committed row version."""
+        """The highest committed row version (inside this thread's write transaction: the highest allocated)."""
+        if self._version is not None and self._writer == threading.get_ident():
+            return self._version
         row = (conn or self._conn()).execute("SELECT v FROM meta WHERE k='version'").fetchone()
         return int(row[0])
 
     def _next_versions(self, conn: sqlite3.Connection, n: int = 1) -> int:
-        """Reserve ``n`` versions inside a write transaction; returns the first."""
+        """Reserve ``n`` versions inside a write transaction; returns the first.
+
+        The counter is read once per transaction (the write lock is held, so nobody else moves it), kept
+        in memory and stored when the transaction commits. A savepoint rolled back leaves a gap in the
+        versions, as Dataverse's have.
+        """
         cur = self.current_version(conn)
-        conn.execute("UPDATE meta SET v=? WHERE k='version'", (str(cur + n),))
+        self._version = cur + n
         return cur + 1
 
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -312,14 +350,25 @@ class Store:
         r = self._conn().execute(f"SELECT id, version, data FROM {_table(coll)} WHERE id=?", (rid,)).fetchone()
         return Row(*r) if r else None
 
-    def put(self, coll: str, rid: str, record: dict[str, Any], *, version_field: str | None = None) -> int:
+    def put(self, coll: str, rid: str, record: dict[str, Any], *, version_field: str | None = None,
+            fresh: bool = False) -> int:
         """Create or replace a record; returns its new version.
 
         Args:
             version_field: if given, the new version is also written into the record under this key
                 (Dataverse's ``versionnumber``) before it is stored.
+            fresh: ``rid`` was just generated, so no record or tombstone can have it (nothing to clear).
         """
-        return self.put_many(coll, [(rid, record)], version_field=version_field)[0]
+        self.ensure_collection(coll)
+        with self.write() as conn:
+            version = self._next_versions(conn)
+            if version_field:
+                record[version_field] = version
+            conn.execute(f"INSERT OR REPLACE INTO {_table(coll)} (id, version, data) VALUES (?, ?, ?)",
+                         (rid, version, orjson.dumps(record).decode()))
+            if not fresh:
+                conn.execute("DELETE FROM tombstones WHERE coll=? AND id=?", (coll, rid))
+        return version
 
     def put_many(self, coll: str, items: Sequence[tuple[str, dict[str, Any]]], *,
                  version_field: str | None = None) -> list[int]:

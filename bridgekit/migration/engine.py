@@ -373,6 +373,7 @@ class Migration:
         self._schema: TargetSchema | None = None
         self._lookup_cache: dict[tuple[str, str], str | tuple[str, ...] | None] = {}
         self._cache_lock = threading.Lock()
+        self._reader: Any = None  # the target warehouse's held reader while a plan runs
 
     # -- public entry points ----------------------------------------------------------------------------
 
@@ -519,10 +520,26 @@ class Migration:
         own = [lk.table for lk in self.mapping.lookups if lk.via_warehouse and not lk.profile]
         sync_tables(self.workbench, [schema.table, *own])
         key_cols = [schema.columns[k] for k in self.mapping.key]
-        source_rows = 0
-        row_no = 0
         # A dry run has no writes to start early: it plans whole chunks from the first.
         piece = self.batch_size if on_batches is not None else _PLAN_CHUNK
+        # Each chunk's current target rows come from the warehouse: one connection serves the chunks of
+        # a second instead of one file open per chunk.
+        with self.workbench.warehouse.held_reader() as reader:
+            self._reader = reader
+            try:
+                source_rows = self._plan_source(cp, schema, key_cols, piece, after_row, on_batches)
+            finally:
+                self._reader = None
+        batches = cp.number_batches(self.batch_size)
+        return _summarise(cp, run_id, schema.table, self.source.description, source_rows, batches,
+                          dry_run=mode == "dry_run", sample_size=self.sample_size)
+
+    def _plan_source(self, cp: Checkpoint, schema: TargetSchema, key_cols: list[TargetColumn], piece: int,
+                     after_row: int, on_batches: Callable[[], None] | None) -> int:
+        """Plan the source rows after ``after_row`` in pieces (the first ones ``piece`` rows); returns the
+        number of source rows read."""
+        source_rows = 0
+        row_no = 0
         for chunk in self.source.batches(_PLAN_CHUNK):
             numbered = []
             for row in chunk:
@@ -539,9 +556,7 @@ class Migration:
                 if on_batches is not None:
                     cp.number_batches(self.batch_size, complete=False)
                     on_batches()
-        batches = cp.number_batches(self.batch_size)
-        return _summarise(cp, run_id, schema.table, self.source.description, source_rows, batches,
-                          dry_run=mode == "dry_run", sample_size=self.sample_size)
+        return source_rows
 
     def _plan_chunk(self, cp: Checkpoint, schema: TargetSchema, key_cols: list[TargetColumn],
                     rows: list[tuple[int, dict[str, Any]]]) -> None:
@@ -672,7 +687,7 @@ class Migration:
     def _current(self, schema: TargetSchema, key_cols: list[TargetColumn], keys: list[str]
                  ) -> dict[str, dict[str, str | None]]:
         """Canonical current values of the target rows with these normalised keys (from the synced warehouse)."""
-        return _warehouse_rows(self.workbench.warehouse, schema, self.mapping, key_cols, keys)
+        return _warehouse_rows(self._reader or self.workbench.warehouse, schema, self.mapping, key_cols, keys)
 
     def _resolve(self, lk: LookupMap, values: dict[int, str]) -> dict[int, str | tuple[str, ...] | None]:
         """Row number -> id (str), None (no match) or a tuple of ids (ambiguous)."""
@@ -718,7 +733,7 @@ class Migration:
         ops = []
         for r in rows:
             key = _loads(r["key_json"])
-            payload = _loads(r["payload_json"])
+            payload = r["payload_json"]  # sent as planned: the checkpoint holds it as JSON text
             if r["action"] == "create":
                 # If-None-Match: * -> create only; a 412 means the row appeared since planning.
                 ops.append(Operation("PATCH", schema.table, key, payload, {"If-None-Match": "*"}, idempotent=True))
