@@ -760,3 +760,42 @@ def test_records_created_without_an_id_get_ascending_guids(dv: Dv, tag: str) -> 
     assert len(ids) == 6 and len(set(ids)) == 6
     assert ids == sorted(ids)
     assert all(str(uuid.UUID(i)) == i for i in ids)
+
+
+def test_a_batch_part_that_breaks_unexpectedly_answers_500_and_only_its_change_set_is_undone(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process (an emulator bug cannot be provoked over HTTP): a part raising an unexpected error gets
+    a 500 of its own, its change set is rolled back, and the change sets around it commit, as the
+    service's change sets are independent transactions."""
+    from bridgekit.emulator.context import EmulatorContext
+    from bridgekit.emulator.dataverse import DataverseService, DvRequest
+    from bridgekit.emulator.dv_common import Prefer
+    from bridgekit.emulator.dv_write import Caller
+
+    ctx = EmulatorContext(tmp_path, port=1)
+    svc = DataverseService(ctx)
+    real = svc.writer.create
+
+    def create(table: Any, values: dict[str, Any], caller: Any, **kw: Any) -> Any:
+        if values.get("name") == "breaks":
+            raise RuntimeError("an emulator bug")
+        return real(table, values, caller, **kw)
+
+    monkeypatch.setattr(svc.writer, "create", create)
+    body = _batch([_changeset([_part("POST", "accounts", '{"name":"first"}', 1)], "cs1"),
+                   _changeset([_part("POST", "accounts", '{"name":"before"}', 2),
+                               _part("POST", "accounts", '{"name":"breaks"}', 3)], "cs2"),
+                   _changeset([_part("POST", "accounts", '{"name":"after"}', 4)], "cs3")], "b1")
+
+    def send(prefer: Prefer) -> Any:
+        return svc.batch(DvRequest("POST", "$batch", [], {"content-type": "multipart/mixed; boundary=b1"}, prefer,
+                                   body.encode(), "https://127.0.0.1:1/org/api/data/v9.2", caller=Caller("u1")))
+
+    reply = send(Prefer(continue_on_error=True))
+    assert reply.status == 200 and _statuses(reply.body.decode()) == [204, 500, 204]
+    assert "0x80040216" in reply.body.decode()
+    names = sorted(r.load()["name"] for r in ctx.store.query("account"))
+    assert names == ["after", "first"]
+    reply = send(Prefer())  # without continue-on-error the batch stops at the failing change set
+    assert reply.status == 500 and _statuses(reply.body.decode()) == [500]
+    assert sorted(r.load()["name"] for r in ctx.store.query("account")) == ["after", "first", "first"]

@@ -305,6 +305,81 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_writing_anything_twic
     assert reconcile(wb, "killed-1", state_dir=state).status == "green"
 
 
+_KILLED_WHILE_PLANNING = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from bridgekit.config import Profile
+    from bridgekit.migration import Migration, engine, parse_mapping
+    from bridgekit.migration.sources import CsvSource
+    from bridgekit.workbench import Workbench
+    import yaml
+    home, warehouse, csv, state, text = sys.argv[1:6]
+    engine._PLAN_CHUNK = 50
+
+    class SlowSource(CsvSource):  # read slowly (a remote share): planning outlasts the first writes
+        def batches(self, size):
+            for chunk in super().batches(size):
+                time.sleep(0.2)
+                yield chunk
+
+    wb = Workbench.open(Profile(name="mig", auth="emulator", emulator_home=home, warehouse=warehouse))
+    source = SlowSource(Path(csv))
+    Migration(wb, parse_mapping(yaml.safe_load(text), text=text), source, state_dir=state).execute("plan-kill")
+""")
+
+
+def test_a_run_killed_while_planning_after_writes_began_resumes_exactly(emulator: Any, tmp_path: Path) -> None:
+    """SIGKILL while later rows are still being planned and earlier batches are written: the rerun checks
+    what was in flight, plans only the rows not planned yet, and the target ends exactly as intended."""
+    wb = workbench(emulator, tmp_path)
+    intended = write_accounts(tmp_path / "pk.csv", "PKL", 500)
+    text = SIMPLE_MAPPING % {"batch": 20, "concurrency": 2}
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_PLANNING, str(emulator.home),
+                             str(tmp_path / "mig.duckdb"), str(tmp_path / "pk.csv"), str(state), text],
+                            env=os.environ.copy())
+    cp_file = state / "plan-kill.sqlite"
+    deadline = time.monotonic() + 90
+    seen: tuple[str, int, int] = ("", 0, 0)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cp_file.exists():
+            with sqlite3.connect(cp_file, timeout=5) as conn:
+                try:
+                    seen = (conn.execute("SELECT status FROM run").fetchone()[0],
+                            conn.execute("SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0],
+                            conn.execute("SELECT count(*) FROM rows").fetchone()[0])
+                except (sqlite3.OperationalError, TypeError):
+                    seen = ("", 0, 0)
+            if seen[0] == "planning" and seen[1] >= 2:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    time.sleep(0.5)  # let the server finish the request the process was waiting on
+    with sqlite3.connect(cp_file) as conn:
+        status = conn.execute("SELECT status FROM run").fetchone()[0]
+        planned = conn.execute("SELECT count(*) FROM rows").fetchone()[0]
+    assert status == "planning" and 0 < planned < 500  # killed mid-plan, after writing had begun
+    written_before = {r["accountnumber"] for r in live_accounts(wb, "PKL")}
+    assert 40 <= len(written_before) <= planned
+    delta = list(wb.dataverse.track("account", select=["accountnumber"]))[-1].delta_link
+
+    report = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(tmp_path / "pk.csv"),
+                       state_dir=state).execute("plan-kill")
+    assert report.resumed and report.complete and report.plan.counts["source_rows"] == 500
+    changed = set()
+    for page in wb.dataverse.changes(delta):
+        changed |= {r.get("accountnumber") for r in page.upserts}
+    changed.discard(None)
+    assert not changed & written_before and changed | written_before == set(intended)
+    live = live_accounts(wb, "PKL")
+    assert len(live) == 500 and all(r["name"] == intended[r["accountnumber"]]["name"] for r in live)
+    per_row = results(wb, "plan-kill", state_dir=state)
+    assert len(per_row) == 500 and set(per_row["status"]) == {"done"}
+    assert reconcile(wb, "plan-kill", state_dir=state).status == "green"
+
+
 class _FailingSource:
     """A CSV source that breaks after ``rows`` rows, as a source that goes away while it is read; it breaks
     only once ``checkpoint`` records two batches written, so the failure surely comes after writes began."""

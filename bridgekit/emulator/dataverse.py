@@ -550,6 +550,11 @@ class DataverseService:
             return self.dispatch(req)
         except DvError as err:
             return Reply(err.status, error_body(err), err.headers)
+        except Exception:
+            # As the service does, a part that breaks unexpectedly answers 500 on its own: its change set
+            # is rolled back, and change sets before it stay committed.
+            log.exception("unexpected error serving a $batch part %s %s", sub.method, path.split("(")[0])
+            return Reply(500, error_body(DvError(500, "0x80040216", "An unexpected error occurred.")))
 
 
 def routes(ctx: EmulatorContext) -> list[BaseRoute]:
