@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,31 @@ def test_execution_under_throttling_and_5xx_writes_every_row_exactly_as_intended
     assert reconcile(wb, "thr-1", state_dir=tmp_path / "state").status == "green"
 
 
+def _kill_when(proc: subprocess.Popen[bytes], cp_file: Path, ready: Callable[[sqlite3.Connection], bool]) -> None:
+    """SIGKILL the run in ``proc`` as soon as ``ready`` says so of its checkpoint (polled, at most 90 s)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cp_file.exists():
+            with sqlite3.connect(cp_file, timeout=5) as conn:
+                try:
+                    if ready(conn):
+                        break
+                except (sqlite3.OperationalError, TypeError):  # the schema or the run row is not there yet
+                    pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _keys_changed_since(wb: Any, delta: str | None) -> set[str]:
+    """Account numbers created or updated since ``delta`` (the change feed of the target)."""
+    changed: set[str] = set()
+    for page in wb.dataverse.changes(delta):
+        changed |= {r["accountnumber"] for r in page.upserts if r.get("accountnumber") is not None}
+    return changed
+
+
 _KILLED_RUN = textwrap.dedent("""
     import sys
     from bridgekit.config import Profile
@@ -263,21 +289,8 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_writing_anything_twic
         proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(emulator.home), str(tmp_path / "mig.duckdb"),
                                  str(tmp_path / "kill.csv"), str(state), text], env=os.environ.copy())
         cp_file = state / "killed-1.sqlite"
-        deadline = time.monotonic() + 90
-        done = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            if cp_file.exists():
-                with sqlite3.connect(cp_file, timeout=5) as conn:
-                    try:
-                        done = conn.execute("SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0]
-                    except sqlite3.OperationalError:
-                        done = 0
-                if done >= 4:
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        _kill_when(proc, cp_file, lambda conn: conn.execute(
+            "SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0] >= 4)
         time.sleep(1.0)  # let the server finish the request the process was waiting on
     with sqlite3.connect(cp_file) as conn:
         states = dict(conn.execute("SELECT state, count(*) FROM batches GROUP BY state").fetchall())
@@ -292,10 +305,7 @@ def test_a_run_killed_midway_resumes_without_duplicates_or_writing_anything_twic
                        state_dir=state).execute("killed-1")
     assert report.resumed and report.complete
 
-    changed = set()
-    for page in wb.dataverse.changes(delta):
-        changed |= {r.get("accountnumber") for r in page.upserts}
-    changed.discard(None)
+    changed = _keys_changed_since(wb, delta)
     # Nothing the killed process had written was written again; everything else was written once.
     assert not changed & written_before
     assert changed | written_before == set(intended)
@@ -339,23 +349,8 @@ def test_a_run_killed_while_planning_after_writes_began_resumes_exactly(emulator
                              str(tmp_path / "mig.duckdb"), str(tmp_path / "pk.csv"), str(state), text],
                             env=os.environ.copy())
     cp_file = state / "plan-kill.sqlite"
-    deadline = time.monotonic() + 90
-    seen: tuple[str, int, int] = ("", 0, 0)
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cp_file.exists():
-            with sqlite3.connect(cp_file, timeout=5) as conn:
-                try:
-                    seen = (conn.execute("SELECT status FROM run").fetchone()[0],
-                            conn.execute("SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0],
-                            conn.execute("SELECT count(*) FROM rows").fetchone()[0])
-                except (sqlite3.OperationalError, TypeError):
-                    seen = ("", 0, 0)
-            if seen[0] == "planning" and seen[1] >= 2:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    _kill_when(proc, cp_file, lambda conn: conn.execute("SELECT status FROM run").fetchone()[0] == "planning"
+               and conn.execute("SELECT count(*) FROM batches WHERE state = 'done'").fetchone()[0] >= 2)
     time.sleep(0.5)  # let the server finish the request the process was waiting on
     with sqlite3.connect(cp_file) as conn:
         status = conn.execute("SELECT status FROM run").fetchone()[0]
@@ -368,10 +363,7 @@ def test_a_run_killed_while_planning_after_writes_began_resumes_exactly(emulator
     report = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(tmp_path / "pk.csv"),
                        state_dir=state).execute("plan-kill")
     assert report.resumed and report.complete and report.plan.counts["source_rows"] == 500
-    changed = set()
-    for page in wb.dataverse.changes(delta):
-        changed |= {r.get("accountnumber") for r in page.upserts}
-    changed.discard(None)
+    changed = _keys_changed_since(wb, delta)
     assert not changed & written_before and changed | written_before == set(intended)
     live = live_accounts(wb, "PKL")
     assert len(live) == 500 and all(r["name"] == intended[r["accountnumber"]]["name"] for r in live)
@@ -440,10 +432,7 @@ def test_batches_are_written_while_planning_goes_on_and_a_run_stopped_while_plan
     assert report.resumed and report.complete and sys.getswitchinterval() == switch_interval
     assert report.counts["created"] == 300 and report.plan.counts["source_rows"] == 300
     assert report.plan.counts["batches"] == 15  # 300 rows in batches of 20: no short batch per plan chunk
-    changed = set()
-    for page in wb.dataverse.changes(delta):
-        changed |= {r.get("accountnumber") for r in page.upserts}
-    changed.discard(None)
+    changed = _keys_changed_since(wb, delta)
     assert not changed & written_before and changed | written_before == set(intended)
     live = live_accounts(wb, "STP")
     assert len(live) == 300 and all(r["name"] == intended[r["accountnumber"]]["name"] for r in live)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -135,37 +137,38 @@ def _hold_write_lock(path: str, ready: multiprocessing.synchronize.Event, releas
     conn.close()
 
 
+@contextlib.contextmanager
+def _writer_elsewhere(path: Path) -> Iterator[Any]:
+    """Another process opens the warehouse read-write (holding its lock) once it can; yields the event
+    it sets when it has (``.wait(30)`` it) and ends when the block does."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_write_lock, args=(str(path), ready, release))
+    proc.start()
+    try:
+        yield ready, release
+    finally:
+        release.set()
+        proc.join(30)
+
+
 def test_reader_waits_for_a_writer_then_reads(tmp_path: Path) -> None:
     wh = Warehouse(tmp_path / "w.duckdb", lock_timeout=20)
     _stage(wh, SPEC, "full", [(_rows([1, 2]), [])])
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_write_lock, args=(str(wh.path), ready, release))
-    proc.start()
-    try:
+    with _writer_elsewhere(wh.path) as (ready, release):
         assert ready.wait(30)
         timer = __import__("threading").Timer(0.5, release.set)
         timer.start()
         assert wh.sql("select count(*) as n from dataverse.thing")["n"][0] == 2
-    finally:
-        release.set()
-        proc.join(30)
 
 
 def test_reader_gives_up_clearly_when_locked_too_long(tmp_path: Path) -> None:
     wh = Warehouse(tmp_path / "w.duckdb", lock_timeout=0.3)
     wh.bootstrap()
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_write_lock, args=(str(wh.path), ready, release))
-    proc.start()
-    try:
+    with _writer_elsewhere(wh.path) as (ready, _release):
         assert ready.wait(30)
         with pytest.raises(WarehouseError, match="stayed locked"):
             wh.sql("select 1")
-    finally:
-        release.set()
-        proc.join(30)
 
 
 def test_missing_warehouse_says_to_sync_first(tmp_path: Path) -> None:
@@ -220,12 +223,5 @@ def test_held_reader_reuses_its_connection_for_a_while_then_lets_a_writer_in(tmp
         with pytest.raises(WarehouseError, match="query failed"):
             reader.arrow("select * from dataverse.nothing_here")
     # Released: a writer (another process) gets in at once.
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_write_lock, args=(str(wh.path), ready, release))
-    proc.start()
-    try:
+    with _writer_elsewhere(wh.path) as (ready, _release):
         assert ready.wait(30)
-    finally:
-        release.set()
-        proc.join(30)
