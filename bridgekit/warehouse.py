@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -481,40 +482,47 @@ class Warehouse:
 
 
 class HeldReader:
-    """One read-only connection reused by a run of short queries, reopened once it is older than ``hold_s``.
+    """One read-only connection reused by a run of short queries, and released ``hold_s`` after it opened.
 
     Opening the warehouse file costs ~15 ms of CPU (its catalog is read each time), more than a small
     query; a loop of them (a migration looks up the current target rows of each chunk it plans) pays it
-    once per ``hold_s`` instead of per query. While the connection is open a merge waits for it, so it
-    is never held longer than ``hold_s`` plus one query. Use it as a context manager, or :meth:`close` it.
+    once per ``hold_s`` instead of per query. While the connection is open a merge waits for it, so a
+    timer closes it ``hold_s`` after it opened (after the query running then, if any), whether or not
+    more queries come; the next query opens a new one. Use it as a context manager, or :meth:`close` it.
     """
 
     def __init__(self, warehouse: Warehouse, hold_s: float = 1.0) -> None:
         self.warehouse = warehouse
         self.hold_s = hold_s
+        self._lock = threading.Lock()
         self._held: contextlib.AbstractContextManager[duckdb.DuckDBPyConnection] | None = None
         self._conn: duckdb.DuckDBPyConnection | None = None
-        self._opened = 0.0
+        self._timer: threading.Timer | None = None
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Like :meth:`Warehouse.arrow`, on the held connection."""
-        if self._conn is not None and time.monotonic() - self._opened > self.hold_s:
-            self.close()
-        if self._conn is None:
-            held = self.warehouse.reader()
-            self._conn = held.__enter__()
-            self._held, self._opened = held, time.monotonic()
-        try:
-            result: pa.Table = self._conn.sql(query, params=params).to_arrow_table()
-        except duckdb.Error as exc:
-            raise WarehouseError(f"query failed: {exc}", path=str(self.warehouse.path)) from exc
-        return result
+        with self._lock:
+            if self._conn is None:
+                held = self.warehouse.reader()
+                self._conn, self._held = held.__enter__(), held
+                self._timer = threading.Timer(self.hold_s, self.close)
+                self._timer.daemon = True
+                self._timer.start()
+            try:
+                result: pa.Table = self._conn.sql(query, params=params).to_arrow_table()
+            except duckdb.Error as exc:
+                raise WarehouseError(f"query failed: {exc}", path=str(self.warehouse.path)) from exc
+            return result
 
     def close(self) -> None:
-        """Release the connection (a later query opens a new one)."""
-        held, self._held, self._conn = self._held, None, None
-        if held is not None:
-            held.__exit__(None, None, None)
+        """Release the connection now (a later query opens a new one)."""
+        with self._lock:
+            timer, held = self._timer, self._held
+            self._timer, self._held, self._conn = None, None, None
+            if held is not None:
+                held.__exit__(None, None, None)
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
 
     def __enter__(self) -> HeldReader:
         return self

@@ -200,8 +200,9 @@ def test_export_parquet_and_delta(tmp_path: Path) -> None:
 
 
 def test_held_reader_reuses_its_connection_for_a_while_then_lets_a_writer_in(tmp_path: Path) -> None:
-    """A run of small queries shares one read connection; past ``hold_s`` (or once closed) it is
-    released, so a merge in another process is not kept out for longer."""
+    """A run of small queries shares one read connection; ``hold_s`` after it opened it is released even
+    with no query coming, so a merge in another process is not kept out for longer; the next query opens
+    a new one."""
     wh = Warehouse(tmp_path / "w.duckdb", lock_timeout=0.5)
     _stage(wh, SPEC, "full", [(_rows([1, 2, 3]), [])])
     opened = []
@@ -217,11 +218,12 @@ def test_held_reader_reuses_its_connection_for_a_while_then_lets_a_writer_in(tmp
             got = reader.arrow("select name from dataverse.thing where thingid = ?", [_id(n)])
             assert got.column("name").to_pylist() == [f"x{n}"]
         assert len(opened) == 1
-        time.sleep(0.4)
+        time.sleep(0.6)
+        with _writer_elsewhere(wh.path) as (ready, _release):  # another process gets the write lock at once
+            assert ready.wait(30)
         assert reader.arrow("select count(*) as n from dataverse.thing").column("n").to_pylist() == [3]
         assert len(opened) == 2
         with pytest.raises(WarehouseError, match="query failed"):
             reader.arrow("select * from dataverse.nothing_here")
-    # Released: a writer (another process) gets in at once.
-    with _writer_elsewhere(wh.path) as (ready, _release):
+    with _writer_elsewhere(wh.path) as (ready, _release):  # closed with the block
         assert ready.wait(30)
