@@ -28,6 +28,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,56 @@ def own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def rss_mb() -> float | None:
+    """This process's resident set size now (MB), from /proc (None where there is none)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_run(wb: Workbench, home: Path, rows: int, args: argparse.Namespace) -> None:
+    """One engine run over ``rows`` rows with the resident set sampled every 0.5 s: it should stay flat."""
+    source = home / "memory.csv"
+    write_csv(source, rows)
+    text = MAPPING % {"prefix": "MEM-", "batch": args.batch, "change_set": args.change_set,
+                      "concurrency": args.concurrency}
+    mig = Migration(wb, parse_mapping(yaml.safe_load(text), text=text), str(source), state_dir=home / "state")
+    sync_tables(wb, ["account"])
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not done.wait(0.5):
+            mb = rss_mb()
+            if mb is not None:
+                samples.append((time.perf_counter() - t0, mb))
+
+    before = rss_mb()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    report = mig.execute("bench-memory")
+    secs = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    assert report.complete and report.counts["created"] == rows, report.counts
+    if before is None or not samples:
+        print("(no /proc here: memory not sampled)\n")
+        return
+    quarter = [mb for t, mb in samples if t >= secs / 4]
+    print(f"### Migration memory: one engine run of {rows:,} rows ({args.concurrency} in flight)\n")
+    print("| rows | seconds | rows/s | RSS before (MB) | peak RSS (MB) | RSS range after the first quarter (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"| {rows:,} | {secs:.1f} | {rows / secs:,.0f} | {before:.0f} | {max(mb for _, mb in samples):.0f} | "
+          + (f"{min(quarter):.0f} to {max(quarter):.0f}" if quarter else "n/a") + " |\n")
+
+
 def count(wb: Workbench, prefix: str) -> int:
     from bridgekit.odata import startswith
 
@@ -117,6 +168,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--change-set", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--memory-rows", type=int, default=200_000,
+                        help="rows of a longer engine run whose memory is sampled (0: skip it)")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bk-bench-mig-"))
     info = process.start(home=home, port=0, scale="small", seed=42)
@@ -216,6 +269,8 @@ def main() -> None:
               f"{PROD_REQUESTS:,} requests per user per {PROD_WINDOW_S} s (sliding; the emulator's limit was raised "
               f"for these timings), so {n:,} single requests take at least "
               f"{(n - 1) // PROD_REQUESTS * PROD_WINDOW_S} s of windows, while the engine needs {batches:,} calls.\n")
+        if args.memory_rows > 0:
+            memory_run(wb, home, args.memory_rows, args)
         wb.dataverse.session.close()  # an idle keep-alive connection would hold the emulator's shutdown
     finally:
         process.stop(home)
