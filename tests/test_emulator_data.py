@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import re
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -297,8 +298,9 @@ def _feed(store: Store, since: int) -> dict[str, tuple[set[str], set[str]]]:
 
 
 def test_mutate_reports_exactly_what_the_change_feed_shows(tiny: Store) -> None:
-    before = tiny.current_version()
+    before, called = tiny.current_version(), time.time()
     out = activity.mutate(tiny, creates=40, updates=40, deletes=25, seed=11)
+    assert called <= out["committed_at"] <= time.time()
     assert out["counts"]["creates"] == 40 and out["counts"]["updates"] == 40 and out["counts"]["deletes"] == 25
     assert out["version_before"] == before and out["version"] == tiny.current_version()
     expected = {}

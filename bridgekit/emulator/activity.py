@@ -22,6 +22,7 @@ import base64
 import datetime as dt
 import random
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -83,7 +84,9 @@ def mutate(store: Store, *, creates: int = 0, updates: int = 0, deletes: int = 0
 
     Returns:
         ``{"created": {coll: [ids]}, "updated": {coll: [ids]}, "deleted": {coll: [ids]},
-        "counts": {"creates", "updates", "deletes", "records"}, "version_before", "version"}``.
+        "counts": {"creates", "updates", "deletes", "records"}, "version_before", "version",
+        "committed_at"}``: ``committed_at`` is when the changes became visible (Unix seconds), for
+        measuring how long a reader takes to see them.
         Operations that found nothing to act on (an empty store) are skipped and not counted.
 
     Example:
@@ -109,11 +112,13 @@ def mutate(store: Store, *, creates: int = 0, updates: int = 0, deletes: int = 0
     for op in _deal(rng, _CREATE_MIX, creates):
         done["creates"] += m.create(op)
     m.flush()
+    committed_at = time.time()
     out = m.report()
     out["counts"] = done | {"records": sum(len(v) for part in ("created", "updated", "deleted")
                                            for v in out[part].values())}
     out["version_before"] = m.version_before
     out["version"] = store.current_version()
+    out["committed_at"] = committed_at
     return out
 
 
