@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import orjson
 import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
@@ -37,7 +36,7 @@ from bridgekit.errors import (
     ResyncRequired,
     TransientError,
 )
-from bridgekit.http import ServiceSession, build_session, error_from_response, parse_retry_after
+from bridgekit.http import ServiceSession, build_session, error_from_response, json_text, parse_retry_after
 from bridgekit.odata import Expr, Page, Scalar, and_, ge, literal, lt, prefer, with_query
 
 __all__ = [
@@ -209,14 +208,6 @@ def _key_segment(key: Key) -> str:
             raise ValueError(f"not a column name: {name!r}")
         parts.append(f"{name}={literal(value)}")
     return "(" + quote(",".join(parts), safe="'=,") + ")"
-
-
-def _json_text(data: Mapping[str, Any]) -> str:
-    """A write body as JSON text (orjson; the json module for what orjson refuses, e.g. integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(data if isinstance(data, dict) else dict(data)).decode()
-    except TypeError:
-        return json.dumps(dict(data), ensure_ascii=False)
 
 
 def _entity_id(url: str | None) -> str | None:
@@ -696,7 +687,8 @@ class DataverseClient:
         lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary", f"Content-ID: {content_id}",
                  "", f"{op.method} {path} HTTP/1.1"]
         data = op.data
-        payload = data if data is None or isinstance(data, str) else _json_text(data)
+        payload = data if data is None or isinstance(data, str) else json_text(
+            data if isinstance(data, dict) else dict(data))
         if payload is not None:
             lines.append("Content-Type: application/json; type=entry")
             # Some servers reject write parts without an inner Content-Length (protocols.md §1.13, [T]).

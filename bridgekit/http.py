@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -57,6 +58,7 @@ __all__ = [
     "ServiceSession",
     "build_session",
     "error_from_response",
+    "json_text",
     "parse_retry_after",
     "tls_session",
     "user_agent",
@@ -329,6 +331,15 @@ def _not_sent(exc: requests.RequestException) -> bool:
         stack.extend([item.__cause__, item.__context__, getattr(item, "reason", None)])
         stack.extend(a for a in getattr(item, "args", ()) if isinstance(a, BaseException))
     return False
+
+
+def json_text(value: Any) -> str:
+    """JSON text of a request body or a checkpointed value: orjson (several times faster than the json
+    module), falling back to the json module for what orjson refuses (an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False)
 
 
 class ServiceSession:

@@ -19,6 +19,7 @@ from bridgekit.emulator.schema import Column, Table
 
 __all__ = [
     "CRM",
+    "EDM_TYPES",
     "JSON_CT",
     "DvError",
     "NavProp",
@@ -161,7 +162,8 @@ def annotation_filter(spec: str | None) -> Callable[[str], bool] | None:
 
 # -- schema helpers -------------------------------------------------------------------------------------
 
-_EDM = {
+#: The EDM type of each column type (a date-only DateTime is Edm.Date: see :func:`edm_type`).
+EDM_TYPES = {
     "String": "Edm.String", "Memo": "Edm.String", "EntityName": "Edm.String",
     "Integer": "Edm.Int32", "Picklist": "Edm.Int32", "State": "Edm.Int32", "Status": "Edm.Int32",
     "BigInt": "Edm.Int64", "Decimal": "Edm.Decimal", "Money": "Edm.Decimal", "Double": "Edm.Double",
@@ -174,7 +176,7 @@ def edm_type(col: Column) -> str:
     """The EDM type a column is served and filtered as."""
     if col.type == "DateTime" and col.date_only:
         return "Edm.Date"
-    return _EDM.get(col.type, "Edm.String")
+    return EDM_TYPES.get(col.type, "Edm.String")
 
 
 @dataclass(frozen=True)

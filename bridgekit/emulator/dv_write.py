@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from bridgekit.emulator.dv_common import CRM, DvError, NavProp, is_guid, nav_props
+from bridgekit.emulator.dv_common import CRM, EDM_TYPES, DvError, NavProp, is_guid, nav_props
 from bridgekit.emulator.schema import Column, Table
 from bridgekit.emulator.store import Row, Store
 
@@ -149,16 +149,10 @@ def parse_key(table: Table, text: str) -> tuple[str | None, dict[str, Any] | Non
                   f"properties for the resource '{CRM}.{table.logical_name}'.")
 
 
-_EDM = {"String": "Edm.String", "Memo": "Edm.String", "Integer": "Edm.Int32", "BigInt": "Edm.Int64",
-        "Picklist": "Edm.Int32", "State": "Edm.Int32", "Status": "Edm.Int32", "Boolean": "Edm.Boolean",
-        "Money": "Edm.Decimal", "Decimal": "Edm.Decimal", "Double": "Edm.Double",
-        "DateTime": "Edm.DateTimeOffset", "Uniqueidentifier": "Edm.Guid"}
-
-
 def _bad_literal(table: Table, type: str, value: Any) -> DvError:
     """The payload error for a value of the wrong type (built only when raised: most values are fine)."""
     return payload_error(table.logical_name, f"Cannot convert the literal '{value}' to the expected type "
-                                             f"'{_EDM.get(type, 'Edm.String')}'.")
+                                             f"'{EDM_TYPES.get(type, 'Edm.String')}'.")
 
 
 _REF = re.compile(r"^(?:.*?/api/data/v\d+\.\d+/|/)?([A-Za-z0-9_]+)\((.+)\)$", re.S)
@@ -421,7 +415,7 @@ class Writer:
         given = values.get(table.primary_id) or rid
         rid = str(given or sequential_id())
         with self.store.write():
-            # An id the caller chose may be taken; a fresh random one is not (no lookup needed).
+            # An id the caller chose may be taken; one generated here is not (no lookup needed).
             if given and self.store.get(table.logical_name, rid) is not None:
                 raise DvError(412, "0x80040237", "A record with matching key values already exists.")
             rec = self.new_record(table, values, caller, rid)

@@ -86,8 +86,8 @@ class _WriteTransaction:
                 return conn
             store._write_depth = 1
             self._outer = True
-            store._version, store._writer = None, threading.get_ident()
             conn.execute("BEGIN IMMEDIATE")
+            store._version, store._writer = None, threading.get_ident()
         except BaseException:
             if self._outer:
                 store._write_depth, self._outer = 0, False
@@ -359,20 +359,12 @@ class Store:
                 (Dataverse's ``versionnumber``) before it is stored.
             fresh: ``rid`` was just generated, so no record or tombstone can have it (nothing to clear).
         """
-        self.ensure_collection(coll)
-        with self.write() as conn:
-            version = self._next_versions(conn)
-            if version_field:
-                record[version_field] = version
-            conn.execute(f"INSERT OR REPLACE INTO {_table(coll)} (id, version, data) VALUES (?, ?, ?)",
-                         (rid, version, orjson.dumps(record).decode()))
-            if not fresh:
-                conn.execute("DELETE FROM tombstones WHERE coll=? AND id=?", (coll, rid))
-        return version
+        return self.put_many(coll, [(rid, record)], version_field=version_field, fresh=fresh)[0]
 
     def put_many(self, coll: str, items: Sequence[tuple[str, dict[str, Any]]], *,
-                 version_field: str | None = None) -> list[int]:
-        """Create or replace several records in one transaction; returns their versions in order."""
+                 version_field: str | None = None, fresh: bool = False) -> list[int]:
+        """Create or replace several records in one transaction; returns their versions in order
+        (``fresh``: every id was just generated, see :meth:`put`)."""
         self.ensure_collection(coll)
         t = _table(coll)
         with self.write() as conn:
@@ -383,7 +375,8 @@ class Store:
                     rec[version_field] = first + i
                 rows.append((rid, first + i, orjson.dumps(rec).decode()))
             conn.executemany(f"INSERT OR REPLACE INTO {t} (id, version, data) VALUES (?, ?, ?)", rows)
-            conn.executemany("DELETE FROM tombstones WHERE coll=? AND id=?", [(coll, r[0]) for r in rows])
+            if not fresh:
+                conn.executemany("DELETE FROM tombstones WHERE coll=? AND id=?", [(coll, r[0]) for r in rows])
         return [first + i for i in range(len(items))]
 
     def delete(self, coll: str, rid: str) -> int | None:
@@ -409,32 +402,20 @@ class Store:
 
     def bulk_load(self, coll: str, records: Iterable[tuple[str, dict[str, Any]]], *,
                   version_field: str | None = None, chunk: int = 20000) -> int:
-        """Load many records fast (synthetic data); returns how many were written."""
+        """Load many records fast (synthetic data, new ids: no tombstone is cleared); returns how many were written."""
         self.ensure_collection(coll)
         n = 0
         buf: list[tuple[str, dict[str, Any]]] = []
         for item in records:
             buf.append(item)
             if len(buf) >= chunk:
-                self._bulk(coll, buf, version_field)
+                self.put_many(coll, buf, version_field=version_field, fresh=True)
                 n += len(buf)
                 buf = []
         if buf:
-            self._bulk(coll, buf, version_field)
+            self.put_many(coll, buf, version_field=version_field, fresh=True)
             n += len(buf)
         return n
-
-    def _bulk(self, coll: str, items: list[tuple[str, dict[str, Any]]], version_field: str | None) -> None:
-        t = _table(coll)
-        dumps = orjson.dumps
-        with self.write() as conn:
-            first = self._next_versions(conn, len(items))
-            rows = []
-            for i, (rid, rec) in enumerate(items):
-                if version_field:
-                    rec[version_field] = first + i
-                rows.append((rid, first + i, dumps(rec).decode()))
-            conn.executemany(f"INSERT OR REPLACE INTO {t} (id, version, data) VALUES (?, ?, ?)", rows)
 
     # -- queries -----------------------------------------------------------------------------------
     def count(self, coll: str, where: str = "", params: Sequence[Any] = ()) -> int:
