@@ -31,7 +31,7 @@ from bridgekit.errors import (
 if TYPE_CHECKING:
     from os import PathLike
 
-    from bridgekit.runbooks import RunResult
+    from bridgekit.runbooks.runner import RunResult
     from bridgekit.workbench import Workbench
 
 __all__ = [
@@ -70,13 +70,13 @@ def run_runbook(name: str, parameters: dict[str, Any] | None = None, *, profile:
 
     Parameters are checked against the runbook's ``parameters`` cell before the kernel starts; a failed run
     raises :class:`RunbookFailed` (``.exit_code``, ``.run_dir``) after writing its outputs. See
-    :func:`bridgekit.runbooks.run_runbook` for every option.
+    :func:`bridgekit.runbooks.runner.run_runbook` for every option.
 
     Example:
         >>> result = bridgekit.run_runbook("sync", {"full": False}, profile="emulator")  # doctest: +SKIP
         >>> result.manifest["data_watermark"]                                           # doctest: +SKIP
     """
-    from bridgekit.runbooks import run_runbook as _run_runbook
+    from bridgekit.runbooks.runner import run_runbook as _run_runbook
 
     return _run_runbook(name, parameters, profile=profile, out=out, **options)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from bridgekit.cli import main
+from bridgekit.cli.main import main
 
 sys.exit(main())

@@ -185,7 +185,7 @@ def demo_runs(emulator: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory
     from click.testing import CliRunner
 
     from bridgekit.assess import planted_defects
-    from bridgekit.cli import cli
+    from bridgekit.cli.main import cli
 
     root = tmp_path_factory.mktemp("demo")
     warehouse = root / "warehouse" / "emulator.duckdb"
@@ -208,7 +208,7 @@ def monitor_run(demo_runs: DemoRuns, tmp_path_factory: pytest.TempPathFactory) -
     """The monitor runbook run once through the runner on the demo's warehouse, with SLOs it meets."""
     from pathlib import Path
 
-    from bridgekit.runbooks import run_runbook
+    from bridgekit.runbooks.runner import run_runbook
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BRIDGEKIT_CONFIG", str(demo_runs.config))

@@ -17,9 +17,9 @@ from runbook_support import RUNBOOKS, leaks, manifest, profile_toml
 
 import bridgekit
 from bridgekit.assess import Assessment, compare_with_planted, tls_probe
-from bridgekit.cli import cli
+from bridgekit.cli.main import cli
 from bridgekit.errors import ExitCode
-from bridgekit.runbooks import run_runbook
+from bridgekit.runbooks.runner import run_runbook
 
 PLANNED = {f"dataverse.{t}" for t in ("account", "contact", "lead", "opportunity", "systemuser", "team", "businessunit",
                                       "transactioncurrency", "email", "appointment", "phonecall", "task")} | \

@@ -281,7 +281,7 @@ def test_device_code_login_status_logout(emulator: Any, monkeypatch: pytest.Monk
 def test_auth_cli_status_and_logout(emulator: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from bridgekit.cli import cli
+    from bridgekit.cli.main import cli
 
     toml = tmp_path / "bridgekit.toml"
     toml.write_text(

@@ -9,7 +9,7 @@ import click
 from click.testing import CliRunner
 
 from bridgekit import __version__
-from bridgekit.cli import cli
+from bridgekit.cli.main import cli
 
 
 def walk(cmd: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:

@@ -700,7 +700,7 @@ def test_batch_upserts_by_alternate_key_create_then_update_and_a_failed_change_s
 
 
 def test_batch_parser_finds_delimiters_only_at_line_starts() -> None:
-    from bridgekit.emulator.dv_batch import BatchRequest, ChangeSet, parse_batch
+    from bridgekit.emulator.dataverse.batch import BatchRequest, ChangeSet, parse_batch
 
     inner = _changeset([_part("POST", "accounts", '{"name":"a --b_x inside"}', 1, nl="\n")], "cs_x", nl="\n")
     text = (f"--b_x \t\r\n{_part('GET', '/org/api/data/v9.2/WhoAmI')}\r\n"
@@ -768,9 +768,9 @@ def test_a_batch_part_that_breaks_unexpectedly_answers_500_and_only_its_change_s
     a 500 of its own, its change set is rolled back, and the change sets around it commit, as the
     service's change sets are independent transactions."""
     from bridgekit.emulator.context import EmulatorContext
-    from bridgekit.emulator.dataverse import DataverseService, DvRequest
-    from bridgekit.emulator.dv_common import Prefer
-    from bridgekit.emulator.dv_write import Caller
+    from bridgekit.emulator.dataverse.api import DataverseService, DvRequest
+    from bridgekit.emulator.dataverse.common import Prefer
+    from bridgekit.emulator.dataverse.write import Caller
 
     ctx = EmulatorContext(tmp_path, port=1)
     svc = DataverseService(ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridgekit.cli import exit_code_for
+from bridgekit.cli.main import exit_code_for
 from bridgekit.errors import (
     ApiError,
     AuthError,

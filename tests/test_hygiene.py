@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridgekit.hygiene import check_notebook, find_secrets
+from bridgekit.runbooks.secrets import check_notebook, find_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOKS = sorted((ROOT / "runbooks").glob("*.ipynb"))

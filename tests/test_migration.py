@@ -607,7 +607,7 @@ def test_cutover_copies_then_catches_up_until_the_environments_agree(
 
 def test_migrate_runbook_executes_and_records_checks(emulator: Any, tmp_path: Path, contacts: None,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridgekit.runbooks import run_runbook
+    from bridgekit.runbooks.runner import run_runbook
 
     config = tmp_path / "bridgekit.toml"
     config.write_text(f'[profiles.migtest]\nauth = "emulator"\nemulator_home = "{emulator.home}"\n'

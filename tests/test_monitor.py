@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from runbook_support import RUNBOOKS, leaks, manifest, profile_toml
 
 import bridgekit
-from bridgekit.cli import cli
+from bridgekit.cli.main import cli
 from bridgekit.config import Profile, SyncPlan
 from bridgekit.errors import ExitCode
 from bridgekit.monitor import Monitor, delta_position, watermarks

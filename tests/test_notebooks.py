@@ -17,7 +17,7 @@ import analytics_tenant  # tests/analytics_tenant.py
 import pytest
 
 from bridgekit.record import RECORD_ENV
-from bridgekit.runbooks import run_runbook
+from bridgekit.runbooks.runner import run_runbook
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

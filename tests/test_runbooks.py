@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 import bridgekit
 import bridgekit.record as record
-from bridgekit.cli import cli
+from bridgekit.cli.main import cli
 from bridgekit.errors import ExitCode, RunbookError, RunbookFailed
-from bridgekit.runbooks import discover, find_runbook, run_runbook
+from bridgekit.runbooks.runner import discover, find_runbook, run_runbook
 
 RB = Path(__file__).resolve().parent / "runbooks"
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_cli_parameters_are_parsed_as_the_declared_type_or_refused(tmp_path: Pat
                                           "--profile", "nosuch"])
     assert missing_profile.exit_code == 2 and "nosuch" in missing_profile.output
     rb = find_runbook("good", RB)
-    from bridgekit.runbooks import coerce_text_parameters
+    from bridgekit.runbooks.runner import coerce_text_parameters
 
     assert coerce_text_parameters(rb, {"days": "7", "ratio": "1", "verbose": "yes", "tables": "[a, b]",
                                        "options": '{"k": 1}'}) == {
@@ -149,7 +149,7 @@ def test_cli_parameters_are_parsed_as_the_declared_type_or_refused(tmp_path: Pat
     ("ResyncRequired", 4), ("ConfigError", 2), ("CheckFailed", 6), ("ValueError", 5), ("RunbookFailed", 5),
 ])
 def test_exception_raised_in_a_cell_maps_to_its_documented_exit_code(ename: str, code: int) -> None:
-    from bridgekit.runbooks import _exit_code_for_ename
+    from bridgekit.runbooks.runner import _exit_code_for_ename
 
     assert _exit_code_for_ename(ename) == code
 

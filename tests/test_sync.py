@@ -497,7 +497,7 @@ def test_reads_during_a_sync_see_a_whole_run_and_a_second_sync_fails_clearly(emu
 
 
 def test_cli_sync_sql_export(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridgekit.cli import cli
+    from bridgekit.cli.main import cli
 
     toml = tmp_path / "bridgekit.toml"
     toml.write_text(textwrap.dedent(f"""

@@ -17,10 +17,10 @@ Layout of the package:
     activity.py   live activity (mutate)
     identity.py   token service, JWT signing and validation
     tls.py        local CA and server certificate
-    dataverse.py  Dataverse Web API routes, with dv_common.py (errors, Prefer, annotations), dv_query.py
-                  (reads, paging, change tracking), dv_write.py, dv_metadata.py, dv_batch.py
+    dataverse/    Dataverse Web API: api.py (routes), common.py (errors, Prefer, annotations), query.py
+                  (reads, paging, change tracking), write.py, metadata.py, batch.py ($batch multipart)
+    graph/        Microsoft Graph: api.py (routes), query.py ($select/$top/$orderby/$filter, paging, delta)
     odata_filter.py  $filter -> SQL with bound parameters (shared by both services)
-    graph.py      Graph routes;  graph_query.py: $select/$top/$orderby/$filter, paging and delta tokens
     faults.py     fault injection and service-protection limits
     context.py    per-server state: store, settings, apps, token validation
     app.py        the Starlette app;  process.py: start/stop/status/serve;  cli.py: `bridgekit emulator`

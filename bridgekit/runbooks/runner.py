@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bridgekit.errors import BridgekitError, ExitCode, RunbookError, RunbookFailed, redact
-from bridgekit.hygiene import find_secrets
+from bridgekit.runbooks.secrets import find_secrets
 from bridgekit.record import RECORD_ENV, read_records
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The emulator's Dataverse Web API v9.2: authentication, routing, writes, functions and ``$batch``.
 
-The app mounts :func:`routes` at ``/org/api/data/v9.2``. Reads live in :mod:`dv_query`, writes in
-:mod:`dv_write`, metadata in :mod:`dv_metadata`, multipart parsing in :mod:`dv_batch`; this module
+The app mounts :func:`routes` at ``/org/api/data/v9.2``. Reads live in :mod:`.query`, writes in
+:mod:`.write`, metadata in :mod:`.metadata`, multipart parsing in :mod:`.batch`; this module
 turns HTTP requests into calls on them and every failure into Dataverse's error shape
 ``{"error": {"code": "0x...", "message": "..."}}`` (protocols.md §1.9).
 
@@ -29,8 +29,8 @@ from starlette.routing import BaseRoute, Route
 
 from bridgekit.emulator import schema
 from bridgekit.emulator.context import DATAVERSE_ROLE, EmulatorContext, RoleMissing, TokenRejected
-from bridgekit.emulator.dv_batch import BatchRequest, ChangeSet, PartResult, format_batch, parse_batch
-from bridgekit.emulator.dv_common import (
+from bridgekit.emulator.dataverse.batch import BatchRequest, ChangeSet, PartResult, format_batch, parse_batch
+from bridgekit.emulator.dataverse.common import (
     CRM,
     DvError,
     Prefer,
@@ -41,14 +41,14 @@ from bridgekit.emulator.dv_common import (
     nav_props,
     parse_prefer,
 )
-from bridgekit.emulator.dv_metadata import MetadataService
-from bridgekit.emulator.dv_query import ReadContext, Reader, parse_options, split_top
-from bridgekit.emulator.dv_write import Caller, Writer, not_found, parse_key, payload_error
+from bridgekit.emulator.dataverse.metadata import MetadataService
+from bridgekit.emulator.dataverse.query import ReadContext, Reader, parse_options, split_top
+from bridgekit.emulator.dataverse.write import Caller, Writer, not_found, parse_key, payload_error
 from bridgekit.emulator.schema import Table
 
 __all__ = ["API_PATH", "DataverseService", "routes"]
 
-log = logging.getLogger("bridgekit.emulator.dataverse")
+log = logging.getLogger("bridgekit.emulator.dataverse.api")
 
 #: Path of the Web API under the organisation URL.
 API_PATH = "/api/data/v9.2"

@@ -75,7 +75,7 @@ def demo(ctx: click.Context, out: Path, scale: str, timeout: float) -> None:
     assessment still runs on the others and the demo exits with the sync's code.
     """
     from bridgekit.emulator import process
-    from bridgekit.runbooks import run_runbook
+    from bridgekit.runbooks.runner import run_runbook
 
     click.echo("==> starting the local tenant emulator (first start generates the synthetic company)")
     info = process.start(scale=scale)

@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 
 from bridgekit.emulator.context import GRAPH_APP_ID, EmulatorContext, RoleMissing, TokenRejected
 from bridgekit.emulator.faults import graph_error_body
-from bridgekit.emulator.graph_query import (
+from bridgekit.emulator.graph.query import (
     DIRECTORY,
     OUTLOOK,
     Order,
@@ -54,7 +54,7 @@ from bridgekit.emulator.synth import folder_id as synth_folder_id
 
 __all__ = ["GraphRequest", "GraphResponse", "GraphService", "routes"]
 
-log = logging.getLogger("bridgekit.emulator.graph")
+log = logging.getLogger("bridgekit.emulator.graph.api")
 
 JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 MAX_BATCH = 20  # protocols.md §2.3

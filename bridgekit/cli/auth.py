@@ -7,7 +7,7 @@ import click
 from bridgekit.auth import login, logout, status
 from bridgekit.config import Profile, load_profile
 
-__all__ = ["auth"]
+__all__ = ["COMMANDS", "auth"]
 
 
 def _profile(ctx: click.Context) -> Profile:
@@ -57,3 +57,6 @@ def _show(info: dict[str, object]) -> None:
         value = info.get(key)
         if value is not None:
             click.echo(f"{key:<10} {value}")
+
+
+COMMANDS: list[click.Command] = [auth]

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-from bridgekit.emulator.dv_common import (
+from bridgekit.emulator.dataverse.common import (
     CRM,
     FORMATTED,
     LOOKUP_NAME,

@@ -1,6 +1,6 @@
 """Graph OData query options for the emulator: $filter to SQL, $select, $orderby, $top, opaque tokens.
 
-Pure functions over strings; the route module (:mod:`bridgekit.emulator.graph`) turns :class:`QueryError`
+Pure functions over strings; the route module (:mod:`bridgekit.emulator.graph.api`) turns :class:`QueryError`
 into Graph's error JSON. Property names are checked against the resource's fields before they reach SQL,
 and every literal is a bound parameter.
 """

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from bridgekit.emulator.dv_common import CRM, DvError, Reply, edm_type, json_reply, nav_props
+from bridgekit.emulator.dataverse.common import CRM, DvError, Reply, edm_type, json_reply, nav_props
 from bridgekit.emulator.odata_filter import (
     Compare,
     FilterError,

@@ -25,7 +25,7 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 @click.option("--json", "as_json", is_flag=True, help="Print the runbooks and their parameters as JSON.")
 def runbooks(path: Path | None, as_json: bool) -> None:
     """List runbooks with their parameters (type, default, help) from each tagged `parameters` cell."""
-    from bridgekit.runbooks import discover
+    from bridgekit.runbooks.runner import discover
 
     found = discover(path)
     if as_json:
@@ -109,7 +109,7 @@ def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], para
     transient (retry later), 5 a cell raised, 6 a check is red, 7 kernel died or timeout, 8 a secret was
     found in an output (outputs quarantined).
     """
-    from bridgekit.runbooks import coerce_text_parameters, find_runbook, run_runbook
+    from bridgekit.runbooks.runner import coerce_text_parameters, find_runbook, run_runbook
 
     rb = find_runbook(name, path)
     values: dict[str, Any] = _load_file(params_file) if params_file else {}

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from bridgekit.emulator.dv_common import CRM, EDM_TYPES, DvError, NavProp, is_guid, nav_props
+from bridgekit.emulator.dataverse.common import CRM, EDM_TYPES, DvError, NavProp, is_guid, nav_props
 from bridgekit.emulator.schema import Column, Table
 from bridgekit.emulator.store import Row, Store
 

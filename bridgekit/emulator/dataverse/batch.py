@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from bridgekit.emulator.dv_common import DvError, Reply
+from bridgekit.emulator.dataverse.common import DvError, Reply
 
 __all__ = ["MAX_REQUESTS", "BatchPart", "BatchRequest", "ChangeSet", "format_batch", "parse_batch"]
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from bridgekit import __version__
-from bridgekit.config import list_profiles, load_profile, resolve_profile_name
 from bridgekit.errors import BridgekitError, ExitCode
 
 __all__ = ["cli", "main"]
@@ -59,74 +57,18 @@ def cli(ctx: click.Context, profile: str | None, verbose: int) -> None:
     ctx.obj["profile"] = profile
 
 
-@cli.group(context_settings=CONTEXT_SETTINGS)
-def profiles() -> None:
-    """List and inspect profiles (secrets are never shown)."""
-
-
-@profiles.command("list")
-@click.pass_context
-def profiles_list(ctx: click.Context) -> None:
-    """List the available profiles and mark the one in use."""
-    current, origin = resolve_profile_name(ctx.obj.get("profile"))
-    for name, source in list_profiles():
-        mark = "*" if name == current else " "
-        click.echo(f"{mark} {name:<20} {source}")
-    click.echo(f"(in use: {current}, chosen by {origin})")
-
-
-@profiles.command("show")
-@click.argument("name", required=False)
-@click.pass_context
-def profiles_show(ctx: click.Context, name: str | None) -> None:
-    """Show a profile's resolved values and where each came from (NAME defaults to the profile in use)."""
-    prof = load_profile(name or ctx.obj.get("profile"))
-    click.echo(f"profile: {prof.name}")
-    rows = prof.describe()
-    width = max(len(k) for k, _, _ in rows)
-    for key, value, source in rows:
-        click.echo(f"  {key:<{width}}  {value}    [{source}]")
-
-
-def _add_optional(group: click.Group, loader: Callable[[], click.Command]) -> None:
-    """Attach a sub-command group that lives in another module (kept import-light)."""
-    try:
-        group.add_command(loader())
-    except ImportError as exc:  # pragma: no cover - only while a module is absent
-        logging.getLogger(__name__).debug("command unavailable: %s", exc)
-
-
-def _emulator_group() -> click.Command:
+def _register() -> None:
+    """Attach every command: each module of this package lists its commands in ``COMMANDS``."""
+    from bridgekit.cli import auth, demo, profiles, runbooks, warehouse
     from bridgekit.emulator.cli import emulator
 
-    cmd: click.Command = emulator
-    return cmd
+    for module in (profiles, warehouse, runbooks, demo, auth):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+    cli.add_command(emulator)
 
 
-def _auth_group() -> click.Command:
-    from bridgekit.auth_cli import auth
-
-    cmd: click.Command = auth
-    return cmd
-
-
-def _workbench_commands() -> list[click.Command]:
-    from bridgekit import cli_commands
-
-    return list(cli_commands.COMMANDS)
-
-
-_add_optional(cli, _emulator_group)
-_add_optional(cli, _auth_group)
-try:
-    for _cmd in _workbench_commands():
-        cli.add_command(_cmd)
-except ImportError:  # pragma: no cover - only while the module is absent
-    pass
-for _cmd in __import__("bridgekit.cli_runbooks", fromlist=["COMMANDS"]).COMMANDS:
-    cli.add_command(_cmd)
-for _cmd in __import__("bridgekit.cli_demo", fromlist=["COMMANDS"]).COMMANDS:
-    cli.add_command(_cmd)
+_register()
 
 
 def main(argv: list[str] | None = None) -> int:
