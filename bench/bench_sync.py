@@ -40,7 +40,7 @@ _PLAIN = textwrap.dedent("""
     import resource, sys, time
     from bridgekit.config import load_profile
     from bridgekit.workbench import Workbench, resolve_runtime
-    from bridgekit.sync import DataverseSource
+    from bridgekit.sources import DataverseSource
     wb = Workbench(resolve_runtime(load_profile("emulator")))
     t = time.perf_counter()
     rows = pages = 0

@@ -25,301 +25,50 @@ Areas, and where the yardsticks come from:
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import math
 import re
-import socket
 import sqlite3
-import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bridgekit import record
-from bridgekit.errors import ApiError, AuthError, ConfigError, NotFoundError, TransientError
+from bridgekit.catalog import (
+    DATAVERSE_EXECUTION_S_PER_WINDOW,
+    DATAVERSE_MAX_CONCURRENCY,
+    DATAVERSE_MAX_PAGE,
+    DATAVERSE_REQUESTS_PER_WINDOW,
+    DATAVERSE_WINDOW_S,
+    GRAPH_MAILBOX_CONCURRENCY,
+    GRAPH_RESOURCES,
+)
+from bridgekit.checks import (
+    STATUS_COLOUR,
+    STATUS_ORDER,
+    Check,
+    Latency,
+    Section,
+    endpoints,
+    frame,
+    measure,
+    record_watermarks,
+    tls_probe,
+    worst,
+)
+from bridgekit.errors import NotFoundError
 
 __all__ = [
-    "DV_EXECUTION_S_PER_WINDOW",
-    "DV_REQUESTS_PER_WINDOW",
-    "DV_WINDOW_S",
     "EMAIL_PATTERN",
-    "GRAPH_PERMISSIONS",
     "Assessment",
-    "Check",
-    "Endpoint",
-    "Section",
     "compare_with_planted",
-    "endpoints",
-    "frame",
-    "measure",
-    "percentile",
     "planted_defects",
-    "tls_probe",
-    "worst",
 ]
 
-STATUS_ORDER = {"green": 0, "amber": 1, "red": 2}
-_COLOUR = {"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}
-# A coloured dot (U+25CF is in every common font, unlike emoji) next to the word: readable without colour too.
-_ICON = {s: f'<span style="color:{c}">&#9679;</span>' for s, c in _COLOUR.items()}
-
-#: Dataverse service protection per user and web server (api-limits.md, protocols.md §1.12).
-DV_REQUESTS_PER_WINDOW = 6000
-DV_WINDOW_S = 300.0
-DV_EXECUTION_S_PER_WINDOW = 1200.0
-DV_MAX_PAGE = 5000
-#: Graph page sizes: users/groups up to 999, messages up to 1000, events are paged by the service (§2.1).
-_GRAPH_PAGE = {"users": 999, "groups": 999, "messages": 1000, "events": 100, "contacts": 1000}
-_GRAPH_MAILBOX_CONCURRENCY = 4  # Outlook: 4 concurrent requests per app and mailbox (§2.4)
 #: The documented rule the emulator's malformed emails break; commas are never valid in a domain either.
 EMAIL_PATTERN = re.compile(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$")
-
-#: Application permissions that let the sync read each Graph resource, least privileged first
-#: (Graph permissions reference; each API page lists "least privileged" then "higher privileged").
-GRAPH_PERMISSIONS: dict[str, tuple[str, ...]] = {
-    "users": ("User.Read.All", "Directory.Read.All"),
-    "groups": ("GroupMember.Read.All", "Group.Read.All", "Directory.Read.All"),
-    "messages": ("Mail.Read", "Mail.ReadWrite"),
-    "events": ("Calendars.Read", "Calendars.ReadWrite"),
-    "contacts": ("Contacts.Read", "Contacts.ReadWrite"),
-}
-_DELTA_RESOURCES = frozenset(GRAPH_PERMISSIONS)  # every resource above has a delta function (§2.2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checks and sections
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class Check:
-    """One scored check.
-
-    Attributes:
-        id: Stable name, ``area.topic`` (``quality.contacts_missing_email``); the manifest's check name.
-        area: The area heading (connectivity, identity, change tracking, ...).
-        title: What was checked, for people.
-        status: ``green``, ``amber`` or ``red``.
-        finding: What was found, one sentence with the numbers.
-        recommendation: What to do about it (empty when green and nothing to do).
-        count: How many records or items the finding concerns (0 when not countable).
-        rate: ``count`` as a share of the population checked, when there is one.
-        ids: The affected record ids, when the finding is exact.
-        measures: The numbers behind the status.
-    """
-
-    id: str
-    area: str
-    title: str
-    status: str
-    finding: str
-    recommendation: str = ""
-    count: int = 0
-    rate: float | None = None
-    ids: list[str] = field(default_factory=list)
-    measures: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, *, with_ids: bool = False) -> dict[str, Any]:
-        """JSON form (ids only when asked: they can be many)."""
-        out = {"id": self.id, "area": self.area, "title": self.title, "status": self.status,
-               "finding": self.finding, "recommendation": self.recommendation, "count": self.count,
-               "rate": self.rate, "measures": self.measures}
-        if with_ids:
-            out["ids"] = list(self.ids)
-        return out
-
-
-def worst(statuses: Iterable[str]) -> str:
-    """The worst of some statuses (green when there are none)."""
-    return max(statuses, key=lambda s: STATUS_ORDER[s], default="green")
-
-
-def frame(checks: Sequence[Check]) -> Any:
-    """The checks as a pandas DataFrame (one row per check)."""
-    import pandas as pd
-
-    return pd.DataFrame([{"check": c.id, "status": c.status, "finding": c.finding,
-                          "recommendation": c.recommendation, "count": c.count,
-                          "rate": None if c.rate is None else round(c.rate, 4)} for c in checks])
-
-
-def _checks_html(checks: Sequence[Check]) -> str:
-    cell = 'style="text-align:left; vertical-align:top"'
-    rows = "".join(
-        f"<tr><td {cell}>{_ICON[c.status]}&nbsp;{c.status}</td><td {cell}><b>{html.escape(c.title)}</b><br>"
-        f"<code>{html.escape(c.id)}</code></td><td {cell}>{html.escape(c.finding)}</td>"
-        f"<td {cell}>{html.escape(c.recommendation)}</td></tr>" for c in checks)
-    head = "".join(f"<th {cell}>{h}</th>" for h in ("status", "check", "finding", "recommendation"))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-@dataclass
-class Section:
-    """One area of the assessment: its checks, the measures behind them, and a chart (or None)."""
-
-    title: str
-    checks: list[Check]
-    data: Any = None
-    figure: Any = None
-
-    @property
-    def status(self) -> str:
-        """The worst status of the section's checks."""
-        return worst(c.status for c in self.checks)
-
-    def frame(self) -> Any:
-        """The checks as a DataFrame."""
-        return frame(self.checks)
-
-    def _repr_html_(self) -> str:
-        return (f"<p><b>{html.escape(self.title)}:</b> {_ICON[self.status]}&nbsp;{self.status}</p>"
-                f"{_checks_html(self.checks)}")
-
-    def __repr__(self) -> str:
-        lines = [f"{self.title}: {self.status}"]
-        lines += [f"  {c.status:<5} {c.id}: {c.finding}" for c in self.checks]
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurements shared with bridgekit.monitor
-# --------------------------------------------------------------------------------------------------
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return float(ordered[0])
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
-
-
-@dataclass
-class Endpoint:
-    """A service endpoint bridgekit calls, and how to call it cheaply.
-
-    ``call`` sends one small request and returns the response headers (for the rate-limit headers).
-    """
-
-    name: str
-    url: str
-    call: Callable[[], Mapping[str, str]]
-
-
-@dataclass
-class Latency:
-    """Latency samples of one endpoint (milliseconds) and what went wrong, if anything."""
-
-    endpoint: str
-    url: str
-    samples_ms: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-
-    def p(self, q: float) -> float | None:
-        """The ``q``-th percentile in ms."""
-        return percentile(self.samples_ms, q)
-
-
-def endpoints(wb: Any) -> list[Endpoint]:
-    """The three endpoints of a profile: Entra ID (token endpoint host), Dataverse and Graph.
-
-    Entra is measured with OIDC discovery on the authority (same host and front door as the token
-    endpoint): asking for tokens N times would log N sign-ins, and a credential-less POST would log failures.
-    """
-    from bridgekit.http import tls_session
-
-    prof = wb.profile
-    authority = f"{prof.authority_host.rstrip('/')}/{prof.tenant_id}"
-    discovery = f"{authority}/v2.0/.well-known/openid-configuration"
-    plain = tls_session(prof.ca_bundle, timeout=(10.0, 30.0))
-
-    def identity() -> Mapping[str, str]:
-        try:
-            resp = plain.get(discovery)
-        except Exception as exc:  # the seam: requests' errors become bridgekit's
-            raise TransientError(f"identity: cannot reach {urlsplit(discovery).netloc} ({type(exc).__name__})",
-                                 service="identity") from exc
-        if resp.status_code >= 400:
-            raise TransientError(f"identity: OIDC discovery answered HTTP {resp.status_code}", service="identity",
-                                 status=resp.status_code)
-        return dict(resp.headers)
-
-    def dataverse() -> Mapping[str, str]:
-        return dict(wb.dataverse.session.request("GET", "WhoAmI").headers)
-
-    def graph() -> Mapping[str, str]:
-        return dict(wb.graph.session.request("GET", "users?$top=1&$select=id").headers)
-
-    out = [Endpoint("identity", f"{authority}/oauth2/v2.0/token", identity)]
-    if prof.dataverse_url:
-        out.append(Endpoint("dataverse", prof.dataverse_url, dataverse))
-    out.append(Endpoint("graph", prof.graph_url, graph))
-    return out
-
-
-def measure(targets: Sequence[Endpoint], calls: int = 20) -> list[Latency]:
-    """Call each endpoint ``calls`` times (after one warm-up call that pays for TLS and the token).
-
-    Transport failures are counted as errors; an authentication failure propagates (nothing can be
-    assessed without a token, and the runner reports it with its own exit code).
-    """
-    out: list[Latency] = []
-    for ep in targets:
-        lat = Latency(ep.name, ep.url)
-        for i in range(calls + 1):
-            started = time.perf_counter()
-            try:
-                headers = ep.call()
-            except AuthError:
-                raise
-            except (ApiError, ConfigError) as exc:
-                lat.errors.append(f"{type(exc).__name__}: {exc.message}")
-                if i == 0:
-                    break  # unreachable: no point timing N more failures
-                continue
-            elapsed = (time.perf_counter() - started) * 1000.0
-            if i > 0:
-                lat.samples_ms.append(elapsed)
-                lat.headers.append({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ms-")})
-        out.append(lat)
-    return out
-
-
-def tls_probe(url: str, ca_bundle: str | None, *, timeout: float = 10.0) -> dict[str, Any]:
-    """Connect to ``url``'s host with TLS (verifying against ``ca_bundle``) and report what was negotiated.
-
-    Returns:
-        ``host``, ``port``, ``version`` (``TLSv1.3``), ``cipher``, ``bits``, ``forward_secrecy`` and
-        ``error`` (None when the handshake succeeded).
-    """
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or 443
-    ctx = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
-    info: dict[str, Any] = {"host": host, "port": port, "version": None, "cipher": None, "bits": None,
-                            "forward_secrecy": None, "error": None}
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, \
-                ctx.wrap_socket(raw, server_hostname=host) as tls:
-            version = tls.version()
-            cipher = tls.cipher()
-    except (OSError, ssl.SSLError) as exc:
-        info["error"] = f"{type(exc).__name__}: {exc}"
-        return info
-    info["version"] = version
-    if cipher:
-        info["cipher"], _proto, info["bits"] = cipher
-    # TLS 1.3 key exchange is always ephemeral (RFC 8446); in 1.2 only (EC)DHE suites give forward secrecy.
-    name = str(info["cipher"] or "")
-    info["forward_secrecy"] = version == "TLSv1.3" or name.startswith(("ECDHE", "DHE"))
-    return info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +271,7 @@ class Assessment:
         used: set[str] = set()
         missing: list[str] = []
         for resource in prof.sync.graph:
-            options = GRAPH_PERMISSIONS.get(resource, ())
+            options = GRAPH_RESOURCES[resource].permissions if resource in GRAPH_RESOURCES else ()
             have = next((r for r in options if r in granted), None)
             if have:
                 used.add(have)
@@ -616,7 +365,7 @@ class Assessment:
                 "enable 'Track changes' on the table (Power Apps > Tables > Properties > Advanced options)",
                 count=1, ids=[name], measures={"rows": n}))
         for resource in prof.sync.graph:
-            ok = resource in _DELTA_RESOURCES
+            ok = resource in GRAPH_RESOURCES  # every catalogued resource has a delta function (§2.2)
             checks.append(Check(f"change_tracking.graph.{resource}", "change tracking", f"graph {resource} delta",
                                 "green" if ok else "red",
                                 "delta query available: syncs read only the changes" if ok else
@@ -689,8 +438,8 @@ class Assessment:
 
         prof = self.wb.profile
         rows = self.rows()
-        page_size = min(prof.sync.page_size, DV_MAX_PAGE)
-        conc = max(1, min(concurrency or prof.max_concurrency, 52))
+        page_size = min(prof.sync.page_size, DATAVERSE_MAX_PAGE)
+        conc = max(1, min(concurrency or prof.max_concurrency, DATAVERSE_MAX_CONCURRENCY))
         lat = {la.endpoint: (la.p(50) or 0.0) / 1000.0 for la in self._latency}
         if not lat:
             lat = {la.endpoint: (la.p(50) or 0.0) / 1000.0 for la in measure(endpoints(self.wb), 5)}
@@ -704,7 +453,7 @@ class Assessment:
             took = time.perf_counter() - started
             n_page = len(page.value) if page is not None else 0
             t_row = max(took - t0, 0.0) / n_page if n_page else 0.0
-        dv_parallel = min(conc, int(DV_EXECUTION_S_PER_WINDOW / DV_WINDOW_S))
+        dv_parallel = min(conc, int(DATAVERSE_EXECUTION_S_PER_WINDOW / DATAVERSE_WINDOW_S))
         estimates = []
         dv_requests = 0
         dv_serial = 0.0
@@ -724,15 +473,15 @@ class Assessment:
             if t not in rows:
                 continue
             n = rows[t]
-            size = _GRAPH_PAGE.get(r, 100)
-            per_mailbox = r in ("messages", "events", "contacts")
+            size = GRAPH_RESOURCES[r].delta_page if r in GRAPH_RESOURCES else 100
+            per_mailbox = r in GRAPH_RESOURCES and GRAPH_RESOURCES[r].per_user is not None
             requests = (mailboxes * max(1, math.ceil(n / mailboxes / size)) if per_mailbox
                         else max(1, math.ceil(n / size)))
-            parallel = min(conc, mailboxes * _GRAPH_MAILBOX_CONCURRENCY) if per_mailbox else 1
+            parallel = min(conc, mailboxes * GRAPH_MAILBOX_CONCURRENCY) if per_mailbox else 1
             secs = requests * g / parallel
             graph_s += secs
             estimates.append({"table": t, "rows": n, "requests": requests, "minutes": secs / 60.0})
-        dv_s = max(dv_serial / dv_parallel, dv_requests * DV_WINDOW_S / DV_REQUESTS_PER_WINDOW)
+        dv_s = max(dv_serial / dv_parallel, dv_requests * DATAVERSE_WINDOW_S / DATAVERSE_REQUESTS_PER_WINDOW)
         total_s = dv_s + graph_s  # Dataverse and Graph run side by side in a sync, but report the safe sum
         self._full_sync_s = total_s
         hours = total_s / 3600.0
@@ -927,7 +676,7 @@ class Assessment:
                 measures={"open": n_open, "stale_days": stale_days}))
         fig = go.Figure(go.Bar(x=[c.id.split(".", 1)[1] for c in checks],
                                y=[(c.rate or 0.0) * 100 for c in checks],
-                               marker_color=[_COLOUR[c.status] for c in checks]))
+                               marker_color=[STATUS_COLOUR[c.status] for c in checks]))
         fig.add_hline(y=red_rate * 100, line_dash="dash", annotation_text=f"red at {red_rate * 100:g}%")
         fig.update_layout(title="Data quality: affected share of each table", xaxis_title="check",
                           yaxis_title="affected rows (% of table)")
@@ -1096,7 +845,7 @@ class Assessment:
         areas = list(dict.fromkeys(c.area for c in self.checks))
         fig = go.Figure([go.Bar(name=s, x=areas, y=[sum(1 for c in self.checks if c.area == a and c.status == s)
                                                    for a in areas],
-                                marker_color=_COLOUR[s])
+                                marker_color=STATUS_COLOUR[s])
                          for s in ("green", "amber", "red")])
         fig.update_layout(title="Readiness by area", barmode="stack", xaxis_title="area",
                           yaxis_title="checks (count)")
@@ -1108,8 +857,6 @@ class Assessment:
         Returns:
             The results recorded (check statuses, finding counts, full-sync estimate).
         """
-        from bridgekit.monitor import record_watermarks
-
         record_watermarks(self.wb, tables=[t for t in self.planned_tables() if t in self.warehouse_tables()])
         for c in self.checks:
             record.check(c.id, c.status, detail=c.finding)

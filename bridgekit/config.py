@@ -18,6 +18,12 @@ from typing import Any, Literal
 
 import platformdirs
 
+from bridgekit.catalog import (
+    DATAVERSE_MAX_CONCURRENCY,
+    DATAVERSE_MAX_PAGE,
+    DEFAULT_GRAPH_RESOURCES,
+    GRAPH_RESOURCES,
+)
 from bridgekit.errors import ConfigError
 
 __all__ = [
@@ -44,7 +50,6 @@ DEFAULT_DATAVERSE_TABLES: tuple[str, ...] = (
     "account", "contact", "lead", "opportunity", "systemuser", "team", "businessunit",
     "transactioncurrency", "email", "appointment", "phonecall", "task",
 )
-DEFAULT_GRAPH_RESOURCES: tuple[str, ...] = ("users", "groups", "messages", "events")
 
 # Keys that would hold a secret literally; each maps to the key to use instead.
 _SECRET_KEYS = {
@@ -77,7 +82,7 @@ class SyncPlan:
 
     dataverse: tuple[str, ...] = DEFAULT_DATAVERSE_TABLES
     graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES
-    page_size: int = 5000
+    page_size: int = DATAVERSE_MAX_PAGE
     #: Range partitions of a large table's full load; None: automatic (see :meth:`partitions_for`).
     partitions: int | None = None
 
@@ -288,9 +293,10 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
     values: dict[str, Any] = {k: v for k, v in table.items() if k not in ("sync",)}
     if "max_concurrency" in values:
         mc = values["max_concurrency"]
-        if not isinstance(mc, int) or not 1 <= mc <= 52:
-            raise ConfigError(f"max_concurrency in {where} must be an integer from 1 to 52", key="max_concurrency",
-                              path=src, profile=name, hint="Dataverse allows 52 concurrent requests per user")
+        if not isinstance(mc, int) or not 1 <= mc <= DATAVERSE_MAX_CONCURRENCY:
+            raise ConfigError(f"max_concurrency in {where} must be an integer from 1 to {DATAVERSE_MAX_CONCURRENCY}",
+                              key="max_concurrency", path=src, profile=name,
+                              hint=f"Dataverse allows {DATAVERSE_MAX_CONCURRENCY} concurrent requests per user")
     values["auth"] = auth
     sources = {k: src for k in table}
     return Profile(name=name, sync=sync, sources=sources, **values)
@@ -311,12 +317,17 @@ def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"sync.{key} in {where} must be a list of names", key=key, path=src,
                                   profile=name, hint=f'write e.g. {key} = ["account", "contact"]')
+            unknown = [v for v in value if key == "graph" and v not in GRAPH_RESOURCES]
+            if unknown:
+                raise ConfigError(f"sync.graph in {where} names a resource bridgekit cannot sync: {unknown[0]!r}",
+                                  key="graph", path=src, profile=name,
+                                  hint=f"choose from: {', '.join(GRAPH_RESOURCES)}")
             plan = replace(plan, dataverse=tuple(value)) if key == "dataverse" else replace(plan, graph=tuple(value))
     if "page_size" in table:
         ps = table["page_size"]
-        if not isinstance(ps, int) or not 1 <= ps <= 5000:
-            raise ConfigError(f"sync.page_size in {where} must be 1..5000", key="page_size", path=src,
-                              profile=name, hint="Dataverse pages hold at most 5000 rows")
+        if not isinstance(ps, int) or not 1 <= ps <= DATAVERSE_MAX_PAGE:
+            raise ConfigError(f"sync.page_size in {where} must be 1..{DATAVERSE_MAX_PAGE}", key="page_size",
+                              path=src, profile=name, hint=f"Dataverse pages hold at most {DATAVERSE_MAX_PAGE} rows")
         plan = replace(plan, page_size=ps)
     if "partitions" in table:
         parts = table["partitions"]

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
+from bridgekit.catalog import DATAVERSE_MAX_PAGE
 from bridgekit.config import Profile
 from bridgekit.errors import (
     ApiError,
@@ -55,7 +56,6 @@ log = logging.getLogger("bridgekit.dataverse")
 
 #: Requests per $batch (execute-batch-operations-using-web-api.md).
 BATCH_LIMIT = 1000
-MAX_PAGE_SIZE = 5000
 _CT_NOT_ENABLED = "0x80072491"
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\)\s*$")
 _STATUS_LINE = re.compile(r"^HTTP/\d\.\d\s+(\d{3})")
@@ -254,7 +254,7 @@ class DataverseClient:
             provider = tokens or TokenProvider(profile)
             session = build_session(profile, "dataverse", auth=provider.bearer(resource_scope(profile.dataverse_url)))
         self.session = session
-        self.page_size = min(profile.sync.page_size, MAX_PAGE_SIZE)
+        self.page_size = min(profile.sync.page_size, DATAVERSE_MAX_PAGE)
         self._lock = threading.Lock()
         self._tables: dict[str, TableInfo] = {}
         self._all_tables: list[TableInfo] | None = None
@@ -370,7 +370,7 @@ class DataverseClient:
 
     def _prefer_headers(self, page_size: int | None, annotations: bool | str | Sequence[str] | None,
                         track: bool = False) -> dict[str, str]:
-        size = min(page_size or self.page_size, MAX_PAGE_SIZE)
+        size = min(page_size or self.page_size, DATAVERSE_MAX_PAGE)
         names: str | Sequence[str] | None = None
         if annotations is True:
             names = "*"
@@ -482,6 +482,23 @@ class DataverseClient:
         info = self.table(table) if table else None
         headers = self._prefer_headers(page_size, None)
         yield from self._change_pages(delta_link, headers, info, initial=False)
+
+    def page_bytes(self, url: str, *, headers: Mapping[str, str] | None = None, table: str | None = None,
+                   delta: bool = False) -> bytes:
+        """GET one page (a collection URL, next link or delta link) as the raw bytes the service sent.
+
+        For callers that decode pages themselves (the sync shapes them with Arrow). Change-tracking errors
+        are translated as in :meth:`track` and :meth:`changes`.
+
+        Raises:
+            ChangeTrackingNotEnabled: the table does not have change tracking on.
+            ResyncRequired: ``delta`` is true and the delta link expired or was invalidated.
+        """
+        try:
+            response = self.session.request("GET", url, headers=dict(headers or {}))
+        except ApiError as exc:
+            raise self._tracking_error(exc, table, initial=not delta) from exc
+        return bytes(response.content)
 
     def _change_pages(self, url: str, headers: dict[str, str], info: TableInfo | None,
                       *, initial: bool) -> Iterator[ChangePage]:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
+from bridgekit.catalog import GRAPH_BATCH_LIMIT, graph_max_top
 from bridgekit.config import Profile
 from bridgekit.errors import ApiError, BridgekitError, ResyncRequired, TransientError
 from bridgekit.http import ServiceSession, build_session, error_from_response, parse_retry_after
@@ -38,17 +39,10 @@ __all__ = [
 log = logging.getLogger("bridgekit.graph")
 
 #: Requests per JSON batch (json-batching.md).
-BATCH_LIMIT = 20
-# Largest $top per resource (graph/paging; users/groups 999, Outlook messages 1000).
-_TOP_MAX = {"users": 999, "groups": 999, "members": 999, "transitiveMembers": 999, "memberOf": 999,
-            "messages": 1000, "events": 1000, "calendarView": 1000, "contacts": 1000, "mailFolders": 1000}
+BATCH_LIMIT = GRAPH_BATCH_LIMIT
+#: The largest ``$top`` Graph accepts for the collection at a path (None when unknown).
+max_page_size = graph_max_top
 _RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
-
-
-def max_page_size(path: str) -> int | None:
-    """The largest ``$top`` Graph accepts for the collection at ``path`` (None when unknown)."""
-    segment = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-    return _TOP_MAX.get(segment)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
+from bridgekit.catalog import DATAVERSE_MAX_CONCURRENCY
 from bridgekit.config import Profile
 from bridgekit.errors import (
     ApiError,
@@ -70,7 +71,6 @@ Service = Literal["dataverse", "graph", "identity"]
 DATAVERSE_API_PATH = "/api/data/v9.2"
 GRAPH_API_PATH = "/v1.0"
 #: Dataverse's concurrent-request limit per user (api-limits.md): the governor never exceeds it.
-DATAVERSE_MAX_CONCURRENCY = 52
 _BURST_HEADER = "x-ms-ratelimit-burst-remaining-xrm-requests"
 _TIME_HEADER = "x-ms-ratelimit-time-remaining-xrm-requests"
 # Dataverse counts requests over a 300 s sliding window (api-limits.md).

@@ -7,105 +7,37 @@ exits 6 (CHECK_FAILED) and the scheduler can alert::
     >>> m.latency(calls=10, p95_slo_ms=800); m.freshness(slo_minutes=60)  # doctest: +SKIP
     >>> m.record()                                                   # doctest: +SKIP
 
-This module also owns the *data watermark* helpers every runbook uses to say which data it read
-(:func:`watermarks`, :func:`record_watermarks`) and the sync run's report helpers (:func:`sync_figure`,
-:func:`record_sync`).
+This module also owns the sync run's report helpers (:func:`sync_figure`, :func:`record_sync`); the data
+watermark every runbook records lives in :mod:`bridgekit.checks`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import re
-from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from bridgekit import record
-from bridgekit.assess import (
-    DV_EXECUTION_S_PER_WINDOW,
-    DV_REQUESTS_PER_WINDOW,
+from bridgekit.catalog import DATAVERSE_EXECUTION_S_PER_WINDOW, DATAVERSE_REQUESTS_PER_WINDOW
+from bridgekit.checks import (
     Check,
     Latency,
     Section,
     endpoints,
     frame,
     measure,
+    record_watermarks,
     worst,
 )
 
 __all__ = [
     "Monitor",
-    "delta_position",
     "record_sync",
-    "record_watermarks",
     "sync_figure",
-    "watermarks",
 ]
 
 _BURST = "x-ms-ratelimit-burst-remaining-xrm-requests"
 _TIME = "x-ms-ratelimit-time-remaining-xrm-requests"
 _GRAPH_PCT = "x-ms-throttle-limit-percentage"  # Graph identity APIs, only sent above 80 % of the limit (§2.4)
-_DV_TOKEN = re.compile(r"^(\d+)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Data watermarks
-# --------------------------------------------------------------------------------------------------
-
-def delta_position(link: str | None) -> str | int | None:
-    """A printable position for a stored delta link, never the link or token itself.
-
-    Dataverse delta tokens start with the row version reached (``919042!08/22/2017 ...``, protocols.md
-    §1.11): that number is the position. Graph delta tokens are opaque, and per-mailbox resources keep one
-    link per scope, so their position is a short fingerprint (``sha256:<12 hex>``) that changes when they do.
-    """
-    if not link:
-        return None
-    if link.lstrip().startswith("{"):
-        try:
-            links = json.loads(link)
-        except ValueError:
-            links = None
-        if isinstance(links, dict):
-            text = json.dumps(links, sort_keys=True)
-            return f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    query = parse_qs(urlsplit(link).query)
-    token = (query.get("$deltatoken") or query.get("deltatoken") or [""])[0]
-    if "/api/data/" in link and token:
-        m = _DV_TOKEN.match(token)
-        if m:
-            return int(m.group(1))
-    return f"sha256:{hashlib.sha256(link.encode()).hexdigest()[:12]}"
-
-
-def watermarks(warehouse: Any, tables: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Per mirrored table: the sync run that last wrote it, the delta position reached and the row count.
-
-    Args:
-        warehouse: A :class:`~bridgekit.warehouse.Warehouse`.
-        tables: ``schema.table`` names to report (default: every table in ``bridgekit.sync_state``).
-    """
-    state = warehouse.state()
-    out = []
-    for table in tables if tables is not None else sorted(state):
-        st = state.get(table)
-        if st is None:
-            continue
-        out.append({"table": table, "sync_run_id": st.get("last_run_id"),
-                    "position": delta_position(st.get("delta_link")),
-                    "rows": None if st.get("row_count") is None else int(st["row_count"]),
-                    "last_status": st.get("last_status"), "last_ended_at": st.get("last_ended_at")})
-    return out
-
-
-def record_watermarks(wb: Any, tables: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """:func:`watermarks` of ``wb``'s warehouse, each recorded with :func:`bridgekit.record.watermark`."""
-    marks = watermarks(wb.warehouse, tables)
-    for w in marks:
-        record.watermark(w["table"], sync_run_id=w["sync_run_id"], position=w["position"], rows=w["rows"])
-    return marks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +162,8 @@ class Monitor:
                                         "amber", "the responses carried no x-ms-ratelimit headers",
                                         "check for a proxy that strips response headers", measures={}))
                     continue
-                request_share = min(bursts) / max(DV_REQUESTS_PER_WINDOW, *bursts) if bursts else 1.0
-                time_share = min(times) / max(DV_EXECUTION_S_PER_WINDOW, *times) if times else 1.0
+                request_share = min(bursts) / max(DATAVERSE_REQUESTS_PER_WINDOW, *bursts) if bursts else 1.0
+                time_share = min(times) / max(DATAVERSE_EXECUTION_S_PER_WINDOW, *times) if times else 1.0
                 share = min(request_share, time_share)
                 shares["dataverse"] = share
                 status = ("red" if share * 100 < min_headroom_pct else

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridgekit.config import EMULATOR_RUNTIME_SOURCE, Profile, load_profile
 from bridgekit.errors import ConfigError
+
+if TYPE_CHECKING:  # the clients, DuckDB and Arrow load on first use, so `import bridgekit` stays light
+    import pandas as pd
+
+    from bridgekit.dataverse import DataverseClient
+    from bridgekit.graph import GraphClient
+    from bridgekit.sources import Source
+    from bridgekit.sync import SyncEngine, SyncReport
+    from bridgekit.warehouse import Warehouse
 
 __all__ = ["Workbench"]
 
@@ -58,41 +67,54 @@ class Workbench:
         return cls(resolve_runtime(prof))
 
     @cached_property
-    def dataverse(self) -> Any:
+    def dataverse(self) -> DataverseClient:
         """The Dataverse Web API client for this profile."""
         from bridgekit.dataverse import DataverseClient
 
         return DataverseClient(self.profile)
 
     @cached_property
-    def graph(self) -> Any:
+    def graph(self) -> GraphClient:
         """The Microsoft Graph client for this profile."""
         from bridgekit.graph import GraphClient
 
         return GraphClient(self.profile)
 
     @cached_property
-    def warehouse(self) -> Any:
+    def warehouse(self) -> Warehouse:
         """The DuckDB warehouse of this profile (``profile.warehouse_path``)."""
         from bridgekit.warehouse import Warehouse
 
         return Warehouse(self.profile.warehouse_path)
 
     def sync_engine(self, *, progress: bool | None = None, untracked: str = "reload",
-                    tables: list[str] | None = None) -> Any:
+                    tables: list[str] | None = None) -> SyncEngine:
         """A :class:`~bridgekit.sync.SyncEngine` over this profile's sync plan (or ``tables``: qualified
         table ids such as ``dataverse.account``, planned or not) and clients."""
-        from bridgekit.sync import SyncEngine, sources_for
+        from bridgekit.sync import SyncEngine
 
-        planned, factory = sources_for(self)
-        tables = planned if tables is None else tables
+        tables = self.planned_tables() if tables is None else tables
         concurrency = max(1, min(self.profile.max_concurrency, 4))
-        return SyncEngine(self.warehouse, tables, factory, concurrency=concurrency,
+        return SyncEngine(self.warehouse, tables, self.source, concurrency=concurrency,
                           partitions=self.profile.sync.partitions_for(self.profile, concurrency),
                           progress=progress, untracked=untracked, label=self.profile.name)
 
+    def planned_tables(self) -> list[str]:
+        """The qualified ids of the tables in the profile's sync plan (``dataverse.account``, ``graph.users``)."""
+        plan = self.profile.sync
+        return [f"dataverse.{t}" for t in plan.dataverse] + [f"graph.{r}" for r in plan.graph]
+
+    def source(self, table: str) -> Source:
+        """The sync :class:`~bridgekit.sources.Source` of a qualified table id, over this profile's clients."""
+        from bridgekit.sources import DataverseSource, GraphSource
+
+        schema, _, name = table.partition(".")
+        if schema == "dataverse":
+            return DataverseSource(self.dataverse, name, page_size=self.profile.sync.page_size)
+        return GraphSource(self.graph, name)
+
     def sync(self, only: str | list[str] | None = None, full: bool = False, *,
-             progress: bool | None = None) -> Any:
+             progress: bool | None = None) -> SyncReport:
         """Mirror the profile's tables into the warehouse (deltas after the first run); returns a SyncReport.
 
         Example:
@@ -101,7 +123,7 @@ class Workbench:
         """
         return self.sync_engine(progress=progress).run(only, full=full)
 
-    def sql(self, query: str, params: Any = None) -> Any:
+    def sql(self, query: str, params: Any = None) -> pd.DataFrame:
         """Run a read-only SQL query on the warehouse; returns a pandas DataFrame.
 
         Example:

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from runbook_support import RUNBOOKS, leaks, manifest, profile_toml
 
 import bridgekit
+from bridgekit.checks import delta_position, watermarks
 from bridgekit.cli.main import cli
 from bridgekit.config import Profile, SyncPlan
 from bridgekit.errors import ExitCode
-from bridgekit.monitor import Monitor, delta_position, watermarks
+from bridgekit.monitor import Monitor
 from bridgekit.warehouse import Warehouse
 from bridgekit.workbench import Workbench
 

@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from bridgekit.errors import ResyncRequired, SyncError
-from bridgekit.sync import FullPlan, Page, SyncEngine, resolve_selection
+from bridgekit.sources import FullPlan, Page
+from bridgekit.sync import SyncEngine, resolve_selection
 from bridgekit.warehouse import Column, TableSpec, Warehouse
 
 # -- an in-memory source: a versioned dict with change tracking ------------------------------------------
@@ -528,7 +529,7 @@ def test_cli_sync_sql_export(emulator: Any, tmp_path: Path, monkeypatch: pytest.
 
 
 def test_next_links_read_off_raw_pages_only_when_certain() -> None:
-    from bridgekit.sync import _scan_next_link
+    from bridgekit.sources.dataverse import _scan_next_link
 
     link = "https://org.example/api/data/v9.2/accounts?$select=name&$skiptoken=%3Ccookie%20pagenumber=%222%22/%3E"
     page = json.dumps({"@odata.context": "x", "value": [{"name": "a"}], "@odata.nextLink": link}).encode()
@@ -546,7 +547,7 @@ def test_next_links_read_off_raw_pages_only_when_certain() -> None:
 def test_arrow_shaped_pages_equal_python_shaped_pages_for_every_table(emulator: Any, tmp_path: Path) -> None:
     """Full-read pages are shaped by Arrow's JSON reader; every value, label, lookup target and version
     must be what the row-by-row path makes of the same bytes."""
-    from bridgekit.sync import DataverseSource, RawPage
+    from bridgekit.sources import DataverseSource, RawPage
     from bridgekit.workbench import Workbench
 
     wb = Workbench(_profile(emulator, tmp_path / "a.duckdb"))
@@ -574,7 +575,7 @@ def test_arrow_shaped_pages_equal_python_shaped_pages_for_every_table(emulator: 
 
 
 def test_a_read_ahead_link_that_differs_from_the_page_stops_before_staging(emulator: Any, tmp_path: Path) -> None:
-    from bridgekit.sync import DataverseSource, RawPage
+    from bridgekit.sources import DataverseSource, RawPage
     from bridgekit.workbench import Workbench
 
     wb = Workbench(_profile(emulator, tmp_path / "m.duckdb"))
@@ -619,7 +620,7 @@ class _CappedCount:
 @pytest.mark.parametrize("snapshot", [True, False])
 def test_a_table_whose_count_is_capped_is_still_read_in_partitions(emulator: Any, tmp_path: Path,
                                                                    snapshot: bool) -> None:
-    from bridgekit.sync import DataverseSource
+    from bridgekit.sources import DataverseSource
     from bridgekit.workbench import Workbench
 
     wb = Workbench(_profile(emulator, tmp_path / "p.duckdb", page_size=5000))

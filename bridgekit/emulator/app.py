@@ -8,7 +8,6 @@ in the log), so the identity service keeps working either way.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 import uuid
@@ -22,9 +21,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bridgekit.emulator import identity
+from bridgekit.emulator import activity, identity, synth
 from bridgekit.emulator.context import AppRegistration, EmulatorContext, cert_thumbprints
+from bridgekit.emulator.dataverse.api import routes as dataverse_routes
 from bridgekit.emulator.faults import FaultMiddleware
+from bridgekit.emulator.graph.api import routes as graph_routes
 
 __all__ = ["ADMIN_HEADER", "DATAVERSE_PREFIX", "GRAPH_PREFIX", "create_app"]
 
@@ -41,36 +42,8 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json; charset=utf-8")
 
 
-def _optional_module(name: str) -> tuple[Any | None, str | None]:
-    """Import ``bridgekit.emulator.<name>``: (module, None), (None, None) if absent, (None, error) if broken."""
-    full = f"bridgekit.emulator.{name}"
-    try:
-        return importlib.import_module(full), None
-    except ModuleNotFoundError as exc:
-        if exc.name == full:
-            return None, None
-        log.exception("could not import %s", full)
-        return None, f"{type(exc).__name__}: {exc}"
-    except Exception as exc:
-        log.exception("could not import %s", full)
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def _broken_service(prefix: str, error: str) -> Mount:
-    async def broken(request: Request) -> Response:
-        return _json({"error": {"code": "EmulatorModuleError",
-                                "message": f"the emulator's module for {prefix} failed to import: {error}"}}, 500)
-    return Mount(prefix, routes=[Route("/{path:path}", broken, methods=["GET", "POST", "PATCH", "PUT", "DELETE"])])
-
-
-def _service_mount(ctx: EmulatorContext, module: str, prefix: str) -> Mount | None:
-    mod, error = _optional_module(module)
-    if error is not None:
-        return _broken_service(prefix, error)
-    if mod is None:
-        log.info("bridgekit.emulator.%s is not available: %s is not served", module, prefix)
-        return None
-    built = mod.routes(ctx)
+def _service_mount(ctx: EmulatorContext, routes: Callable[[EmulatorContext], Any], prefix: str) -> Mount:
+    built = routes(ctx)
     if isinstance(built, list | tuple):
         return Mount(prefix, routes=list(built))
     return Mount(prefix, app=built)
@@ -137,9 +110,6 @@ class _Admin:
         body = await self._body(request)
         scale = str(body.get("scale") or self.ctx.store.get_meta("emulator.scale") or "small")
         seed = int(body.get("seed", self.ctx.store.get_meta("emulator.seed") or self.ctx.seed))
-        synth, error = _optional_module("synth")
-        if synth is None:
-            return _json({"error": error or "bridgekit.emulator.synth is not available"}, 501)
         async with self._reset_lock:
             started = time.monotonic()
             try:
@@ -154,9 +124,6 @@ class _Admin:
 
     async def mutate(self, request: Request) -> Response:
         body = await self._body(request)
-        activity, error = _optional_module("activity")
-        if activity is None:
-            return _json({"error": error or "bridgekit.emulator.activity is not available"}, 501)
         kwargs = {k: int(body.get(k, 0)) for k in ("creates", "updates", "deletes")}
         if any(v < 0 for v in kwargs.values()):
             raise ValueError("creates, updates and deletes must be >= 0")
@@ -287,10 +254,8 @@ def create_app(ctx: EmulatorContext) -> ASGIApp:
     """Build the ASGI application for ``ctx``: service mounts, identity routes, admin API, fault middleware."""
     admin = _Admin(ctx)
     route_list: list[BaseRoute] = []
-    for module, prefix in (("dataverse", DATAVERSE_PREFIX), ("graph", GRAPH_PREFIX)):
-        mount = _service_mount(ctx, module, prefix)
-        if mount is not None:
-            route_list.append(mount)
+    for routes, prefix in ((dataverse_routes, DATAVERSE_PREFIX), (graph_routes, GRAPH_PREFIX)):
+        route_list.append(_service_mount(ctx, routes, prefix))
     route_list += [
         Route("/_emulator/info", admin.guard(admin.info), methods=["GET"]),
         Route("/_emulator/faults", admin.guard(admin.faults), methods=["GET", "POST"]),
