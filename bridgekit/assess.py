@@ -8,7 +8,7 @@ A consultant runs ``runbooks/assess.ipynb``; the notebook is a sequence of calls
 
 Each area returns a :class:`Section` (its :class:`Check` list, the measures behind them and a plotly figure).
 Every check carries the affected record ids where the finding is exact, so a test can compare them with
-the truth (the emulator records the defects it planted, read with :func:`planted_defects`).
+the truth (the emulator records the defects it planted; ``Workbench.emulator_truth`` reads them).
 
 Areas, and where the yardsticks come from:
 
@@ -28,10 +28,8 @@ import datetime as _dt
 import json
 import math
 import re
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,7 +62,6 @@ __all__ = [
     "EMAIL_PATTERN",
     "Assessment",
     "compare_with_planted",
-    "planted_defects",
 ]
 
 #: The documented rule the emulator's malformed emails break; commas are never valid in a domain either.
@@ -871,11 +868,8 @@ class Assessment:
 
     def ground_truth(self) -> Any:
         """For an emulator profile: the defects the emulator planted against what the checks found (else None)."""
-        prof = self.wb.profile
-        home = getattr(prof, "emulator_home", None)
-        if not home:
-            return None
-        planted = planted_defects(home)
+        truth = self.wb.emulator_truth()
+        planted = (truth or {}).get("planted_defects")
         if not planted:
             return None
         table = compare_with_planted(self.checks, planted)
@@ -898,23 +892,6 @@ PLANTED_CHECKS = {
     "disabled_users_owning_records": "cross.disabled_users_owning_records",
     "disabled_users_active_in_crm": "cross.disabled_users_active_in_crm",
 }
-
-
-def planted_defects(emulator_home: str | Path) -> dict[str, Any]:
-    """The defects an emulator planted in its data (store meta ``planted_defects``), read-only; {} if none."""
-    path = Path(emulator_home) / "store.sqlite"
-    if not path.is_file():
-        return {}
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            row = conn.execute("SELECT v FROM meta WHERE k = 'planted_defects'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}
-    value = json.loads(row[0]) if row else {}
-    return value if isinstance(value, dict) else {}
 
 
 def _planted_ids(name: str, entry: Mapping[str, Any]) -> list[str]:

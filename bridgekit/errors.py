@@ -10,14 +10,22 @@
     │   ├── PermissionDeniedError       403 (missing role / privilege)
     │   ├── ConflictError               412 / duplicate / concurrency mismatch
     │   └── TransientError              5xx, dropped connection (transient=True)
-    │       └── ThrottledError          429 / service-protection budget exhausted (.retry_after)
+    │       ├── ThrottledError          429 / service-protection budget exhausted (.retry_after)
+    │       └── MigrationIncomplete     some planned rows were not written: run again with the same run id
     ├── ResyncRequired                  a delta/change-tracking token is no longer valid: full reload needed
     ├── ChangeTrackingNotEnabled        the table does not have change tracking on
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
     ├── SyncError                       the sync engine could not complete (e.g. already running)
+    │   └── UnknownTableError           a table asked for is not in the sync plan (a usage error)
+    ├── InsufficientDataError           an analysis needs tables or rows the warehouse lacks
+    ├── CheckFailed                     a runbook stopped on a red finding
     ├── RunbookError                    runner problems: unknown runbook, bad parameter
     │   └── RunbookFailed               the notebook ran and failed (.exit_code)
     └── EmulatorError                   the local tenant emulator cannot start / answer
+
+Each class carries its :class:`ExitCode`; :func:`exit_code_for` resolves any exception (or, for a runbook
+cell, the class name Papermill reports) by walking this tree, and :data:`EXIT_CODES` is the one table of
+codes and meanings that the README, ``bridgekit run --help`` and the runner show.
 
 No message ever contains a secret or token: :func:`redact` scrubs anything token-shaped from text that
 came from outside (service messages, URLs) before it is stored on an error.
@@ -26,18 +34,24 @@ came from outside (service messages, URLs) before it is stored on an error.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "EXIT_CODES",
+    "SECRET_PATTERNS",
     "ApiError",
     "AuthError",
     "BridgekitError",
     "ChangeTrackingNotEnabled",
+    "CheckFailed",
     "ConfigError",
     "ConflictError",
     "EmulatorError",
     "ExitCode",
+    "InsufficientDataError",
+    "MigrationIncomplete",
     "NotFoundError",
     "PermissionDeniedError",
     "ResyncRequired",
@@ -46,27 +60,73 @@ __all__ = [
     "SyncError",
     "ThrottledError",
     "TransientError",
+    "UnknownTableError",
     "WarehouseError",
+    "error_class",
+    "exit_code_for",
+    "looks_secret",
     "redact",
 ]
 
+
 class ExitCode(IntEnum):
-    """The process exit codes of ``bridgekit`` and ``bridgekit run`` (documented in the README)."""
+    """The process exit codes of ``bridgekit`` and ``bridgekit run``; :data:`EXIT_CODES` says what each means."""
 
     OK = 0
-    ERROR = 1  # anything not listed below
-    USAGE = 2  # bad command line, profile, bridgekit.toml or runbook parameter
-    AUTH = 3  # authentication or authorisation failed
-    TRANSIENT = 4  # throttled out or another transient failure: retry later
-    NOTEBOOK_ERROR = 5  # a runbook cell raised
-    CHECK_FAILED = 6  # the run worked and a check found a problem (SLO breached, red finding)
-    KERNEL_DIED = 7  # the kernel died or the run timed out
-    SECRET_LEAK = 8  # a secret or token-shaped string was found in an output; outputs quarantined
+    ERROR = 1
+    USAGE = 2
+    AUTH = 3
+    TRANSIENT = 4
+    NOTEBOOK_ERROR = 5
+    CHECK_FAILED = 6
+    KERNEL_DIED = 7
+    SECRET_LEAK = 8
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+    @property
+    def meaning(self) -> str:
+        """What the code tells a user or a scheduler (the README's exit-code table)."""
+        return EXIT_CODES[self]
 
 
-# JWTs (three base64url segments), bearer headers, and secret-ish query/form parameters.
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
-_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+#: The one exit-code table: the README, ``bridgekit run --help`` and the runner's manifest show it from here.
+EXIT_CODES: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.ERROR: "an unexpected error",
+    ExitCode.USAGE: "bad usage: unknown command, option or table, bad profile or bridgekit.toml, unknown or "
+                    "mistyped runbook parameter (nothing ran)",
+    ExitCode.AUTH: "authentication or authorisation failed (missing or wrong secret, unknown tenant, missing role "
+                   "or consent)",
+    ExitCode.TRANSIENT: "throttled out, or the service or identity provider did not answer: retry later; syncs "
+                        "resume where they stopped",
+    ExitCode.NOTEBOOK_ERROR: "a runbook cell raised an error (the executed notebook marks the failing cell)",
+    ExitCode.CHECK_FAILED: "a check found a problem (an SLO breached, a red finding)",
+    ExitCode.KERNEL_DIED: "the notebook kernel died or the run timed out",
+    ExitCode.SECRET_LEAK: "a secret or token-shaped string was found in an output; the outputs are quarantined",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGINT): nothing of the interrupted run was merged; run again to "
+                          "resume",
+    ExitCode.TERMINATED: "stopped by SIGTERM (a scheduler's stop): nothing of the interrupted run was merged; run "
+                         "again to resume",
+}
+
+
+# Shapes of secrets and tokens: never in a message, notebook, report, manifest or log. The scan of run
+# outputs (bridgekit.runbooks.secrets) looks for these; redact() replaces them in text from outside.
+SECRET_PATTERNS: dict[str, re.Pattern[str]] = {
+    "jwt": re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
+    "bearer header": re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{20,}"),
+    "secret assignment": re.compile(
+        r"(?i)\b(client_secret|secret|password|passwd|api_key|access_token|refresh_token)\b\s*[:=]\s*"
+        r"[\"'][^\"'\s]{6,}[\"']"
+    ),
+    "private key": re.compile(r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----"),
+    # Entra client secrets: 40 chars with a '~' in the 4th position (the format since 2021).
+    "entra client secret": re.compile(r"\b[A-Za-z0-9_.-]{3}[78]Q~[A-Za-z0-9_.~-]{31,34}\b"),
+    "connection string key": re.compile(r"(?i)(AccountKey|SharedAccessKey|ClientSecret)=[A-Za-z0-9+/=]{16,}"),
+}
+_BEARER_VALUE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+# Secret-ish query or form parameters in URLs and service messages (redacted, not scanned for: too common).
 _SECRET_PARAM = re.compile(
     r"(?i)\b(client_secret|client_assertion|access_token|refresh_token|id_token|password|code|"
     r"device_code|sig|signature)=([^&\s\"']+)"
@@ -80,9 +140,21 @@ def redact(text: str) -> str:
         >>> redact("Authorization: Bearer abc.def.ghi-123456")
         'Authorization: Bearer ***'
     """
-    text = _JWT.sub("***", text)
-    text = _BEARER.sub(r"\1***", text)
+    text = _BEARER_VALUE.sub(r"\1***", text)
+    for name, pattern in SECRET_PATTERNS.items():
+        if name != "bearer header":
+            text = pattern.sub("***", text)
     return _SECRET_PARAM.sub(r"\1=***", text)
+
+
+def looks_secret(value: str, secrets: Iterable[str] = ()) -> bool:
+    """True when ``value`` is one of ``secrets`` (values in play), holds one, or has a secret's shape.
+
+    Used before a user-supplied value is echoed in an error message.
+    """
+    if any(secret and len(secret) >= 6 and secret in value for secret in secrets):
+        return True
+    return any(p.search(value) for p in SECRET_PATTERNS.values()) or redact(value) != value
 
 
 class BridgekitError(Exception):
@@ -96,7 +168,7 @@ class BridgekitError(Exception):
     """
 
     transient: bool = False
-    exit_code: int = 1
+    exit_code: int = ExitCode.ERROR
     default_hint: str = ""
 
     def __init__(self, message: str, *, hint: str | None = None, **fields: Any) -> None:
@@ -119,7 +191,7 @@ class BridgekitError(Exception):
 class ConfigError(BridgekitError):
     """A profile or ``bridgekit.toml`` is wrong; ``key`` and ``path`` say where."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, message: str, *, hint: str | None = None, key: str | None = None,
                  path: str | None = None, profile: str | None = None) -> None:
@@ -130,7 +202,7 @@ class ConfigError(BridgekitError):
 class AuthError(BridgekitError):
     """Could not get a token. ``service_code`` holds the AADSTS code (e.g. ``AADSTS7000215``)."""
 
-    exit_code = 3
+    exit_code = ExitCode.AUTH
 
     def __init__(self, message: str, *, hint: str | None = None, service_code: str | None = None,
                  error: str | None = None, status: int | None = None) -> None:
@@ -167,7 +239,7 @@ class NotFoundError(ApiError):
 class PermissionDeniedError(ApiError):
     """403: the app lacks the role or privilege for this call."""
 
-    exit_code = 3
+    exit_code = ExitCode.AUTH
     default_hint = "grant the application the missing role (API permission) and admin-consent it"
 
 
@@ -179,7 +251,7 @@ class TransientError(ApiError):
     """A failure that may pass if retried later (5xx, dropped connection, timeout)."""
 
     transient = True
-    exit_code = 4
+    exit_code = ExitCode.TRANSIENT
     default_hint = "the service is temporarily unavailable; retry later (bridgekit resumes where it stopped)"
 
 
@@ -195,10 +267,17 @@ class ThrottledError(TransientError):
         self.fields["retry_after"] = retry_after
 
 
+class MigrationIncomplete(TransientError):
+    """Some planned rows were not written (throttled out, service unavailable); run again with the same run id."""
+
+    default_hint = "run the migration again with the same run id: it resumes where it stopped"
+
+
 class ResyncRequired(BridgekitError):
     """A delta or change-tracking token expired or was invalidated; a full reload is needed."""
 
     transient = True
+    exit_code = ExitCode.TRANSIENT
     default_hint = "run the sync again: bridgekit reloads the table in full, then resumes deltas"
 
     def __init__(self, message: str, *, hint: str | None = None, table: str | None = None,
@@ -234,10 +313,32 @@ class SyncError(BridgekitError):
         self.table = table
 
 
+class InsufficientDataError(BridgekitError):
+    """The warehouse lacks the tables or rows an analysis needs (not synced yet, or too few closed deals)."""
+
+    default_hint = "run `bridgekit sync` for the profile first (opportunity, account, activities, Graph mail)"
+
+
+class CheckFailed(BridgekitError):
+    """Raise in a runbook to stop it on a red finding; ``bridgekit run`` exits 6 (CHECK_FAILED).
+
+    ``bridgekit.record.check(..., status="red", stop=True)`` records the check and raises this.
+    """
+
+    exit_code = ExitCode.CHECK_FAILED
+    default_hint = "the runbook ran and found a problem; see the checks in the run's manifest.json and report"
+
+
+class UnknownTableError(SyncError):
+    """A table asked for (``--only``, ``only=``) is not in the profile's sync plan, or is ambiguous."""
+
+    exit_code = ExitCode.USAGE
+
+
 class RunbookError(BridgekitError):
     """A runbook cannot be run: unknown name, unknown or mistyped parameter."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, message: str, *, hint: str | None = None, runbook: str | None = None,
                  parameter: str | None = None) -> None:
@@ -248,10 +349,10 @@ class RunbookError(BridgekitError):
 class RunbookFailed(RunbookError):
     """The runbook ran and did not succeed; ``exit_code`` is the documented code for the cause."""
 
-    def __init__(self, message: str, *, exit_code: int = 5, hint: str | None = None,
+    def __init__(self, message: str, *, exit_code: int = ExitCode.NOTEBOOK_ERROR, hint: str | None = None,
                  runbook: str | None = None, run_dir: str | None = None) -> None:
         super().__init__(message, hint=hint, runbook=runbook)
-        self.exit_code = exit_code
+        self.exit_code = ExitCode(exit_code)
         self.run_dir = run_dir
         self.fields.update(exit_code=exit_code, run_dir=run_dir)
 
@@ -260,3 +361,31 @@ class EmulatorError(BridgekitError):
     """The local tenant emulator could not start, stop or answer."""
 
     default_hint = "run `bridgekit emulator status` and see the emulator log under its data directory"
+
+
+def _error_classes(root: type[BridgekitError] = BridgekitError) -> Iterable[type[BridgekitError]]:
+    yield root
+    for sub in root.__subclasses__():
+        yield from _error_classes(sub)
+
+
+def error_class(name: str) -> type[BridgekitError] | None:
+    """The bridgekit error class called ``name`` (as Papermill reports a cell's exception), None if none is."""
+    return next((cls for cls in _error_classes() if cls.__name__ == name), None)
+
+
+def exit_code_for(error: BaseException | type[BaseException] | str) -> ExitCode:
+    """The documented exit code of an exception, an exception class, or an exception class's name.
+
+    A bridgekit error exits with its class's code (the nearest class in the tree that sets one); anything
+    else is an unexpected error (1).
+    """
+    if isinstance(error, str):
+        found = error_class(error)
+        return ExitCode(found.exit_code) if found is not None else ExitCode.ERROR
+    cls = error if isinstance(error, type) else type(error)
+    if isinstance(error, BridgekitError):
+        return ExitCode(error.exit_code)  # RunbookFailed carries the code of what happened
+    if issubclass(cls, BridgekitError):
+        return ExitCode(cls.exit_code)
+    return ExitCode.ERROR

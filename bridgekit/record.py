@@ -25,7 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from bridgekit.errors import BridgekitError, ExitCode
+from bridgekit.errors import CheckFailed
 
 __all__ = [
     "RECORD_ENV",
@@ -44,16 +44,6 @@ Status = Literal["green", "amber", "red"]
 
 # Records of this process, in call order (what an interactive session can inspect).
 _RECORDED: list[dict[str, Any]] = []
-
-
-class CheckFailed(BridgekitError):
-    """Raise in a runbook to stop it on a red finding; ``bridgekit run`` exits 6 (CHECK_FAILED).
-
-    ``check(..., status="red", stop=True)`` records the check and raises this.
-    """
-
-    exit_code = int(ExitCode.CHECK_FAILED)
-    default_hint = "the runbook ran and found a problem; see the checks in the run's manifest.json and report"
 
 
 def _jsonable(value: Any, where: str) -> Any:

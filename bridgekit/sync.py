@@ -36,11 +36,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from bridgekit.errors import BridgekitError, ResyncRequired, SyncError
+from bridgekit.errors import (
+    ApiError,
+    AuthError,
+    BridgekitError,
+    ConfigError,
+    ExitCode,
+    ResyncRequired,
+    SyncError,
+    UnknownTableError,
+    exit_code_for,
+)
 from bridgekit.sources.base import Page, RawPage, Source, SourceFactory, as_split, to_arrow
 from bridgekit.warehouse import RunRecord, StageState, Staging, Warehouse
 
@@ -81,6 +91,7 @@ class TableReport:
     resumed: bool = False
     message: str | None = None
     error: str | None = None
+    failure: BridgekitError | None = field(default=None, repr=False, compare=False)  # the error itself
 
     @property
     def throughput(self) -> float:
@@ -127,6 +138,45 @@ class SyncReport:
     def changed(self) -> int:
         """Rows created, updated or deleted in the warehouse."""
         return sum(t.created + t.updated + t.deleted for t in self.tables)
+
+    def failures(self) -> list[tuple[list[str], BridgekitError]]:
+        """Each distinct error of this run with the tables it failed (an error shared by many is listed once)."""
+        out: list[tuple[list[str], BridgekitError]] = []
+        for t in self.tables:
+            if t.status != "error" or t.failure is None:
+                continue
+            for tables, exc in out:
+                if exc is t.failure:
+                    tables.append(t.table)
+                    break
+            else:
+                out.append(([t.table], t.failure))
+        return out
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The documented exit code of this run: 0, or what its failures mean for a scheduler.
+
+        Only transient failures: 4 (retry later). Otherwise usage (2) before auth (3) before anything else (1).
+        """
+        codes = {exit_code_for(exc) for _, exc in self.failures()}
+        if not self.ok and not codes:
+            codes = {ExitCode.ERROR}
+        if not codes:
+            return ExitCode.OK
+        if codes == {ExitCode.TRANSIENT}:
+            return ExitCode.TRANSIENT
+        return next((c for c in (ExitCode.USAGE, ExitCode.AUTH) if c in codes), ExitCode.ERROR)
+
+    def raise_for_failures(self) -> None:
+        """Raise the error that decides :attr:`exit_code` when a table failed (a runbook cell's way to fail)."""
+        code = self.exit_code
+        if code == ExitCode.OK:
+            return
+        for _tables, exc in self.failures():
+            if exit_code_for(exc) == code or code == ExitCode.ERROR:
+                raise exc
+        raise SyncError(f"{len([t for t in self.tables if t.status == 'error'])} table(s) failed")
 
     def table(self, name: str) -> TableReport:
         """The report of one table (``dataverse.account`` or ``account``)."""
@@ -181,7 +231,7 @@ def resolve_selection(available: Sequence[str], only: Iterable[str] | str | None
     Names may be qualified (``graph.users``) or bare (``account``) when that is unambiguous.
 
     Raises:
-        SyncError: a name matches no (or more than one) table.
+        UnknownTableError: a name matches no (or more than one) table (exit 2).
     """
     if only is None:
         return list(available)
@@ -191,11 +241,16 @@ def resolve_selection(available: Sequence[str], only: Iterable[str] | str | None
         matches = [t for t in available if name in (t, t.split(".", 1)[1])]
         if len(matches) != 1:
             what = "is ambiguous" if matches else "is not in the profile's sync plan"
-            raise SyncError(f"table {name!r} {what}", table=name,
-                            hint=f"choose from: {', '.join(available)}")
+            raise UnknownTableError(f"table {name!r} {what}", table=name,
+                                    hint=f"choose from: {', '.join(available)}")
         if matches[0] not in chosen:
             chosen.append(matches[0])
     return chosen
+
+
+def _service_wide(exc: BridgekitError) -> bool:
+    """True for a failure of a whole service's access (credentials, profile, identity provider), not a table's."""
+    return isinstance(exc, AuthError | ConfigError) or (isinstance(exc, ApiError) and exc.service == "identity")
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -349,6 +404,7 @@ class SyncEngine:
         records: list[RunRecord] = []
         fetched: list[StageState] = []
         noop: list[StageState] = []
+        broken: dict[str, BridgekitError] = {}  # service -> the credentials failure that stops its tables
         with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
                 t0, clock = _now(), time.monotonic()
@@ -358,11 +414,21 @@ class SyncEngine:
                                                duration_s=time.monotonic() - clock))
                     continue
                 rep = TableReport(table=table, mode="full", status="ok")
+                service = table.split(".", 1)[0]
                 try:
+                    if service in broken:
+                        raise broken[service]
                     state = self._fetch(staging, table, run_id=run_id, full=full, report=rep)
                 except BridgekitError as exc:
-                    rep.status, rep.error = "error", exc.message
-                    log.error("%s: %s", table, exc)
+                    rep.status, rep.error, rep.failure = "error", exc.message, exc
+                    if service in broken:
+                        rep.mode, rep.error = "skipped", f"not attempted: {exc.message}"
+                    else:
+                        log.debug("%s: %s", table, exc)
+                        if _service_wide(exc):
+                            # The service's credentials or identity provider failed: every other table of
+                            # the service would fail the same way, after the same retries.
+                            broken[service] = exc
                     state = None
                 if state is not None:
                     rep.mode, rep.resynced = state.mode, state.resynced

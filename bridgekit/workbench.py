@@ -56,6 +56,7 @@ class Workbench:
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
+        self._others: dict[str, Workbench] = {}
 
     @classmethod
     def open(cls, profile: str | Profile | None = None, **options: Any) -> Workbench:
@@ -122,6 +123,29 @@ class Workbench:
             >>> report.to_frame()                                  # doctest: +SKIP
         """
         return self.sync_engine(progress=progress).run(only, full=full)
+
+    def other(self, profile: str) -> Workbench:
+        """The Workbench of another profile (a migration's source environment, a lookup's warehouse), opened
+        once per name and kept."""
+        if profile == self.profile.name:
+            return self
+        if profile not in self._others:
+            self._others[profile] = Workbench.open(profile)
+        return self._others[profile]
+
+    def emulator_truth(self) -> dict[str, Any] | None:
+        """For an emulator profile, what its synthetic company was generated with (``planted_defects``,
+        ``generating_model``, ``company``), from the emulator's admin API; None for a real tenant."""
+        home = self.profile.emulator_home
+        if not home:
+            return None
+        from bridgekit.emulator.process import admin, status
+
+        info = status(home)
+        if info is None:
+            return None
+        truth: dict[str, Any] = admin(info, "truth")
+        return truth
 
     def sql(self, query: str, params: Any = None) -> pd.DataFrame:
         """Run a read-only SQL query on the warehouse; returns a pandas DataFrame.

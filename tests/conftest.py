@@ -184,7 +184,6 @@ def demo_runs(emulator: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory
     """``bridgekit demo`` once per session; the emulator is reset first so the planted defects are pristine."""
     from click.testing import CliRunner
 
-    from bridgekit.assess import planted_defects
     from bridgekit.cli.main import cli
 
     root = tmp_path_factory.mktemp("demo")
@@ -200,7 +199,7 @@ def demo_runs(emulator: EmulatorHandle, tmp_path_factory: pytest.TempPathFactory
     sync = next((p for p in dirs if p.name.endswith("-sync")), root / "missing-sync")
     assess = next((p for p in dirs if p.name.endswith("-assess")), root / "missing-assess")
     return DemoRuns(result.output, result.exit_code, config, warehouse, root / "runs", sync, assess,
-                    planted_defects(emulator.home))
+                    emulator.admin("truth")["planted_defects"])
 
 
 @pytest.fixture(scope="session")

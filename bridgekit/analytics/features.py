@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from bridgekit.errors import BridgekitError
+from bridgekit.errors import InsufficientDataError
 
 __all__ = [
     "DEFAULT_WINDOWS",
@@ -58,12 +58,6 @@ _OPTIONAL = ("dataverse.team", "dataverse.transactioncurrency", "dataverse.conta
              "dataverse.appointment", "dataverse.phonecall", "dataverse.task", "graph.messages", "graph.events",
              "graph.users")
 _TOUCH_KINDS = ("email", "appointment", "phonecall")
-
-
-class InsufficientDataError(BridgekitError):
-    """The warehouse lacks the tables or rows an analysis needs (not synced yet, or too few closed deals)."""
-
-    default_hint = "run `bridgekit sync` for the profile first (opportunity, account, activities, Graph mail)"
 
 
 class SqlSource(Protocol):

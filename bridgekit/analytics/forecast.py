@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import PoissonRegressor
 
-from bridgekit.analytics.features import InsufficientDataError
+from bridgekit.errors import InsufficientDataError
 
 __all__ = [
     "Backtest",

@@ -37,7 +37,7 @@ from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
 
-from bridgekit.analytics.features import InsufficientDataError
+from bridgekit.errors import InsufficientDataError
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -358,11 +358,12 @@ def train_win_model(frame: pd.DataFrame, *, features: Sequence[Feature] = DEFAUL
 
 
 def compare_with_generating_model(model: WinModel, truth: Mapping[str, Any]) -> pd.DataFrame:
-    """The fitted drivers next to a known generating model (the emulator's ``MODEL``).
+    """The fitted drivers next to a known generating model (the emulator's, from ``Workbench.emulator_truth``).
 
     Args:
         truth: ``{"engagement": .., "size": .., "age": .., "q4": .., "industry": {code: effect}}``, the
-            coefficients of the logistic model that decided won/lost (see docs/emulator-company.md).
+            coefficients of the logistic model that decided won/lost (see docs/emulator-company.md), or the
+            emulator's ``generating_model`` record (``coefficients`` and ``industry_effect``).
 
     Returns:
         One row per driver: ``driver``, ``feature``, ``meaning``, ``true``, ``fitted``, ``same_sign``,
@@ -370,6 +371,8 @@ def compare_with_generating_model(model: WinModel, truth: Mapping[str, Any]) -> 
         row, ``industry``, compares the centred industry effects (``fitted`` is their correlation with
         the true ones).
     """
+    if "coefficients" in truth:
+        truth = {**truth["coefficients"], "industry": truth.get("industry_effect") or {}}
     rows = []
     columns = {f.column for f in model.features}
     for term, (column, meaning) in GENERATING_MODEL_MAP.items():

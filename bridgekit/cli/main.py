@@ -2,40 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from bridgekit import __version__
-from bridgekit.errors import BridgekitError, ExitCode
+from bridgekit.errors import BridgekitError, ExitCode, exit_code_for
 
-__all__ = ["cli", "main"]
+__all__ = ["Terminated", "cli", "main", "sigterm_as_interrupt"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def exit_code_for(exc: BaseException) -> int:
-    """The documented exit code for an exception (README, "Exit codes")."""
-    if isinstance(exc, BridgekitError):
-        return int(exc.exit_code)
-    if isinstance(exc, click.UsageError):
-        return int(ExitCode.USAGE)
-    return int(ExitCode.ERROR)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler or CI stops a job: unwinds like Ctrl-C (partial work cleaned up), exits 143."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the block, so a stopped run cleans up instead of dying.
+
+    Python's default for SIGTERM ends the process without unwinding: no rollback message, no scan of
+    partial outputs. Only the main thread can set signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, hint: str | None, code: int) -> int:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    return int(code)
+
+
+def _interrupted(exc: BaseException) -> int:
+    code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+    click.echo(f"interrupted: {'stopped by SIGTERM' if code == ExitCode.TERMINATED else 'stopped by Ctrl-C'}; "
+               "nothing of the interrupted step was merged, run the command again to resume", err=True)
+    return int(code)
 
 
 class BridgekitGroup(click.Group):
-    """A click group that turns BridgekitError into a one-line message and its exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BridgekitError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            ctx.exit(exit_code_for(exc))
+    """The root group: commands are listed alphabetically in help."""
 
 
 @click.group(cls=BridgekitGroup, context_settings=CONTEXT_SETTINGS)
@@ -72,22 +97,37 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bridgekit`` console script."""
+    """Entry point of the ``bridgekit`` console script: the one place errors become exit codes.
+
+    A bridgekit error prints ``error:`` and ``hint:`` lines and exits with its class's code (README, "Exit
+    codes"); a usage error exits 2; Ctrl-C 130 and SIGTERM 143. ``-vv`` adds the traceback of an unexpected
+    error, which otherwise is one line too.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a in ("-vv", "-vvv") for a in args) or args.count("-v") + args.count("--verbose") >= 2
     try:
-        rv = cli.main(args=argv, prog_name="bridgekit", standalone_mode=False)
+        with sigterm_as_interrupt():
+            rv = cli.main(args=args, prog_name="bridgekit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            return _interrupted(exc.__context__)
         click.echo("aborted", err=True)
-        return 130
+        return int(ExitCode.INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except click.ClickException as exc:
         exc.show()
         return int(ExitCode.USAGE) if isinstance(exc, click.UsageError) else int(exc.exit_code)
     except BridgekitError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
-        return exit_code_for(exc)
+        return _fail(exc.message, exc.hint, exit_code_for(exc))
+    except OSError as exc:
+        # A file the user named cannot be read or written: one line, not a traceback.
+        if debug:
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _fail(f"{exc.strerror or exc}{where}", "check the path and its permissions", ExitCode.ERROR)
     return rv if isinstance(rv, int) else 0
 
 

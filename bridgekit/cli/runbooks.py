@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bridgekit.errors import ExitCode, RunbookError
+from bridgekit.errors import EXIT_CODES, ExitCode, RunbookError
 
 __all__ = ["COMMANDS", "run", "runbooks"]
 
@@ -66,24 +63,6 @@ def _load_file(path: Path) -> dict[str, Any]:
     return data
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Schedulers and CI stop jobs with SIGTERM, which by default ends Python without cleanup; as an
-    interrupt it lets the kernel be shut down and partial outputs be scanned for secrets."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @click.command("run", context_settings=_CONTEXT)
 @click.argument("name")
 @click.option("-p", "--parameter", "params", nargs=2, multiple=True, metavar="NAME VALUE",
@@ -105,9 +84,7 @@ def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], para
         profile: str | None, out: Path, timeout: float | None, path: Path | None, as_json: bool) -> None:
     """Run runbook NAME headless: executed notebook, HTML report and manifest.json under --out.
 
-    Exit codes: 0 success, 2 bad parameter or profile (nothing ran), 3 auth failure, 4 throttled or
-    transient (retry later), 5 a cell raised, 6 a check is red, 7 kernel died or timeout, 8 a secret was
-    found in an output (outputs quarantined).
+    The exit code says what happened (the table below, also in the README and each manifest).
     """
     from bridgekit.runbooks.runner import coerce_text_parameters, find_runbook, run_runbook
 
@@ -115,9 +92,8 @@ def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], para
     values: dict[str, Any] = _load_file(params_file) if params_file else {}
     values.update(coerce_text_parameters(rb, dict(params)))
     chosen = profile or (ctx.obj or {}).get("profile")
-    with _sigterm_as_interrupt():
-        result = run_runbook(str(rb.path), values, profile=chosen, out=out, timeout=timeout,
-                             raise_on_failure=False)
+    result = run_runbook(str(rb.path), values, profile=chosen, out=out, timeout=timeout,
+                         raise_on_failure=False)
     m = result.manifest
     if as_json:
         click.echo(json.dumps(m, indent=2, default=str))
@@ -141,5 +117,12 @@ def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], para
     if result.exit_code != ExitCode.OK:
         ctx.exit(result.exit_code)
 
+
+def exit_code_help() -> str:
+    """The exit-code table as help text (from :data:`bridgekit.errors.EXIT_CODES`, the one source)."""
+    return "\b\nExit codes:\n" + "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+run.help = f"{inspect.cleandoc(run.help or '')}\n\n{exit_code_help()}"
 
 COMMANDS: list[click.Command] = [runbooks, run]

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from bridgekit.sync import SyncReport
+    from bridgekit.workbench import Workbench
 
 __all__ = ["COMMANDS", "export", "sql", "sync"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def _workbench(ctx: click.Context, profile: str | None) -> Any:
+def _workbench(ctx: click.Context, profile: str | None) -> Workbench:
     from bridgekit.workbench import Workbench
 
     root = ctx.find_root().obj or {}
@@ -37,31 +40,39 @@ def sync(ctx: click.Context, profile: str | None, only: str | None, full: bool, 
 
     The first run loads every table in full; later runs apply change-tracking / delta changes. An
     interrupted sync resumes where it stopped. Prints a report per table (created, updated, deleted,
-    duration, throughput, resynced). Exits 1 when a table failed.
+    duration, throughput, resynced). A failed table exits with its error's code: 4 when every failure is
+    transient (throttled out, service unavailable: run again, it resumes), 3 for credentials, 2 for usage.
     """
     wb = _workbench(ctx, profile)
     # Progress bars only on an interactive terminal (tqdm would litter logs and CI output).
     progress = not quiet and sys.stderr.isatty()
-    if not quiet:
-        logging.getLogger("bridgekit.sync").setLevel(logging.INFO)
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = wb.sync_engine(progress=progress)
     if watch:
-        def show(report: Any) -> None:
+        def show(report: SyncReport) -> None:
             if not quiet:
                 click.echo(report.render())
+            _failures(report)
         click.echo(f"watching {wb.warehouse.path} every {interval:g}s (Ctrl-C to stop)", err=True)
         try:
             engine.watch(only, interval=interval, on_report=show, full=full)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop a watcher; every poll merged whole
             click.echo("stopped", err=True)
         return
     report = engine.run(only, full=full)
     if not quiet:
         click.echo(report.render())
+    _failures(report)
     if not report.ok:
-        ctx.exit(1)
+        ctx.exit(int(report.exit_code))
+
+
+def _failures(report: SyncReport) -> None:
+    """Each distinct failure once, on stderr (a credentials failure shared by every table is one error)."""
+    for tables, exc in report.failures():
+        where = tables[0] if len(tables) == 1 else f"{len(tables)} tables ({tables[0]}, ...)"
+        click.echo(f"error: {where}: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
 
 
 @click.command(context_settings=_CONTEXT)

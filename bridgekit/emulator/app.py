@@ -87,6 +87,11 @@ class _Admin:
                             "graph": _has_route(request, GRAPH_PREFIX)}
         return _json(data)
 
+    async def truth(self, request: Request) -> Response:
+        """What the synthetic company was generated with: its planted defects and generating model."""
+        store = self.ctx.store
+        return _json({k: store.get_meta(k) for k in ("company", "generating_model", "planted_defects")})
+
     async def faults(self, request: Request) -> Response:
         if request.method == "POST":
             body = await self._body(request)
@@ -258,6 +263,7 @@ def create_app(ctx: EmulatorContext) -> ASGIApp:
         route_list.append(_service_mount(ctx, routes, prefix))
     route_list += [
         Route("/_emulator/info", admin.guard(admin.info), methods=["GET"]),
+        Route("/_emulator/truth", admin.guard(admin.truth), methods=["GET"]),
         Route("/_emulator/faults", admin.guard(admin.faults), methods=["GET", "POST"]),
         Route("/_emulator/settings", admin.guard(admin.settings), methods=["GET", "POST"]),
         Route("/_emulator/reset", admin.guard(admin.reset), methods=["POST"]),

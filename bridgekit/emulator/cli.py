@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import ssl
-import urllib.error
-import urllib.request
 from typing import Any
 
 import click
 
 from bridgekit.emulator.process import (
     EmulatorInfo,
+    admin,
     default_home,
     default_port,
     serve,
@@ -28,24 +26,6 @@ _home_option = click.option("--home", type=click.Path(file_okay=False), default=
                             help="Emulator data directory (default: $BRIDGEKIT_EMULATOR_HOME or the user data dir).")
 _port_option = click.option("--port", type=int, default=None,
                             help="Port on 127.0.0.1 (default: $BRIDGEKIT_EMULATOR_PORT or 47443; 0 = any free port).")
-
-
-def _admin(info: EmulatorInfo, path: str, body: dict[str, Any] | None = None) -> Any:
-    ctx = ssl.create_default_context(cafile=info.ca_bundle)
-    data = json.dumps(body).encode() if body is not None else None
-    # The URL is always https://127.0.0.1:<port>/... built from runtime.json, never user input.
-    req = urllib.request.Request(  # noqa: S310
-        f"{info.base_url}/_emulator/{path}", data=data, method="POST" if data else "GET",
-        headers={"X-Emulator-Admin-Key": info.admin_key(),
-                 "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=3600, context=ctx) as resp:  # noqa: S310 - https only
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise EmulatorError(f"the emulator answered {exc.code} to /_emulator/{path}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise EmulatorError(f"could not reach the emulator at {info.base_url}: {exc}") from exc
 
 
 def _running(home: str | None) -> EmulatorInfo:
@@ -73,7 +53,7 @@ def _describe(info: EmulatorInfo) -> None:
     click.echo(f"  home:           {info.home}")
     click.echo(f"  log:            {info.log_path}")
     with contextlib.suppress(EmulatorError):
-        live = _admin(info, "info")
+        live = admin(info, "info")
         if live.get("data_error"):
             click.echo(f"  WARNING: no synthetic data ({live['data_error']}); see the log, then "
                        "`bridgekit emulator reset`", err=True)
@@ -137,7 +117,7 @@ def reset_cmd(home: str | None, scale: str | None, seed: int | None) -> None:
         body["scale"] = scale
     if seed is not None:
         body["seed"] = seed
-    result = _admin(_running(home), "reset", body)
+    result = admin(_running(home), "reset", body)
     click.echo(f"Regenerated scale={result['scale']} seed={result['seed']} in {result['seconds']} s.")
 
 
@@ -149,7 +129,7 @@ def reset_cmd(home: str | None, scale: str | None, seed: int | None) -> None:
 @click.option("--seed", default=None, type=int, help="Seed for choosing what changes (default: random).")
 def mutate_cmd(home: str | None, creates: int, updates: int, deletes: int, seed: int | None) -> None:
     """Simulate live activity: create, update and delete records across Dataverse and Graph."""
-    result = _admin(_running(home), "mutate", {"creates": creates, "updates": updates, "deletes": deletes,
+    result = admin(_running(home), "mutate", {"creates": creates, "updates": updates, "deletes": deletes,
                                                "seed": seed})
     click.echo(json.dumps(result["result"], indent=2))
 
@@ -175,6 +155,6 @@ def faults_cmd(home: str | None, throttle_rate: float | None, error_rate: float 
                        ("force_delta_expiry", expire_deltas)):
         if value is not None:
             body[key] = value
-    result = _admin(_running(home), "faults", body if body else None)
+    result = admin(_running(home), "faults", body if body else None)
     for key, value in result.items():
         click.echo(f"{key:20} {value}")

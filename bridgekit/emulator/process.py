@@ -110,6 +110,25 @@ class EmulatorInfo:
         return asdict(self)
 
 
+def admin(info: EmulatorInfo, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the running emulator's admin API ``/_emulator/<path>`` (POST when ``body`` is given); the JSON answer."""
+    ctx = ssl.create_default_context(cafile=info.ca_bundle)
+    data = json.dumps(body).encode() if body is not None else None
+    # The URL is always https://127.0.0.1:<port>/... built from runtime.json, never user input.
+    req = urllib.request.Request(  # noqa: S310
+        f"{info.base_url}/_emulator/{path}", data=data, method="POST" if data else "GET",
+        headers={"X-Emulator-Admin-Key": info.admin_key(),
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3600, context=ctx) as resp:  # noqa: S310 - https only
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise EmulatorError(f"the emulator answered {exc.code} to /_emulator/{path}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise EmulatorError(f"could not reach the emulator at {info.base_url}: {exc}") from exc
+
+
 def default_home() -> Path:
     """``$BRIDGEKIT_EMULATOR_HOME`` or ``<user data dir>/bridgekit/emulator``."""
     env = os.environ.get(HOME_ENV)

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from bridgekit.errors import ConfigError, SyncError, TransientError
+from bridgekit.errors import ConfigError, MigrationIncomplete, SyncError
 from bridgekit.http import json_text
 from bridgekit.migration.checkpoint import Checkpoint, checkpoint_path
 from bridgekit.migration.mapping import LookupMap, load_mapping, parse_mapping
@@ -82,12 +82,6 @@ _LOOKUP_CHUNK = 50  # values per live lookup query (an `or` of `eq`s; URLs stay 
 _SEP = "\x1f"
 _LOOKUP_TYPES = ("Lookup", "Customer", "Owner")
 _MASK = (1 << 128) - 1
-
-
-class MigrationIncomplete(TransientError):
-    """Some planned rows were not written (throttled out, service unavailable); run again with the same run id."""
-
-    default_hint = "run the migration again with the same run id: it resumes where it stopped"
 
 
 def new_run_id() -> str:
@@ -335,8 +329,6 @@ class Migration:
         source: A :class:`~bridgekit.migration.sources.Source`, a spec for
             :func:`~bridgekit.migration.sources.open_source`, or None for the mapping's own ``source``.
         state_dir: Where run checkpoints go (default: ``migrations/`` next to the profile's warehouse).
-        workbenches: Workbenches for other profiles named by lookups (``profile:``) or sources, by name;
-            opened on demand when missing.
         batch_size, change_set_size, concurrency: Override the mapping's options.
 
     Example:
@@ -348,7 +340,7 @@ class Migration:
     """
 
     def __init__(self, workbench: Any, mapping: MigrationMapping | str | Path, source: Any = None, *,
-                 state_dir: str | Path | None = None, workbenches: Mapping[str, Any] | None = None,
+                 state_dir: str | Path | None = None,
                  batch_size: int | None = None, change_set_size: int | None = None,
                  concurrency: int | None = None) -> None:
         self.workbench = workbench
@@ -357,14 +349,9 @@ class Migration:
         if spec is None:
             raise ConfigError("no source: give one, or add `source:` to the mapping",
                               hint="e.g. source='accounts.csv' or 'profile:legacy:dataverse.account'")
-        self._workbenches: dict[str, Any] = dict(workbenches or {})
-        self._workbenches.setdefault(workbench.profile.name, workbench)
-        if isinstance(spec, Mapping) and spec.get("profile") and str(spec["profile"]) in self._workbenches:
-            name = str(spec["profile"])
-            spec = {**{k: v for k, v in spec.items() if k != "profile"}, "kind": "warehouse"}
-            self.source: Source = open_source(spec, base_dir=self.mapping.base_dir, workbench=self._workbenches[name])
-        else:
-            self.source = open_source(spec, base_dir=self.mapping.base_dir, workbench=workbench)
+        if isinstance(spec, Mapping) and spec.get("profile") and not spec.get("kind"):
+            spec = {**spec, "kind": "warehouse"}  # another profile's synced warehouse
+        self.source: Source = open_source(spec, base_dir=self.mapping.base_dir, workbench=workbench)
         opts = self.mapping.options
         self.batch_size = max(1, min(batch_size or opts.batch_size, 1000))
         self.change_set_size = max(1, change_set_size or opts.change_set_size)
@@ -499,13 +486,7 @@ class Migration:
         return cp
 
     def _workbench(self, profile: str | None) -> Any:
-        if not profile:
-            return self.workbench
-        if profile not in self._workbenches:
-            from bridgekit.workbench import Workbench
-
-            self._workbenches[profile] = Workbench.open(profile)
-        return self._workbenches[profile]
+        return self.workbench.other(profile) if profile else self.workbench
 
     def _plan(self, cp: Checkpoint, run_id: str, *, mode: str, after_row: int = 0,
               on_batches: Callable[[], None] | None = None) -> Plan:

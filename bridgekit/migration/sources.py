@@ -202,10 +202,8 @@ def open_source(spec: str | Mapping[str, Any] | Source, *, base_dir: str | Path 
         return ParquetSource(path)
     if kind == "warehouse":
         named = spec.get("profile")
-        if named:
-            from bridgekit.workbench import Workbench
-
-            wb: Any = Workbench.open(str(named))
+        if named and workbench is not None:
+            wb: Any = workbench.other(str(named))
             label = str(named)
         elif workbench is not None:
             wb = workbench

@@ -39,7 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from bridgekit.errors import BridgekitError, ExitCode, RunbookError, RunbookFailed, redact
+from bridgekit.errors import (
+    EXIT_CODES,
+    BridgekitError,
+    ExitCode,
+    RunbookError,
+    RunbookFailed,
+    error_class,
+    exit_code_for,
+    redact,
+)
 from bridgekit.runbooks.secrets import find_secrets
 from bridgekit.record import RECORD_ENV, read_records
 
@@ -75,17 +84,6 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
 _TYPING_ALIASES = {"List": "list", "Dict": "dict"}
 _ERROR_TAG = "papermill-error-cell-tag"  # papermill's own marker tag: it removes these cells on a re-run
 _ERROR_STYLE = 'style="color:red; font-family:Helvetica Neue, Helvetica, Arial, sans-serif; font-size:2em;"'
-_EXIT_MEANING = {
-    0: "success",
-    1: "unexpected error",
-    2: "bad parameters or profile",
-    3: "authentication or authorisation failed",
-    4: "throttled or transient failure: retry later",
-    5: "a runbook cell raised an error",
-    6: "a check is red",
-    7: "the kernel died or the run timed out",
-    8: "a secret appeared in an output: outputs quarantined",
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,19 +550,25 @@ def _kernel_manager_class(env: Mapping[str, str], status: dict[str, Any], log_fi
     return RunbookKernelManager
 
 
-def _exit_code_for_ename(ename: str) -> int:
-    """The exit code for the class name of an exception a cell raised (``PapermillExecutionError.ename``)."""
-    from bridgekit import errors
+def _meaning(code: Any) -> str:
+    try:
+        return EXIT_CODES[ExitCode(int(code))]
+    except (ValueError, TypeError):
+        return ""
 
-    if ename == "CheckFailed":
-        return int(ExitCode.CHECK_FAILED)
-    cls = getattr(errors, ename, None)
-    if isinstance(cls, type) and issubclass(cls, BridgekitError) and not issubclass(cls, RunbookError):
-        if cls.transient or cls.exit_code == ExitCode.TRANSIENT:
-            return int(ExitCode.TRANSIENT)
-        if cls.exit_code in (ExitCode.AUTH, ExitCode.USAGE):
-            return int(cls.exit_code)
-    return int(ExitCode.NOTEBOOK_ERROR)
+
+# What a cell's exception can mean for the run; any other exception is "a cell raised" (5).
+_CELL_CODES = (ExitCode.USAGE, ExitCode.AUTH, ExitCode.TRANSIENT, ExitCode.CHECK_FAILED)
+
+
+def _exit_code_for_ename(ename: str) -> int:
+    """The exit code for the class name of an exception a cell raised (``PapermillExecutionError.ename``),
+    found by walking bridgekit's error tree (:func:`bridgekit.errors.exit_code_for`)."""
+    cls = error_class(ename)
+    if cls is None or issubclass(cls, RunbookError):
+        return int(ExitCode.NOTEBOOK_ERROR)
+    code = exit_code_for(cls)
+    return int(code) if code in _CELL_CODES else int(ExitCode.NOTEBOOK_ERROR)
 
 
 def _read_nb(path: Path) -> dict[str, Any] | None:
@@ -767,7 +771,7 @@ def _summary_markdown(manifest: Mapping[str, Any]) -> str:
     icon = {"green": "🟢", "amber": "🟠", "red": "🔴"}
     lines = [f"# {_md_escape(manifest.get('title') or manifest['runbook'])}", "",
              f"**Status:** {manifest['status']} (exit code {manifest['exit_code']}: "
-             f"{_EXIT_MEANING.get(int(manifest['exit_code']), '')})  ",
+             f"{_meaning(manifest['exit_code'])})  ",
              f"**Profile:** {_md_escape(manifest['profile'])} · **Started:** {manifest['started_at']} · "
              f"**Ended:** {manifest['ended_at']} · **bridgekit** {manifest['bridgekit_version']}", ""]
     err = manifest.get("error")
@@ -1018,7 +1022,7 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
     log.info("runbook %s: %s (exit %d) in %s", runbook.name, result.status, result.exit_code, run_dir)
     if raise_on_failure and result.exit_code != 0:
         err = result.error or {}
-        msg = str(err.get("message") or _EXIT_MEANING.get(result.exit_code, "failed"))
+        msg = str(err.get("message") or _meaning(result.exit_code) or "failed")
         failure = RunbookFailed(f"runbook '{runbook.name}' {result.status} (exit {result.exit_code}): {msg}",
                                 exit_code=result.exit_code, runbook=runbook.name, run_dir=str(run_dir),
                                 hint=str(err.get("hint") or f"see {manifest_path}"))

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bridgekit.errors import SECRET_PATTERNS
+
 __all__ = ["SECRET_PATTERNS", "check_notebook", "find_secrets"]
-
-# Shapes of secrets and tokens that must never appear in a notebook, report, manifest or log.
-SECRET_PATTERNS: dict[str, re.Pattern[str]] = {
-    "jwt": re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"),
-    "bearer header": re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{20,}"),
-    "secret assignment": re.compile(
-        r"(?i)\b(client_secret|secret|password|passwd|api_key|access_token|refresh_token)\b\s*[:=]\s*"
-        r"[\"'][^\"'\s]{6,}[\"']"
-    ),
-    "private key": re.compile(r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----"),
-    # Entra client secrets: 40 chars with a '~' in the 4th position (the format since 2021).
-    "entra client secret": re.compile(r"\b[A-Za-z0-9_.-]{3}[78]Q~[A-Za-z0-9_.~-]{31,34}\b"),
-    "connection string key": re.compile(r"(?i)(AccountKey|SharedAccessKey|ClientSecret)=[A-Za-z0-9+/=]{16,}"),
-}
-
 
 def find_secrets(text: str, *, literals: Iterable[str] = ()) -> list[str]:
     """Names of the secret shapes (and any of the given literal secret values) found in ``text``."""
