@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from bridgekit.config import Profile
-from bridgekit.errors import AuthError, BridgekitError, ConfigError, TransientError, redact
+from bridgekit.errors import (
+    AuthError,
+    BridgekitError,
+    ConfigError,
+    MissingCredentialError,
+    TransientError,
+    redact,
+)
 from bridgekit.http import tls_session
 
 __all__ = [
@@ -297,8 +304,9 @@ class TokenProvider:
                                   profile=p.name, hint='add client_secret_env = "NAME_OF_THE_VARIABLE"')
             secret = os.environ.get(name)
             if not secret:
-                raise AuthError(f"environment variable {name} is not set (client secret for profile '{p.name}')",
-                                hint=f"export {name}=<the client secret value>")
+                raise MissingCredentialError(
+                    f"environment variable {name} is not set (client secret for profile '{p.name}')",
+                    key="client_secret_env", profile=p.name, hint=f"export {name}=<the client secret value>")
             return secret
         if self.mode == "certificate":
             if not p.certificate_path:
@@ -308,9 +316,10 @@ class TokenProvider:
             if p.certificate_password_env:
                 password = os.environ.get(p.certificate_password_env)
                 if password is None:
-                    raise AuthError(f"environment variable {p.certificate_password_env} is not set "
-                                    f"(certificate password for profile '{p.name}')",
-                                    hint=f"export {p.certificate_password_env}=<the certificate password>")
+                    raise MissingCredentialError(
+                        f"environment variable {p.certificate_password_env} is not set "
+                        f"(certificate password for profile '{p.name}')", key="certificate_password_env",
+                        profile=p.name, hint=f"export {p.certificate_password_env}=<the certificate password>")
             cert = load_certificate(p.certificate_path, password=password, private_key_path=self._private_key_path)
             self.certificate = cert
             return cert.msal_credential(send_x5c=self._send_x5c)

@@ -4,6 +4,7 @@
 
     BridgekitError                      base; .hint says what to do, .transient drives retry/resume
     ├── ConfigError                     bad or missing profile / bridgekit.toml content
+    │   └── MissingCredentialError      the variable or file holding a credential is not there (an auth failure)
     ├── AuthError                       token acquisition failed (AADSTS code in .service_code)
     ├── ApiError                        a service answered with an error (.status, .service_code, .request_id)
     │   ├── NotFoundError               404
@@ -52,6 +53,7 @@ __all__ = [
     "ExitCode",
     "InsufficientDataError",
     "MigrationIncomplete",
+    "MissingCredentialError",
     "NotFoundError",
     "PermissionDeniedError",
     "ResyncRequired",
@@ -197,6 +199,15 @@ class ConfigError(BridgekitError):
                  path: str | None = None, profile: str | None = None) -> None:
         super().__init__(message, hint=hint, key=key, path=path, profile=profile)
         self.key, self.path, self.profile = key, path, profile
+
+
+class MissingCredentialError(ConfigError):
+    """The environment variable (or file) that should hold the profile's credential is not there.
+
+    A configuration problem of the machine that runs bridgekit, and for a scheduler an authentication failure.
+    """
+
+    exit_code = ExitCode.AUTH
 
 
 class AuthError(BridgekitError):

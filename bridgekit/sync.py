@@ -141,17 +141,11 @@ class SyncReport:
 
     def failures(self) -> list[tuple[list[str], BridgekitError]]:
         """Each distinct error of this run with the tables it failed (an error shared by many is listed once)."""
-        out: list[tuple[list[str], BridgekitError]] = []
+        out: dict[tuple[type, str], tuple[list[str], BridgekitError]] = {}
         for t in self.tables:
-            if t.status != "error" or t.failure is None:
-                continue
-            for tables, exc in out:
-                if exc is t.failure:
-                    tables.append(t.table)
-                    break
-            else:
-                out.append(([t.table], t.failure))
-        return out
+            if t.status == "error" and t.failure is not None:
+                out.setdefault((type(t.failure), t.failure.message), ([], t.failure))[0].append(t.table)
+        return list(out.values())
 
     @property
     def exit_code(self) -> ExitCode:
@@ -248,9 +242,20 @@ def resolve_selection(available: Sequence[str], only: Iterable[str] | str | None
     return chosen
 
 
-def _service_wide(exc: BridgekitError) -> bool:
-    """True for a failure of a whole service's access (credentials, profile, identity provider), not a table's."""
-    return isinstance(exc, AuthError | ConfigError) or (isinstance(exc, ApiError) and exc.service == "identity")
+def _failure_scope(exc: BridgekitError) -> str | None:
+    """Which tables a failure stops: ``*`` (the profile, its credential or the identity provider failed: every
+    table), ``service`` (a token for that service was refused), or None (only the table it happened on)."""
+    if isinstance(exc, AuthError):
+        return "service" if exc.service_code in _RESOURCE_AUTH_CODES else "*"
+    if isinstance(exc, ConfigError) or (isinstance(exc, ApiError) and exc.service == "identity"):
+        return "*"
+    return None
+
+
+# Token errors about one resource, not the app (Entra ID error codes): no consent for it (AADSTS65001), the
+# resource is unknown to the tenant (AADSTS500011), an invalid scope (AADSTS70011). Any other token error
+# (wrong or expired secret, unknown tenant or app) fails every resource alike.
+_RESOURCE_AUTH_CODES = frozenset({"AADSTS65001", "AADSTS500011", "AADSTS70011"})
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ class SyncEngine:
         records: list[RunRecord] = []
         fetched: list[StageState] = []
         noop: list[StageState] = []
-        broken: dict[str, BridgekitError] = {}  # service -> the credentials failure that stops its tables
+        broken: dict[str, BridgekitError] = {}  # service, or * for all: the failure that stops its tables
         with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
                 t0, clock = _now(), time.monotonic()
@@ -415,20 +420,22 @@ class SyncEngine:
                     continue
                 rep = TableReport(table=table, mode="full", status="ok")
                 service = table.split(".", 1)[0]
+                stop = broken.get("*") or broken.get(service)
                 try:
-                    if service in broken:
-                        raise broken[service]
+                    if stop is not None:
+                        raise stop
                     state = self._fetch(staging, table, run_id=run_id, full=full, report=rep)
                 except BridgekitError as exc:
                     rep.status, rep.error, rep.failure = "error", exc.message, exc
-                    if service in broken:
+                    if stop is not None:
                         rep.mode, rep.error = "skipped", f"not attempted: {exc.message}"
                     else:
                         log.debug("%s: %s", table, exc)
-                        if _service_wide(exc):
-                            # The service's credentials or identity provider failed: every other table of
-                            # the service would fail the same way, after the same retries.
-                            broken[service] = exc
+                        # The profile, the credential or the identity provider failed: every other table
+                        # (of the service, or of both) would fail the same way, after the same retries.
+                        scope = _failure_scope(exc)
+                        if scope is not None:
+                            broken[scope if scope == "*" else service] = exc
                     state = None
                 if state is not None:
                     rep.mode, rep.resynced = state.mode, state.resynced

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from bridgekit.cli.main import exit_code_for
 from bridgekit.errors import (
     ApiError,
     AuthError,
@@ -15,6 +14,7 @@ from bridgekit.errors import (
     RunbookFailed,
     ThrottledError,
     TransientError,
+    exit_code_for,
     redact,
 )
 

@@ -60,7 +60,23 @@ def _interrupted(exc: BaseException) -> int:
 
 
 class BridgekitGroup(click.Group):
-    """The root group: commands are listed alphabetically in help."""
+    """The root group: the one place where an error becomes its message and documented exit code.
+
+    A bridgekit error prints ``error:`` and ``hint:`` lines and exits with its class's code (README, "Exit
+    codes"); a file the user named that cannot be read or written is one line too (``-vv`` shows the
+    traceback). Mapped here, in the group, so the CLI behaves the same however it is invoked.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BridgekitError as exc:
+            ctx.exit(_fail(exc.message, exc.hint, exit_code_for(exc)))
+        except OSError as exc:
+            if (ctx.obj or {}).get("verbose", 0) >= 2:
+                raise
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            ctx.exit(_fail(f"{exc.strerror or exc}{where}", "check the path and its permissions", ExitCode.ERROR))
 
 
 @click.group(cls=BridgekitGroup, context_settings=CONTEXT_SETTINGS)
@@ -80,6 +96,7 @@ def cli(ctx: click.Context, profile: str | None, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["profile"] = profile
+    ctx.obj["verbose"] = verbose
 
 
 def _register() -> None:
@@ -97,14 +114,9 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bridgekit`` console script: the one place errors become exit codes.
-
-    A bridgekit error prints ``error:`` and ``hint:`` lines and exits with its class's code (README, "Exit
-    codes"); a usage error exits 2; Ctrl-C 130 and SIGTERM 143. ``-vv`` adds the traceback of an unexpected
-    error, which otherwise is one line too.
-    """
+    """Entry point of the ``bridgekit`` console script: usage errors exit 2, Ctrl-C 130, SIGTERM 143; errors
+    raised by commands are mapped by :class:`BridgekitGroup`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = any(a in ("-vv", "-vvv") for a in args) or args.count("-v") + args.count("--verbose") >= 2
     try:
         with sigterm_as_interrupt():
             rv = cli.main(args=args, prog_name="bridgekit", standalone_mode=False)
@@ -120,14 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return int(ExitCode.USAGE) if isinstance(exc, click.UsageError) else int(exc.exit_code)
-    except BridgekitError as exc:
+    except BridgekitError as exc:  # raised while parsing, before a command runs (a bad profile name)
         return _fail(exc.message, exc.hint, exit_code_for(exc))
-    except OSError as exc:
-        # A file the user named cannot be read or written: one line, not a traceback.
-        if debug:
-            raise
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        return _fail(f"{exc.strerror or exc}{where}", "check the path and its permissions", ExitCode.ERROR)
     return rv if isinstance(rv, int) else 0
 
 
