@@ -287,7 +287,7 @@ def create_app(ctx: EmulatorContext) -> ASGIApp:
     """Build the ASGI application for ``ctx``: service mounts, identity routes, admin API, fault middleware."""
     admin = _Admin(ctx)
     route_list: list[BaseRoute] = []
-    for module, prefix in (("dataverse", DATAVERSE_PREFIX), ("graph", GRAPH_PREFIX)):
+    for module, prefix in (("dataverse.api", DATAVERSE_PREFIX), ("graph.api", GRAPH_PREFIX)):
         mount = _service_mount(ctx, module, prefix)
         if mount is not None:
             route_list.append(mount)
