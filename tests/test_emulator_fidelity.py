@@ -287,3 +287,15 @@ def test_graph_writes_without_a_write_permission_get_403(graph: Api) -> None:
     for method, path, code in cases:
         r = graph.call(method, path, json={"displayName": "x"})
         assert _error(r)[:2] == (403, code), (method, path, r.text)
+
+
+def test_emulator_description_says_how_to_turn_off_instance_discovery(emulator: Any,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from bridgekit.emulator.cli import _describe
+    from bridgekit.emulator.process import EmulatorInfo
+
+    fields = set(EmulatorInfo.__dataclass_fields__)
+    _describe(EmulatorInfo(**{k: v for k, v in emulator.to_dict().items() if k in fields}))
+    out = capsys.readouterr().out
+    assert "instance_discovery=False" in out and "disable_instance_discovery=True" in out
+    assert "allowed_hosts" in out and emulator.base_url in out
