@@ -28,6 +28,17 @@ _port_option = click.option("--port", type=int, default=None,
                             help="Port on 127.0.0.1 (default: $BRIDGEKIT_EMULATOR_PORT or 47443; 0 = any free port).")
 
 
+#: MSAL and azure-identity ask the public cloud's /common/discovery/instance about an authority host they do
+#: not know (the emulator's), which cannot succeed offline; these settings skip that call.
+INSTANCE_DISCOVERY_NOTE = (
+    "  your own tools: turn off instance discovery, which otherwise calls login.microsoftonline.com:",
+    "    MSAL:           ConfidentialClientApplication(..., authority=<authority>, instance_discovery=False)",
+    "    azure-identity: ClientSecretCredential(..., authority=<base url>, disable_instance_discovery=True)",
+    "    msgraph-sdk:    pass such an azure-identity credential, and allowed_hosts=[<emulator host>] to",
+    "                    AzureIdentityAuthenticationProvider; trust the CA certificate above in every client",
+)
+
+
 def _running(home: str | None) -> EmulatorInfo:
     info = status(home)
     if info is None:
@@ -52,6 +63,8 @@ def _describe(info: EmulatorInfo) -> None:
         click.echo("  secret app:     inactive (set BRIDGEKIT_EMULATOR_CLIENT_SECRET before start to enable it)")
     click.echo(f"  home:           {info.home}")
     click.echo(f"  log:            {info.log_path}")
+    for line in INSTANCE_DISCOVERY_NOTE:
+        click.echo(line)
     with contextlib.suppress(EmulatorError):
         live = admin(info, "info")
         if live.get("data_error"):

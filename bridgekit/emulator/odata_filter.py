@@ -29,10 +29,15 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
+
 __all__ = [
     "FieldRef",
     "FilterError",
+    "InList",
+    "Lambda",
     "compile_filter",
+    "date_window",
     "fold",
     "parse_filter",
     "register_functions",
@@ -40,6 +45,12 @@ __all__ = [
 
 #: Name of the SQL function (registered by :func:`register_functions`) that folds case beyond ASCII.
 FOLD_FUNCTION = "emu_fold"
+#: SQL function: the folded text of a JSON string value, NUL characters included (``json_extract``
+#: stops at the first NUL, so strings holding one are compared through this function instead).
+JSON_TEXT_FUNCTION = "emu_json_text"
+#: SQL function ``emu_match(text, kind, needle)``: contains/startswith/endswith on folded text.
+MATCH_FUNCTION = "emu_match"
+_JSON_FIELD = re.compile(r"json_extract\((\w+(?:\.\w+)?), ('[^']*')\)")
 
 
 class FilterError(ValueError):
@@ -61,6 +72,8 @@ class FieldRef:
 
 
 Resolver = Callable[[str], FieldRef]
+#: Compiles a lambda node (with the compiler, to reuse it for the body) into SQL.
+LambdaCompiler = Callable[[Any, "Lambda"], str]
 
 # -- AST ------------------------------------------------------------------------------------------------
 
@@ -114,7 +127,27 @@ class Named:
     pos: int
 
 
-Node = Literal | Member | Compare | Logical | Not | Call | Named
+@dataclass(frozen=True, slots=True)
+class InList:
+    """``property in ('a', 'b')`` (OData 4.01's ``in``; Graph accepts it, Dataverse does not)."""
+
+    left: Node
+    values: tuple[Literal, ...]
+    pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lambda:
+    """``path/any(v: body)``, ``path/all(v: body)`` or ``path/any()`` over a collection."""
+
+    path: str
+    op: str  # any / all
+    var: str
+    body: Node | None
+    pos: int
+
+
+Node = Literal | Member | Compare | Logical | Not | Call | Named | InList | Lambda
 
 # -- tokenizer ------------------------------------------------------------------------------------------
 
@@ -131,6 +164,120 @@ _OP_NAMES = {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "Greate
 _STRING_FUNCS = ("contains", "startswith", "endswith")
 _CRM = "microsoft.dynamics.crm."
 _CRM_FUNCS = ("in", "notin", "between", "notbetween")
+
+
+# -- date query functions (shared with FetchXML's date operators) ---------------------------------------
+
+#: Query functions (query/filter-rows.md, "Dataverse query functions") by their FetchXML operator name.
+#: ``x`` means the function takes a PropertyValue count.
+DATE_OPERATORS = {
+    "today": "", "yesterday": "", "tomorrow": "", "this-week": "", "last-week": "", "next-week": "",
+    "this-month": "", "last-month": "", "next-month": "", "this-year": "", "last-year": "", "next-year": "",
+    "last-seven-days": "", "next-seven-days": "",
+    "last-x-hours": "x", "next-x-hours": "x", "last-x-days": "x", "next-x-days": "x", "last-x-weeks": "x",
+    "next-x-weeks": "x", "last-x-months": "x", "next-x-months": "x", "last-x-years": "x", "next-x-years": "x",
+    "olderthan-x-minutes": "x", "olderthan-x-hours": "x", "olderthan-x-days": "x", "olderthan-x-weeks": "x",
+    "olderthan-x-months": "x", "olderthan-x-years": "x",
+    "on": "d", "on-or-after": "d", "on-or-before": "d",
+}
+#: Web API query function names (lower case, without the namespace) -> FetchXML operator names.
+_FUNCTION_OPERATORS = {op.replace("-", "").replace("seven", "7").replace("olderthan", "olderthan"): op
+                       for op in DATE_OPERATORS}
+_FUNCTION_OPERATORS.update({"onorafter": "on-or-after", "onorbefore": "on-or-before"})
+
+
+def _add_months(d: date, months: int) -> date:
+    y, m = divmod(d.year * 12 + d.month - 1 + months, 12)
+    return date(y, m + 1, 1)
+
+
+def date_window(op: str, value: Any, now: datetime) -> tuple[datetime | None, datetime | None, bool]:
+    """The instants a date operator matches: ``(low, high, high_inclusive)``; low is inclusive, None is open.
+
+    The emulator's user works in UTC with weeks starting on Sunday (en-US), so "today" is the UTC day.
+    ``last-x-*`` runs from the start of the day (or the hour) X units ago up to now; ``next-x-*`` from
+    now to the end of the day X units ahead; ``olderthan-x-*`` is everything before now minus X.
+    """
+    from datetime import timedelta
+
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    d1 = timedelta(days=1)
+    n = 0
+    if DATE_OPERATORS.get(op) == "x":
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise FilterError(f"The operator '{op}' needs a whole number, not '{value}'.") from None
+    if op in ("on", "on-or-after", "on-or-before"):
+        try:
+            when = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+        except ValueError:
+            raise FilterError(f"The operator '{op}' needs a date, not '{value}'.") from None
+        start = datetime(when.year, when.month, when.day, tzinfo=UTC)
+        return {"on": (start, start + d1, False), "on-or-after": (start, None, False),
+                "on-or-before": (None, start + d1, False)}[op]
+    week = day - timedelta(days=(day.weekday() + 1) % 7)
+    month = _add_months(day.date(), 0)
+    m0 = datetime(month.year, month.month, 1, tzinfo=UTC)
+
+    def mstart(k: int) -> datetime:
+        d = _add_months(month, k)
+        return datetime(d.year, d.month, 1, tzinfo=UTC)
+
+    y0 = datetime(day.year, 1, 1, tzinfo=UTC)
+    unit = {"minutes": timedelta(minutes=n), "hours": timedelta(hours=n), "days": timedelta(days=n),
+            "weeks": timedelta(weeks=n)}
+    fixed: dict[str, tuple[datetime | None, datetime | None, bool]] = {
+        "today": (day, day + d1, False), "yesterday": (day - d1, day, False), "tomorrow": (day + d1, day + 2 * d1, False),
+        "this-week": (week, week + 7 * d1, False), "last-week": (week - 7 * d1, week, False),
+        "next-week": (week + 7 * d1, week + 14 * d1, False),
+        "this-month": (m0, mstart(1), False), "last-month": (mstart(-1), m0, False),
+        "next-month": (mstart(1), mstart(2), False),
+        "this-year": (y0, y0.replace(year=y0.year + 1), False), "last-year": (y0.replace(year=y0.year - 1), y0, False),
+        "next-year": (y0.replace(year=y0.year + 1), y0.replace(year=y0.year + 2), False),
+        "last-seven-days": (day - 7 * d1, now, True), "next-seven-days": (now, day + 8 * d1, False),
+    }
+    if op in fixed:
+        return fixed[op]
+    kind, _, what = op.rpartition("-")
+    if kind == "olderthan-x":
+        if what in unit:
+            return None, now - unit[what], False
+        return None, datetime.combine(_add_months(now.date(), -n * (12 if what == "years" else 1)).replace(
+            day=min(now.day, 28)), now.timetz()), False
+    if kind == "last-x":
+        if what == "hours":
+            return now - unit["hours"], now, True
+        if what in ("days", "weeks"):
+            return day - unit[what], now, True
+        d = _add_months(now.date(), -n * (12 if what == "years" else 1))
+        return datetime(d.year, d.month, min(now.day, 28), tzinfo=UTC), now, True
+    if kind == "next-x":
+        if what == "hours":
+            return now, now + unit["hours"], True
+        if what in ("days", "weeks"):
+            return now, day + unit[what] + d1, False
+        d = _add_months(now.date(), n * (12 if what == "years" else 1))
+        return now, datetime(d.year, d.month, min(now.day, 28), tzinfo=UTC) + d1, False
+    raise FilterError(f"The operator '{op}' is not supported by the emulator.")
+
+
+def window_sql(sql: str, edm: str, window: tuple[datetime | None, datetime | None, bool],
+               params: list[Any]) -> str:
+    """SQL for ``sql`` (a stored UTC ``...Z`` date-time or ``YYYY-MM-DD`` date) inside ``window``."""
+    low, high, inclusive = window
+
+    def text(when: datetime) -> str:
+        return when.date().isoformat() if edm == "Edm.Date" else when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    parts = []
+    if low is not None:
+        parts.append(f"{sql} >= ?")
+        params.append(text(low))
+    if high is not None:
+        parts.append(f"{sql} {'<=' if inclusive else '<'} ?")
+        params.append(text(high))
+    return "(" + " AND ".join(parts or ["1"]) + f" AND {sql} IS NOT NULL)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +303,7 @@ def _tokenize(text: str) -> list[_Tok]:
         if ch.isspace():
             i += 1
             continue
-        if ch in "(),=[]":
+        if ch in "(),=[]:":
             toks.append(_Tok(ch, ch, i))
             i += 1
             continue
@@ -302,6 +449,20 @@ class _Parser:
             self.i += 1
             right = self.primary()
             return Compare(tok.value.lower(), left, right, tok.pos)
+        if tok.kind == "ident" and tok.value.lower() == "in" and self.toks[self.i + 1].kind == "(":
+            self.i += 2
+            values: list[Literal] = []
+            while True:
+                item = self.take()
+                if item.kind != "lit":
+                    raise _syntax(item.pos, self.text)
+                values.append(item.value)
+                if self.peek().kind == ",":
+                    self.i += 1
+                    continue
+                break
+            self.expect(")")
+            return InList(left, tuple(values), tok.pos)
         return left
 
     def primary(self) -> Node:
@@ -316,10 +477,28 @@ class _Parser:
         if tok.kind == "alias":
             return self.alias(tok)
         if tok.kind == "ident":
+            head, _, last = str(tok.value).rpartition("/")
+            if head and last.lower() in ("any", "all") and self.peek().kind == "(":
+                return self.lambda_(tok, head, last.lower())
             if self.peek().kind == "(":
                 return self.call(tok)
             return Member(tok.value, tok.pos)
         raise _syntax(tok.pos, self.text)
+
+    def lambda_(self, tok: _Tok, path: str, op: str) -> Node:
+        self.expect("(")
+        if self.peek().kind == ")":
+            self.i += 1
+            if op == "all":
+                raise _syntax(tok.pos, self.text)
+            return Lambda(path, op, "", None, tok.pos)
+        var = self.expect("ident")
+        if "/" in str(var.value) or "." in str(var.value):
+            raise _syntax(var.pos, self.text)
+        self.expect(":")
+        body = self.or_expr()
+        self.expect(")")
+        return Lambda(path, op, str(var.value), body, tok.pos)
 
     def alias(self, tok: _Tok) -> Node:
         # An alias with no value in the query string means null (query/overview.md).
@@ -345,8 +524,11 @@ class _Parser:
                     continue
                 break
         self.expect(")")
-        if low in _STRING_FUNCS or (low.startswith(_CRM) and low[len(_CRM):] in _CRM_FUNCS):
+        if low in _STRING_FUNCS or (low.startswith(_CRM) and (low[len(_CRM):] in _CRM_FUNCS
+                                                               or low[len(_CRM):] in _FUNCTION_OPERATORS)):
             return Call(low, tuple(args), name_tok.pos)
+        if low.startswith(_CRM):
+            raise FilterError(f"The query function '{name}' is not supported by the emulator.")
         raise FilterError(f"An unknown function with name '{name}' was found. This may also be a function "
                           "import or a key lookup on a navigation property, which is not allowed.")
 
@@ -391,15 +573,47 @@ def fold(value: Any) -> Any:
     return value.casefold() if isinstance(value, str) else value
 
 
+def _json_text(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return fold(value) if isinstance(value, str) else None
+
+
+def _match(text: Any, kind: str, needle: str) -> int | None:
+    if not isinstance(text, str):
+        return None
+    if kind == "startswith":
+        return int(text.startswith(needle))
+    if kind == "endswith":
+        return int(text.endswith(needle))
+    return int(needle in text)
+
+
 def register_functions(conn: sqlite3.Connection) -> None:
     """Register the SQL functions compiled filters may call (cheap; safe to call per request)."""
     conn.create_function(FOLD_FUNCTION, 1, fold, deterministic=True)
+    conn.create_function(JSON_TEXT_FUNCTION, 1, _json_text, deterministic=True)
+    conn.create_function(MATCH_FUNCTION, 3, _match, deterministic=True)
+
+
+def json_text_sql(sql: str) -> str | None:
+    """For ``json_extract(data, '$.x')``, the expression giving that value as JSON text (NULs kept escaped)."""
+    m = _JSON_FIELD.fullmatch(sql)
+    return f"({m.group(1)} -> {m.group(2)})" if m else None
+
+
+_NUL_ESCAPE = "'\\u0000'"
 
 
 class _Compiler:
-    def __init__(self, text: str, resolve: Resolver) -> None:
+    def __init__(self, text: str, resolve: Resolver, lambdas: LambdaCompiler | None = None) -> None:
         self.text = text
         self.resolve = resolve
+        self.lambdas = lambdas
         self.params: list[Any] = []
 
     def node(self, n: Node) -> str:
@@ -413,6 +627,11 @@ class _Compiler:
             return self.compare(n)
         if isinstance(n, Call):
             return self.call(n)
+        if isinstance(n, InList):
+            raise FilterError(f"The 'in' operator at position {n.pos} in '{self.text}' is not supported: use "
+                              "Microsoft.Dynamics.CRM.In(PropertyName=...,PropertyValues=[...]).")
+        if isinstance(n, Lambda):
+            return self.lambda_(n)
         if isinstance(n, Literal) and n.kind == "bool":
             return "1" if n.value else "0"
         if isinstance(n, Member):
@@ -421,6 +640,13 @@ class _Compiler:
                 return f"({field.sql} = 1)"
         raise FilterError(f"The $filter expression at position {getattr(n, 'pos', 0)} in '{self.text}' "
                           "is not a boolean condition.")
+
+    def lambda_(self, n: Lambda) -> str:
+        """any/all over a collection: the resolver maps ``nav/any`` to a correlated subquery (Dataverse)."""
+        if self.lambdas is None:
+            raise FilterError(f"The lambda operator '{n.op}' at position {n.pos} in '{self.text}' is not supported "
+                              "on this resource.")
+        return self.lambdas(self, n)
 
     def _mismatch(self, op: str, left: str, right: str) -> FilterError:
         return FilterError(f"A binary operator with incompatible types was detected. Found operand types "
@@ -450,7 +676,18 @@ class _Compiler:
                 return "0"
             return f"({field.sql} IS {'NOT ' if op == 'ne' else ''}NULL)"
         value, collate = self.literal_for(field, right, op)
+        raw = json_text_sql(field.sql) if field.edm == "Edm.String" else None
+        if raw is not None and "\0" in str(value):
+            # json_extract cuts a string at its first NUL: compare the whole JSON string in Python.
+            self.params.append(fold(value))
+            expr = f"{JSON_TEXT_FUNCTION}({raw}) {sql_op} ?"
+            return f"({expr} OR {field.sql} IS NULL)" if op == "ne" else f"({expr})"
         self.params.append(value)
+        if raw is not None and op in ("eq", "ne"):
+            # A stored string holding a NUL must not equal the part before it (json_extract's truncation).
+            collated = f"{FOLD_FUNCTION}({field.sql}) = ?" if collate == "fold" else f"{field.sql} = ?{collate}"
+            expr = f"({collated} AND instr({raw}, {_NUL_ESCAPE}) = 0)"
+            return f"(NOT coalesce({expr}, 0))" if op == "ne" else f"({expr})"
         if collate == "fold":
             expr = f"{FOLD_FUNCTION}({field.sql}) {sql_op} ?"
         else:
@@ -517,7 +754,20 @@ class _Compiler:
                               f"{n.name}(Edm.String Nullable=true, Edm.String).")
         # Dataverse honours SQL LIKE wildcards (%, _) inside these functions (filter-rows.md).
         text = str(lit.value)
-        pattern = {"contains": f"%{text}%", "startswith": f"{text}%", "endswith": f"%{text}"}[n.name]
+        raw = json_text_sql(field.sql)
+        if raw is not None:
+            # Values holding a NUL (which json_extract and LIKE cut short) are matched in Python.
+            self.params += [fold(text)]
+            slow = f"{MATCH_FUNCTION}({JSON_TEXT_FUNCTION}({raw}), '{n.name}', ?)"
+            if "\0" in text:
+                return f"({slow})"
+            fast = self.string_function_sql(n.name, field, text)
+            self.params.append(self.params.pop(-2))  # the slow branch's needle goes after the fast one's
+            return f"(CASE WHEN instr({raw}, {_NUL_ESCAPE}) = 0 THEN {fast} ELSE {slow} END)"
+        return self.string_function_sql(n.name, field, text)
+
+    def string_function_sql(self, name: str, field: FieldRef, text: str) -> str:
+        pattern = {"contains": f"%{text}%", "startswith": f"{text}%", "endswith": f"%{text}"}[name]
         if text.isascii():
             self.params.append(pattern)
             return f"({field.sql} LIKE ?)"  # SQLite LIKE is case-insensitive for ASCII
@@ -527,6 +777,8 @@ class _Compiler:
     def crm_function(self, n: Call) -> str:
         fname = n.name[len(_CRM):]
         named = {a.name.lower(): a for a in n.args if isinstance(a, Named)}
+        if fname in _FUNCTION_OPERATORS:
+            return self.date_function(n, _FUNCTION_OPERATORS[fname], named)
         prop = named.get("propertyname")
         values = named.get("propertyvalues")
         if prop is None or values is None or not isinstance(prop.value, Literal) \
@@ -554,6 +806,23 @@ class _Compiler:
         expr = f"({target}{suffix} IN ({', '.join('?' * len(params))}))"
         return expr if fname == "in" else f"(NOT coalesce({expr}, 0))"
 
+    def date_function(self, n: Call, op: str, named: Mapping[str, Named]) -> str:
+        """LastXDays, Today, ThisMonth, On ... (query functions on date columns)."""
+        prop = named.get("propertyname")
+        if prop is None or not isinstance(prop.value, Literal):
+            raise FilterError(f"The function '{n.name}' needs a PropertyName parameter.")
+        field = self.resolve(str(prop.value.value))
+        if field.edm not in ("Edm.DateTimeOffset", "Edm.Date"):
+            raise FilterError(f"The function '{n.name}' applies to date and time columns; "
+                              f"'{prop.value.value}' is {field.edm}.")
+        value: Any = None
+        if DATE_OPERATORS[op]:
+            arg = named.get("propertyvalue")
+            if arg is None or not isinstance(arg.value, Literal):
+                raise FilterError(f"The function '{n.name}' needs a PropertyValue parameter.")
+            value = arg.value.value
+        return window_sql(field.sql, field.edm, date_window(op, value, datetime.now(UTC)), self.params)
+
     def _array_literal(self, field: FieldRef, item: Literal) -> Literal:
         # PropertyValues are JSON strings ("5", "2000"); reinterpret them as the column's type.
         if item.kind != "string" or field.edm == "Edm.String":
@@ -579,7 +848,8 @@ def _compatible(a: str, b: str) -> bool:
     return (a in _NUMERIC and b in _NUMERIC) or {a, b} == {"Edm.Date", "Edm.DateTimeOffset"}
 
 
-def compile_filter(text: str, resolve: Resolver, aliases: Mapping[str, str] | None = None) -> tuple[str, list[Any]]:
+def compile_filter(text: str, resolve: Resolver, aliases: Mapping[str, str] | None = None, *,
+                   lambdas: LambdaCompiler | None = None) -> tuple[str, list[Any]]:
     """Compile ``$filter`` text into a SQL condition and its bound parameters.
 
     Args:
@@ -595,5 +865,5 @@ def compile_filter(text: str, resolve: Resolver, aliases: Mapping[str, str] | No
         FilterError: For syntax errors, unknown functions, type mismatches and unterminated literals.
     """
     tree = parse_filter(text, aliases)
-    compiler = _Compiler(text, resolve)
+    compiler = _Compiler(text, resolve, lambdas)
     return compiler.node(tree), compiler.params

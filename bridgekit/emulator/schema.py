@@ -355,7 +355,7 @@ _OPPORTUNITY = Table(
         _pick("salesstage", "Sales Stage", {0: "Qualify", 1: "Develop", 2: "Propose", 3: "Close"}),
         _pick("opportunityratingcode", "Rating", {1: "Hot", 2: "Warm", 3: "Cold"}),
         _pick("purchasetimeframe", "Purchase Timeframe", {
-            0: "Immediate", 1: "This Quarter", 2: "Next Quarter", 3: "This Year", 4: "Unknown"}),
+            0: "Immediate", 1: "This Quarter", 2: "Next Quarter", 3: "This Year", 4: "Unknown"}, is_global=True),
         _pick("prioritycode", "Priority", {1: "Default Value"}, set_name="opportunity_prioritycode"),
         _lookup("parentaccountid", "Account", "account"),
         _lookup("parentcontactid", "Contact", "contact"),

@@ -650,6 +650,8 @@ class _Gen:
                 "department": u.department, "officeLocation": {"EMEA": "London", "APAC": "Sydney"}.get(u.region, "Seattle"),
                 "businessPhones": [self.phone(0)], "mobilePhone": self.phone(1) if rng.random() < 0.7 else None,
                 "preferredLanguage": "en-US", "createdDateTime": self.iso(u.created),
+                # A rep reports to the region's sales manager (as systemuser.parentsystemuserid says).
+                "@emu.manager": mgr.graph_id if (mgr := managers.get(u.region)) and u.role == "rep" else None,
             }))
         self.load("graph.users", recs, dataverse=False)
         groups = []

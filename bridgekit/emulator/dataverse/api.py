@@ -41,8 +41,9 @@ from bridgekit.emulator.dataverse.common import (
     nav_props,
     parse_prefer,
 )
+from bridgekit.emulator.dataverse.fetchxml import bulk_query, run_fetchxml
 from bridgekit.emulator.dataverse.metadata import MetadataService
-from bridgekit.emulator.dataverse.query import ReadContext, Reader, parse_options, split_top
+from bridgekit.emulator.dataverse.query import QueryOptions, ReadContext, Reader, parse_options, split_top
 from bridgekit.emulator.dataverse.write import Caller, Writer, not_found, parse_key, payload_error
 from bridgekit.emulator.schema import Table
 
@@ -191,6 +192,15 @@ class DataverseService:
         if first.startswith("EntityDefinitions"):
             self._only(method, "GET")
             return self.metadata.entity_definitions(segs, dict(req.query), req.root)
+        if first.startswith("RelationshipDefinitions"):
+            self._only(method, "GET")
+            return self.metadata.relationship_definitions(segs, dict(req.query), req.root)
+        if first.startswith("GlobalOptionSetDefinitions"):
+            self._only(method, "GET")
+            return self.metadata.global_option_set_definitions(segs, dict(req.query), req.root)
+        if first == "BulkDelete" and len(segs) == 1:
+            self._only(method, "POST")
+            return self.bulk_delete(req)
         m = _SEGMENT.fullmatch(first)
         table = self.by_set.get(m.group(1)) if m else None
         if m is None or table is None:
@@ -199,6 +209,8 @@ class DataverseService:
         rc = self._read_context(req)
         if key is None:
             if len(segs) == 1:
+                if method == "GET" and any(k == "fetchXml" for k, _ in req.query):
+                    return self.fetchxml(table, req)
                 if method == "GET":
                     return self.reader.read_collection(table, req.query, rc)
                 if method == "POST":
@@ -306,6 +318,61 @@ class DataverseService:
         return json_reply({"@odata.context": f"{req.root}/$metadata#{CRM}.RetrieveTotalRecordCountResponse",
                            "EntityRecordCountCollection": {"Count": len(names), "IsReadOnly": False,
                                                            "Keys": names, "Values": values}})
+
+    # -- FetchXML and BulkDelete ---------------------------------------------------------------------
+    def fetchxml(self, table: Table, req: DvRequest) -> Reply:
+        """``GET <set>?fetchXml=<FetchXML>``: the FetchXML subset of :mod:`.fetchxml`."""
+        others = sorted(k for k, _ in req.query if k != "fetchXml")
+        if others:
+            raise DvError(400, "0x80060888", f"The query parameter {others[0]} can't be combined with fetchXml.")
+        text = next(v for k, v in req.query if k == "fetchXml")
+        entity = re.search(r"<entity\s+name\s*=\s*[\"']([^\"']+)", text)
+        if entity is not None and entity.group(1) != table.logical_name:
+            raise DvError(400, "0x80040203", f"The FetchXML <entity> must be '{table.logical_name}' for the "
+                                             f"{table.entity_set} entity set.")
+        caller = self.caller_of(req)
+        return run_fetchxml(self.store, self.tables, text, root=req.root, prefer_annotations=req.prefer.annotations,
+                            maxpagesize=req.prefer.maxpagesize,
+                            caller=(caller.user_id, caller.business_unit_id or ""), render=self._render_plain(req))
+
+    def _render_plain(self, req: DvRequest) -> Any:
+        wants = annotation_filter(req.prefer.annotations)
+
+        def render(table: Table, rows: list[tuple[str, int, str]]) -> list[dict[str, Any]]:
+            with self.store.read() as conn:
+                recs = self.reader.render(table, rows, QueryOptions(), wants, req.root, conn)
+            return [orjson.loads(r) for r in recs]
+        return render
+
+    def bulk_delete(self, req: DvRequest) -> Reply:
+        """``POST BulkDelete``: deletes the rows each QueryExpression of ``QuerySet`` matches.
+
+        The service queues an asynchronous system job and answers its JobId; the emulator runs the job
+        before answering (so the rows are gone when the client reads the JobId) and answers the same shape.
+        """
+        try:
+            body = orjson.loads(req.body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise DvError(400, "0x80040203", f"Invalid JSON. {exc}") from None
+        if not isinstance(body, dict):
+            raise DvError(400, "0x80040203", "The request body must be a JSON object.")
+        missing = [p for p in ("JobName", "QuerySet", "SendEmailNotification", "ToRecipients", "CCRecipients",
+                               "RecurrencePattern", "StartDateTime") if p not in body]
+        if missing:
+            raise DvError(400, "0x80040203", f"The BulkDelete parameter '{missing[0]}' is required.")
+        queries = body["QuerySet"]
+        if not isinstance(queries, list) or not queries:
+            raise DvError(400, "0x80040203", "QuerySet must be a non-empty list of QueryExpression.")
+        caller = self.caller_of(req)
+        with self.store.write():
+            for qe in queries:
+                table, where, params = bulk_query(self.tables, qe, (caller.user_id, caller.business_unit_id or ""))
+                self._writable(table)
+                ids = [r.id for r in self.store.query(table.logical_name, where=where, params=params)]
+                for rid in ids:
+                    self.writer.delete(table, rid)
+        return json_reply({"@odata.context": f"{req.root}/$metadata#{CRM}.BulkDeleteResponse",
+                           "JobId": str(uuid.uuid4())})
 
     # -- writes --------------------------------------------------------------------------------------
     def _writable(self, table: Table) -> None:

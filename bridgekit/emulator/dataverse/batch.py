@@ -4,7 +4,9 @@ Facts from protocols.md §1.13: at most 1,000 requests; parts run in order; chan
 (here: one store write transaction, rolled back when any part fails); ``Content-ID`` lets later parts
 of a change set refer to ``$n``; without ``Prefer: odata.continue-on-error`` processing stops at the
 first failure and the batch answers with that failure's status. The parser accepts CRLF or LF line
-ends, quoted or bare boundaries, absolute URLs or root-relative paths in request lines.
+ends, quoted or bare boundaries, absolute URLs or root-relative paths in request lines; a request line
+needs its HTTP version, and its URL may hold spaces (the service takes the URL between the first and
+the last space).
 """
 
 from __future__ import annotations
@@ -104,7 +106,23 @@ def _headers_and_rest(text: str) -> tuple[dict[str, str], str]:
 
 
 _API_PREFIX = re.compile(r"^/api/data/v\d+\.\d+/?")
-_REQUEST_LINE = re.compile(r"(GET|POST|PATCH|PUT|DELETE)\s+(\S+)(?:\s+HTTP/\d\.\d)?\s*")
+_METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE")
+_VERSION = re.compile(r"HTTP/1\.[01]")
+
+
+def _request_line(line: str) -> tuple[str, str]:
+    """(method, URL) of a part's request line, read as the service's OData library reads it.
+
+    The method runs to the first space and the version (``HTTP/1.1``) follows the last one; the URL is
+    everything between, spaces included (the Dataverse SDK sends ``$filter=IsPrivate eq false``
+    unencoded). A line without the version is refused.
+    """
+    method, sep, rest = line.partition(" ")
+    url, sep2, version = rest.rpartition(" ")
+    if not sep or not sep2 or method not in _METHODS or not _VERSION.fullmatch(version) or not url.strip():
+        raise DvError(400, "0x80060888", f"The batch part's request line '{line[:100]}' is not valid: expected "
+                                         "'<METHOD> <URL> HTTP/1.1'.")
+    return method, url.strip()
 
 
 # An absolute URL or a root-relative path up to and including the service root (the common form of a part).
@@ -138,11 +156,9 @@ def _request(text: str, part_headers: dict[str, str], service_path: str) -> Batc
     text = text.lstrip("\r\n")
     request_line, _, rest = text.partition("\n")
     request_line = request_line.removesuffix("\r")
-    m = _REQUEST_LINE.fullmatch(request_line)
-    if m is None:
-        raise DvError(400, "0x80060888", f"The batch part's request line '{request_line[:100]}' is not valid.")
+    method, url = _request_line(request_line.strip())
     headers, body = _headers_and_rest(rest)
-    return BatchRequest(m.group(1), _relative(m.group(2), service_path), headers,
+    return BatchRequest(method, _relative(url, service_path), headers,
                         body.rstrip("\r\n").encode(), part_headers.get("content-id"))
 
 

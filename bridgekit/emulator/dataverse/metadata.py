@@ -61,6 +61,55 @@ def _managed(value: bool, name: str) -> dict[str, Any]:
     return {"Value": value, "CanBeChanged": False, "ManagedPropertyLogicalName": name}
 
 
+#: Schema names of the standard relationships behind the emulator's lookups (the referenced table's
+#: collection-valued navigation property has the same name), as a tenant's CRM solution defines them.
+_RELATIONSHIPS = {
+    ("account", "primarycontactid", "contact"): "account_primary_contact",
+    ("account", "parentaccountid", "account"): "account_parent_account",
+    ("contact", "parentcustomerid", "account"): "contact_customer_accounts",
+    ("contact", "parentcustomerid", "contact"): "contact_customer_contacts",
+    ("lead", "parentaccountid", "account"): "lead_parent_account",
+    ("lead", "parentcontactid", "contact"): "lead_parent_contact",
+    ("lead", "customerid", "account"): "lead_customer_accounts",
+    ("lead", "customerid", "contact"): "lead_customer_contacts",
+    ("lead", "qualifyingopportunityid", "opportunity"): "lead_qualifying_opportunity",
+    ("opportunity", "parentaccountid", "account"): "opportunity_parent_account",
+    ("opportunity", "parentcontactid", "contact"): "opportunity_parent_contact",
+    ("opportunity", "customerid", "account"): "opportunity_customer_accounts",
+    ("opportunity", "customerid", "contact"): "opportunity_customer_contacts",
+    ("opportunity", "originatingleadid", "lead"): "opportunity_originating_lead",
+    ("systemuser", "businessunitid", "businessunit"): "business_unit_system_users",
+    ("systemuser", "parentsystemuserid", "systemuser"): "user_parent_user",
+    ("team", "businessunitid", "businessunit"): "business_unit_teams",
+    ("team", "administratorid", "systemuser"): "lk_teambase_administratorid",
+    ("businessunit", "parentbusinessunitid", "businessunit"): "business_unit_parent_business_unit",
+}
+_ACTIVITY_SETS = {"activitypointer": "ActivityPointers", "email": "Emails", "task": "Tasks",
+                  "phonecall": "Phonecalls", "appointment": "Appointments"}
+
+
+def relationship_name(referencing: str, column: str, target: str) -> str:
+    """The schema name of the relationship behind ``referencing.column`` pointing at ``target``."""
+    known = _RELATIONSHIPS.get((referencing, column, target))
+    if known:
+        return known
+    if column == "regardingobjectid" and referencing in _ACTIVITY_SETS:
+        return f"{schema_name(target)}_{_ACTIVITY_SETS[referencing]}"  # e.g. Account_Tasks
+    if column in ("createdby", "modifiedby", "createdonbehalfby", "modifiedonbehalfby"):
+        return f"lk_{referencing}_{column}"
+    if column == "owninguser":
+        return f"user_{referencing}"
+    if column == "owningteam":
+        return f"team_{referencing}"
+    if column == "owningbusinessunit":
+        return f"business_unit_{referencing}"
+    if column == "transactioncurrencyid":
+        return f"TransactionCurrency_{schema_name(referencing)}"
+    if column == "ownerid":
+        return f"owner_{referencing}s" if target == "systemuser" else f"{target}_{referencing}s"
+    return f"{referencing}_{column}_{target}"
+
+
 def schema_name(logical: str) -> str:
     """PascalCase schema name of a standard table or column."""
     return _SCHEMA_NAMES.get(logical, logical[:1].upper() + logical[1:])
@@ -75,7 +124,8 @@ class MetadataService:
     # -- service document and CSDL -----------------------------------------------------------------
     def service_document(self, root: str) -> Reply:
         sets = [{"name": t.entity_set, "kind": "EntitySet", "url": t.entity_set} for t in self.tables.values()]
-        sets.append({"name": "EntityDefinitions", "kind": "EntitySet", "url": "EntityDefinitions"})
+        for name in ("EntityDefinitions", "RelationshipDefinitions", "GlobalOptionSetDefinitions"):
+            sets.append({"name": name, "kind": "EntitySet", "url": name})
         return json_reply({"@odata.context": f"{root}/$metadata", "value": sets})
 
     def csdl(self, *, annotations: bool) -> Reply:
@@ -137,6 +187,13 @@ class MetadataService:
             "IsCustomEntity": False, "IsManaged": True, "IsActivity": t.is_activity, "IsIntersect": False,
             "IsOptimisticConcurrencyEnabled": True, "IsValidForAdvancedFind": True, "IsLogicalEntity": False,
             "CanCreateAttributes": _managed(True, "cancreateattributes"),
+            # Properties the Dataverse SDK filters and selects on (tables.list: IsPrivate eq false).
+            "IsPrivate": False, "TableType": "Standard", "IsVirtualEntity": False, "IsBPFEntity": False,
+            "IsAvailableOffline": True, "HasActivities": not t.is_activity, "HasNotes": True,
+            "IsAuditEnabled": _managed(True, "canmodifyauditsettings"),
+            "IsCustomizable": _managed(True, "iscustomizable"),
+            "IsRenameable": _managed(False, "isrenameable"), "IsMappable": _managed(True, "ismappable"),
+            "IsDuplicateDetectionEnabled": _managed(False, "canmodifyduplicatedetectionsettings"),
             "DisplayName": label(t.display, t.logical_name, "display"),
             "DisplayCollectionName": label(t.display_collection, t.logical_name, "displaycollection"),
             "Description": label(t.description, t.logical_name, "description"),
@@ -228,20 +285,107 @@ class MetadataService:
         for nav in nav_props(t).values():
             for target in nav.targets:
                 ref = self.tables.get(target)
+                name = relationship_name(t.logical_name, nav.column.name, target)
                 out.append({
+                    "@odata.type": f"#{CRM}.OneToManyRelationshipMetadata",
                     "MetadataId": _mid("rel", t.logical_name, nav.name, target),
-                    "SchemaName": f"{t.logical_name}_{nav.name}_{target}", "RelationshipType": "OneToManyRelationship",
+                    "SchemaName": name, "RelationshipType": "OneToManyRelationship",
                     "ReferencedEntity": target, "ReferencedAttribute": ref.primary_id if ref else f"{target}id",
                     "ReferencingEntity": t.logical_name, "ReferencingAttribute": nav.column.name,
                     "ReferencingEntityNavigationPropertyName": nav.name,
-                    "ReferencedEntityNavigationPropertyName": f"{t.logical_name}_{nav.name}",
-                    "IsCustomRelationship": False, "IsManaged": True})
+                    "ReferencedEntityNavigationPropertyName": name,
+                    "IsHierarchical": target == t.logical_name, "SecurityTypes": "None",
+                    "IsCustomRelationship": False, "IsCustomizable": _managed(False, "iscustomizable"),
+                    "IsValidForAdvancedFind": True, "IsManaged": True,
+                    "CascadeConfiguration": {"Assign": "NoCascade", "Delete": "RemoveLink", "Merge": "NoCascade",
+                                             "Reparent": "NoCascade", "Share": "NoCascade", "Unshare": "NoCascade",
+                                             "RollupView": "NoCascade"}})
         return out
 
     def one_to_many(self, t: Table) -> list[dict[str, Any]]:
         """Relationships where other tables' lookups point at ``t``."""
         return [r for other in self.tables.values() for r in self.many_to_one(other)
                 if r["ReferencedEntity"] == t.logical_name]
+
+    def many_to_many(self, t: Table | None = None) -> list[dict[str, Any]]:
+        """ManyToManyRelationshipMetadata: team membership (systemuser N:N team) when both tables are served."""
+        out: list[dict[str, Any]] = []
+        if "systemuser" in self.tables and "team" in self.tables and (t is None or t.logical_name in
+                                                                        ("systemuser", "team")):
+            out.append({
+                "@odata.type": f"#{CRM}.ManyToManyRelationshipMetadata",
+                "MetadataId": _mid("rel", "teammembership_association"),
+                "SchemaName": "teammembership_association", "RelationshipType": "ManyToManyRelationship",
+                "Entity1LogicalName": "systemuser", "Entity2LogicalName": "team",
+                "Entity1IntersectAttribute": "systemuserid", "Entity2IntersectAttribute": "teamid",
+                "IntersectEntityName": "teammembership",
+                "Entity1NavigationPropertyName": "teammembership_association",
+                "Entity2NavigationPropertyName": "teammembership_association",
+                "IsCustomRelationship": False, "IsCustomizable": _managed(False, "iscustomizable"),
+                "IsValidForAdvancedFind": True, "IsManaged": True, "SecurityTypes": "None"})
+        return out
+
+    def relationships(self) -> list[dict[str, Any]]:
+        """Every relationship (``RelationshipDefinitions``)."""
+        return [r for t in self.tables.values() for r in self.many_to_one(t)] + self.many_to_many()
+
+    def global_option_sets(self) -> list[dict[str, Any]]:
+        """OptionSetMetadata of every global choice (``GlobalOptionSetDefinitions``), once each."""
+        seen: dict[str, dict[str, Any]] = {}
+        for t in self.tables.values():
+            for c in t.columns:
+                if c.options is not None and c.options.is_global and c.options.name not in seen:
+                    opts = self.option_set(t, c)
+                    if opts is not None:
+                        seen[c.options.name] = opts
+        return list(seen.values())
+
+    def relationship_definitions(self, segments: Sequence[str], query: Mapping[str, str], root: str) -> Reply:
+        """``RelationshipDefinitions[(id|SchemaName='x')][/<cast>]`` with ``$filter``/``$select``."""
+        m = re.fullmatch(r"RelationshipDefinitions(?:\((.*)\))?", segments[0], re.S)
+        if m is None:
+            raise DvError(404, "0x8006088a", f"Resource not found for the segment '{segments[0]}'.")
+        rows = self.relationships()
+        ctx = f"{root}/$metadata#RelationshipDefinitions"
+        casts = {f"{CRM}.OneToManyRelationshipMetadata": "OneToManyRelationship",
+                 f"{CRM}.ManyToManyRelationshipMetadata": "ManyToManyRelationship"}
+        rest = list(segments[1:])
+        if rest and rest[0] in casts:
+            rows = [r for r in rows if r["RelationshipType"] == casts[rest[0]]]
+            ctx += f"/{rest[0]}"
+            rest = rest[1:]
+        if rest:
+            raise DvError(404, "0x8006088a", f"Resource not found for the segment '{rest[0]}'.")
+        if m.group(1) is not None:
+            key = m.group(1).strip()
+            sm = re.fullmatch(r"SchemaName\s*=\s*'([^']*)'", key)
+            hit = [r for r in rows if (sm and r["SchemaName"] == sm.group(1)) or r["MetadataId"] == key.strip("'{}")]
+            if not hit:
+                raise DvError(404, "0x80040217", f"Could not find a relationship with key {key}.")
+            data = self._select(hit[0], query.get("$select"), always=("MetadataId", "@odata.type"))
+            return json_reply({"@odata.context": f"{ctx}/$entity", **data})
+        rows = self._filter(rows, query.get("$filter"), "RelationshipMetadataBase")
+        rows = [self._select(r, query.get("$select"), always=("MetadataId", "@odata.type")) for r in rows]
+        return json_reply({"@odata.context": ctx + self._sel_ctx(query), "value": rows})
+
+    def global_option_set_definitions(self, segments: Sequence[str], query: Mapping[str, str], root: str) -> Reply:
+        """``GlobalOptionSetDefinitions[(id|Name='x')]``."""
+        m = re.fullmatch(r"GlobalOptionSetDefinitions(?:\((.*)\))?", segments[0], re.S)
+        if m is None or len(segments) > 1:
+            raise DvError(404, "0x8006088a", f"Resource not found for the segment '{segments[-1]}'.")
+        rows = self.global_option_sets()
+        ctx = f"{root}/$metadata#GlobalOptionSetDefinitions"
+        if m.group(1) is not None:
+            key = m.group(1).strip()
+            nm = re.fullmatch(r"Name\s*=\s*'([^']*)'", key)
+            hit = [r for r in rows if (nm and r["Name"] == nm.group(1)) or r["MetadataId"] == key.strip("'{}")]
+            if not hit:
+                raise DvError(404, "0x80040217", f"Could not find optionset with key {key}.")
+            data = self._select(hit[0], query.get("$select"), always=("MetadataId", "@odata.type"))
+            return json_reply({"@odata.context": f"{ctx}/$entity", **data})
+        rows = self._filter(rows, query.get("$filter"), "OptionSetMetadataBase")
+        rows = [self._select(r, query.get("$select"), always=("MetadataId", "@odata.type")) for r in rows]
+        return json_reply({"@odata.context": ctx + self._sel_ctx(query), "value": rows})
 
     # -- EntityDefinitions requests ----------------------------------------------------------------
     def entity_definitions(self, segments: Sequence[str], query: Mapping[str, str], root: str) -> Reply:
@@ -266,12 +410,12 @@ class MetadataService:
         ent_ctx = f"{ctx_base}({_mid('entity', table.logical_name)})"
         if sub == "Keys":
             return json_reply({"@odata.context": f"{ent_ctx}/Keys", "value": self.keys(table)})
-        if sub == "ManyToOneRelationships":
-            return json_reply({"@odata.context": f"{ent_ctx}/ManyToOneRelationships",
-                               "value": self.many_to_one(table)})
-        if sub == "OneToManyRelationships":
-            return json_reply({"@odata.context": f"{ent_ctx}/OneToManyRelationships",
-                               "value": self.one_to_many(table)})
+        if sub in ("OneToManyRelationships", "ManyToOneRelationships", "ManyToManyRelationships"):
+            rels = {"OneToManyRelationships": self.one_to_many, "ManyToOneRelationships": self.many_to_one,
+                    "ManyToManyRelationships": self.many_to_many}[sub](table)
+            rels = self._filter(rels, query.get("$filter"), "RelationshipMetadataBase")
+            rels = [self._select(r, query.get("$select"), always=("MetadataId", "@odata.type")) for r in rels]
+            return json_reply({"@odata.context": f"{ent_ctx}/{sub}", "value": rels})
         am = re.fullmatch(r"Attributes(?:\((.*)\))?", sub, re.S)
         if am is None:
             raise DvError(404, "0x8006088a", f"Resource not found for the segment '{sub}'.")
@@ -327,6 +471,8 @@ class MetadataService:
                 data["ManyToOneRelationships"] = self.many_to_one(t)
             elif name == "OneToManyRelationships":
                 data["OneToManyRelationships"] = self.one_to_many(t)
+            elif name == "ManyToManyRelationships":
+                data["ManyToManyRelationships"] = self.many_to_many(t)
             else:
                 raise DvError(400, "0x80060888", f"Could not find a property named '{name}' on type "
                                                  f"'{CRM}.EntityMetadata'.")
@@ -360,7 +506,8 @@ class MetadataService:
         for name in names:
             # Properties the emulator does not model come back as null rather than failing the request.
             out[name] = data.get(name)
-        for k in ("Attributes", "Keys", "ManyToOneRelationships", "OneToManyRelationships", "OptionSet",
+        for k in ("Attributes", "Keys", "ManyToOneRelationships", "OneToManyRelationships",
+                  "ManyToManyRelationships", "OptionSet",
                   "GlobalOptionSet", *expanded):
             if k in data:
                 out[k] = data[k]

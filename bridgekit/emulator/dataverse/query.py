@@ -48,6 +48,9 @@ __all__ = ["MAX_PAGE", "QueryOptions", "Reader", "parse_options"]
 MAX_PAGE = 5000
 _SUPPORTED = {"$select", "$filter", "$orderby", "$top", "$expand", "$count", "$skiptoken", "$deltatoken"}
 _REJECTED = {"$skip", "$search", "$format"}
+#: Dataverse query parameters without a ``$`` that the emulator does not serve (``fetchXml`` is routed to
+#: :mod:`.fetchxml` before options are parsed): refused rather than ignored.
+_REFUSED_CUSTOM = {"fetchXml", "sql", "savedQuery", "userQuery"}
 _TRACKING_REJECTS = ("$filter", "$orderby", "$expand", "$top")
 #: Error for an expired or forcibly invalidated delta token. The Web API code is not documented (§1.11,
 #: §6). Dataverse's RetrieveEntityChanges (the SDK message behind change tracking) reports an old
@@ -126,6 +129,9 @@ def parse_options(table: Table, tables: Mapping[str, Table], query: Sequence[tup
     for key, value in query:
         if key.startswith("@"):
             aliases[key] = value
+        elif key in _REFUSED_CUSTOM:
+            # These change what a query means; ignoring one would answer a different question.
+            raise DvError(400, "0x80060888", f"The query parameter {key} is not supported by the emulator.")
         elif key.startswith("$"):
             if key in _REJECTED:
                 raise DvError(400, "0x80060888", f"The query parameter {key} is not supported")
@@ -269,6 +275,8 @@ def encode_cookie(c: Cookie, pk: str, sort_names: Sequence[str]) -> str:
         extra += f' lastversion="{c.last_version}"'
     inner = f'<cookie page="{c.page}"{extra}>'
     for name, value in zip(sort_names, c.last, strict=True):
+        if name == pk:
+            continue  # the primary key is written once, below (it is the cookie's last/first element)
         # Sort values keep their JSON type so the next page binds them exactly as compared.
         inner += f'<{name} last="{_xml_attr(orjson.dumps(value).decode())}" />'
     inner += (f'<{pk} last="{{{c.last_id.upper()}}}" first="{{{c.first_id.upper()}}}" /></cookie>')
@@ -295,13 +303,17 @@ def decode_cookie(token: str, pk: str, sort_names: Sequence[str]) -> Cookie:
             c.snapshot, c.at = int(h["snapshot"]), float(h["at"])
         if "lastversion" in h:
             c.last_version = int(h["lastversion"])
-        for name in sort_names:
-            if name not in elems:
-                raise bad
-            c.last.append(orjson.loads(_attrs(elems[name])["last"]))
         pk_attrs = _attrs(elems[pk])
         c.last_id = pk_attrs["last"].strip("{}").lower()
         c.first_id = pk_attrs.get("first", "").strip("{}").lower()
+        for name in sort_names:
+            if name == pk:
+                # Ordering by the primary key (a tie-breaker such as "modifiedon asc,accountid asc").
+                c.last.append(c.last_id)
+                continue
+            if name not in elems:
+                raise bad
+            c.last.append(orjson.loads(_attrs(elems[name])["last"]))
     except (KeyError, ValueError, orjson.JSONDecodeError):
         raise bad from None
     return c

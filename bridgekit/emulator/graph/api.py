@@ -63,6 +63,12 @@ _MEMBERS_SNAPSHOT = "graph.members@"
 _USER = Store.field("@emu.user")
 _FOLDER = Store.field("@emu.folder")
 _FOLDERS = {"inbox": "Inbox", "sentitems": "Sent Items"}
+#: Groups whose members include the bound user id.
+_MEMBER_OF = "EXISTS (SELECT 1 FROM json_each(data, '$.\"@emu.members\"') m WHERE m.value = ?)"
+#: OData type-cast segments on directory-object collections (both spellings the SDKs send).
+_CASTS = {f"{p}{t}": t for p in ("microsoft.graph.", "graph.") for t in ("user", "group")}
+#: Graph returns at most 20 objects for an expanded directory relationship (query-parameters.md, $expand).
+_EXPAND_LIMIT = 20
 
 # Application permissions (or delegated scopes) that let a caller read each kind of resource; the
 # context also accepts the matching *.ReadWrite.* grants (protocols.md §2.1, Graph permissions reference).
@@ -165,6 +171,35 @@ def _utc_window_value(raw: str, name: str) -> str:
     return parsed.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+#: System query options Graph reads without their ``$`` on some v1.0 APIs (query-parameters.md).
+_DOLLARLESS = {"select", "expand", "filter", "orderby", "top", "skip", "count", "search", "format", "skiptoken"}
+
+
+def _split_commas(text: str) -> list[str]:
+    out: list[str] = []
+    buf: list[str] = []
+    depth = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return [o for o in out if o.strip()]
+
+
+def _check_options(req: GraphRequest, allowed: tuple[str, ...], resource: str) -> None:
+    """Refuse query options a single-object read does not serve, instead of ignoring them."""
+    for key in req.query:
+        name = key if key.startswith("$") else ("$" + key if key.lower() in _DOLLARLESS else None)
+        if name is not None and name not in allowed:
+            raise GraphError(400, "Request_BadRequest",
+                             f"Query option '{name}' is not supported on a single {resource} by the emulator "
+                             f"(supported: {', '.join(allowed)}).")
+
+
 # -- rendering -------------------------------------------------------------------------------------------
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +266,7 @@ def _keyset(keys: list[tuple[str, bool]], values: list[Any]) -> tuple[str, list[
 class _Listing:
     """One collection endpoint: what to read and how to describe it."""
 
-    kind: str  # users | groups | members | messages | events | contacts
+    kind: str  # users | groups | members | memberOf | messages | events | contacts
     coll: str
     res: GraphResource
     context: str  # the @odata.context fragment after "$metadata#"
@@ -244,7 +279,7 @@ class _Listing:
 
     @property
     def dialect(self) -> str:
-        return DIRECTORY if self.kind in ("users", "groups", "members") else OUTLOOK
+        return DIRECTORY if self.kind in ("users", "groups", "members", "memberOf") else OUTLOOK
 
 
 @dataclass(frozen=True)
@@ -338,14 +373,44 @@ class GraphService:
                 raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
             segs = ["users", str(claims.get("oid", "")), *segs[1:]]
         if req.method != "GET":
-            raise GraphError(405, "Request_BadRequest",
-                             f"The HTTP method '{req.method}' is not supported for this resource in the emulator.")
+            raise self._write_refused(req, claims, segs)
         head = segs[0]
         if head == "users":
             return self._users(req, claims, segs[1:])
         if head == "groups":
             return self._groups(req, claims, segs[1:])
         raise _bad_segment(head)
+
+    def _write_refused(self, req: GraphRequest, claims: dict[str, Any], segs: list[str]) -> GraphError:
+        """The answer to a write: 403 without a write permission (as the service), else 501 (not emulated).
+
+        The service checks the app's permissions before anything else, so an app with read-only grants
+        gets 403 ``Authorization_RequestDenied`` (directory) or ``ErrorAccessDenied`` (Outlook) whatever
+        it writes; with a write grant the emulator cannot carry the write out and says so with 501.
+        """
+        low = [x.lower() for x in segs]
+        if low[0] == "groups" and len(low) > 2 and low[2] == "members":
+            needed: tuple[str, ...] = ("GroupMember.ReadWrite.All", "Group.ReadWrite.All", "Directory.ReadWrite.All")
+        elif low[0] == "groups":
+            needed = ("Group.ReadWrite.All", "Directory.ReadWrite.All")
+        elif low[0] == "users" and len(low) > 2 and low[2] in ("messages", "mailfolders", "sendmail"):
+            needed = ("Mail.ReadWrite", "Mail.Send") if low[2] == "sendmail" else ("Mail.ReadWrite",)
+        elif low[0] == "users" and len(low) > 2 and low[2] in ("events", "calendarview", "calendar"):
+            needed = ("Calendars.ReadWrite",)
+        elif low[0] == "users" and len(low) > 2 and low[2] == "contacts":
+            needed = ("Contacts.ReadWrite",)
+        elif low[0] == "users":
+            needed = ("User.ReadWrite.All", "Directory.ReadWrite.All")
+        else:
+            return _bad_segment(segs[0])
+        have = set(self.ctx.granted(claims))
+        if not have & set(needed):
+            if low[0] == "groups" or (low[0] == "users" and (len(low) <= 2 or low[2] in ("manager", "memberof"))):
+                return GraphError(403, "Authorization_RequestDenied",
+                                  "Insufficient privileges to complete the operation.")
+            return GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        return GraphError(501, "NotImplemented", f"The emulator does not implement {req.method} on this resource; "
+                          "it serves Graph reads only.")
 
     def _users(self, req: GraphRequest, claims: dict[str, Any], rest: list[str]) -> GraphResponse:
         users = GRAPH_RESOURCES["users"]
@@ -368,11 +433,110 @@ class GraphService:
             if row is None:
                 raise GraphError(404, "Request_ResourceNotFound", f"Resource '{key}' does not exist or one of "
                                  "its queried reference-property objects are not present.")
+            _check_options(req, ("$select", "$expand"), "user")
             select = parse_select(req.query.get("$select"), fields=users.fields, type_name=_TYPES["users"])
+            expands = self._parse_expand(req.query.get("$expand"), "users")
             shape = _Shape(select, users.default_select, directory=True)
             sel = f"({','.join(select)})" if select else ""
-            return _ok({"@odata.context": f"{self.base}/$metadata#users{sel}/$entity", **shape.render(row.data)})
+            item = shape.render(row.data)
+            self._apply_expand([item], [row.load()], expands)
+            return _ok({"@odata.context": f"{self.base}/$metadata#users{sel}/$entity", **item})
+        if rest[1] in ("manager", "memberOf"):
+            self._require(claims, "users" if rest[1] == "manager" else "members")
+            row = self._find_user(key)
+            if row is None:
+                raise GraphError(404, "Request_ResourceNotFound", f"Resource '{key}' does not exist or one of "
+                                 "its queried reference-property objects are not present.")
+            if rest[1] == "manager":
+                return self._manager(req, row, rest[2:])
+            return self._member_of(req, row, rest[2:])
         return self._mailbox(req, claims, key, rest[1:])
+
+    # -- directory relationships -----------------------------------------------------------------
+    def _manager(self, req: GraphRequest, row: Row, tail: list[str]) -> GraphResponse:
+        """``/users/{id}/manager``: the manager as a directoryObject (404 when the user has none)."""
+        if tail:
+            raise _bad_segment(tail[0])
+        _check_options(req, ("$select", "$expand"), "manager")
+        if req.query.get("$expand"):
+            raise GraphError(400, "Request_BadRequest", "Query option '$expand' is not supported on manager by "
+                             "the emulator.")
+        mid = row.load().get("@emu.manager")
+        mgr = self.store.get("graph.users", str(mid)) if mid else None
+        if mgr is None:
+            raise GraphError(404, "Request_ResourceNotFound", "Resource 'manager' does not exist or one of its "
+                             "queried reference-property objects are not present.")
+        select = parse_select(req.query.get("$select"), fields=GRAPH_RESOURCES["users"].fields,
+                              type_name=_TYPES["users"])
+        shape = _Shape(select, GRAPH_RESOURCES["users"].default_select, directory=True)
+        return _ok({"@odata.context": f"{self.base}/$metadata#directoryObjects/$entity",
+                    "@odata.type": "#microsoft.graph.user", **shape.render(mgr.data)})
+
+    def _member_of(self, req: GraphRequest, row: Row, tail: list[str]) -> GraphResponse:
+        """``/users/{id}/memberOf[/microsoft.graph.group][/$count]``: the groups the user is a direct member of."""
+        cast = None
+        if tail and tail[0] in _CASTS:
+            cast, tail = _CASTS[tail[0]], tail[1:]
+        # The emulator's users are members of groups only: a cast to user selects nothing.
+        where, params = (_MEMBER_OF, (row.id,)) if cast in (None, "group") else ("0", ())
+        if tail == ["$count"]:
+            return self._count_segment(req, "graph.groups", DIRECTORY, where, params)
+        if tail:
+            raise _bad_segment(tail[0])
+        context = "groups" if cast == "group" else ("users" if cast == "user" else "directoryObjects")
+        link = f"users/{row.id}/memberOf" + (f"/microsoft.graph.{cast}" if cast else "")
+        return self._list(req, _Listing("memberOf", "graph.groups", GRAPH_RESOURCES["groups"], context, link,
+                                        (where, params), default_order=(("id", False),),
+                                        odata_type="" if cast else "#microsoft.graph.group"))
+
+    _EXPANDABLE = {"users": ("manager", "memberOf"), "groups": ("members",)}
+
+    def _parse_expand(self, raw: str | None, kind: str) -> list[tuple[str, tuple[str, ...] | None]]:
+        """``$expand`` items of a user or group read: (relationship, inner $select or None)."""
+        if raw is None or not raw.strip():
+            return []
+        out: list[tuple[str, tuple[str, ...] | None]] = []
+        for item in _split_commas(raw):
+            m = re.fullmatch(r"([A-Za-z]+)\s*(?:\((.*)\))?", item.strip(), re.S)
+            name = m.group(1) if m else item.strip()
+            if m is None or name not in self._EXPANDABLE.get(kind, ()):
+                raise GraphError(400, "Request_BadRequest", f"Could not find a navigation property named '{name}' "
+                                 f"on type '{_TYPES[kind]}' that the emulator can expand "
+                                 f"(supported: {', '.join(self._EXPANDABLE.get(kind, ()))}).")
+            select: tuple[str, ...] | None = None
+            for opt in (o for o in (m.group(2) or "").split(";") if o.strip()):
+                k, _, v = opt.partition("=")
+                if k.strip() != "$select":
+                    raise GraphError(400, "Request_BadRequest", f"Query option '{k.strip()}' is not supported inside "
+                                     "$expand by the emulator (only $select is).")
+                target = "groups" if name == "memberOf" else "users"
+                select = parse_select(v, fields=GRAPH_RESOURCES[target].fields, type_name=_TYPES[target])
+            out.append((name, select))
+        return out
+
+    def _apply_expand(self, items: list[dict[str, Any]], recs: list[dict[str, Any]],
+                      expands: list[tuple[str, tuple[str, ...] | None]]) -> None:
+        """Attach expanded relationships to rendered items (directory objects: at most 20 each)."""
+        for name, select in expands:
+            for item, rec in zip(items, recs, strict=True):
+                if name == "manager":
+                    mid = rec.get("@emu.manager")
+                    mgr = self.store.get("graph.users", str(mid)) if mid else None
+                    if mgr is not None:
+                        shape = _Shape(select, (), directory=True)
+                        item["manager"] = {"@odata.type": "#microsoft.graph.user", **shape.render(mgr.data)}
+                elif name == "members":
+                    ids = list(rec.get("@emu.members", []))[:_EXPAND_LIMIT]
+                    rows = self.store.query("graph.users", where="id IN (SELECT value FROM json_each(?))",
+                                            params=(orjson.dumps(ids).decode(),), order_by=[("id", False)])
+                    shape = _Shape(select, (), directory=True)
+                    item["members"] = [{"@odata.type": "#microsoft.graph.user", **shape.render(r.data)} for r in rows]
+                else:  # memberOf
+                    rows = self.store.query("graph.groups", where=_MEMBER_OF, params=(str(rec.get("id")),),
+                                            order_by=[("id", False)], limit=_EXPAND_LIMIT)
+                    shape = _Shape(select, (), directory=True)
+                    item["memberOf"] = [{"@odata.type": "#microsoft.graph.group", **shape.render(r.data)}
+                                        for r in rows]
 
     def _find_user(self, key: str) -> Row | None:
         row = self.store.get("graph.users", key)
@@ -555,21 +719,34 @@ class GraphService:
             raise GraphError(404, "Request_ResourceNotFound", f"Resource '{gid}' does not exist or one of its "
                              "queried reference-property objects are not present.")
         if len(rest) == 1:
+            _check_options(req, ("$select", "$expand"), "group")
             select = parse_select(req.query.get("$select"), fields=groups.fields, type_name=_TYPES["groups"])
+            expands = self._parse_expand(req.query.get("$expand"), "groups")
             sel = f"({','.join(select)})" if select else ""
             shape = _Shape(select, (), directory=True)
-            return _ok({"@odata.context": f"{self.base}/$metadata#groups{sel}/$entity", **shape.render(row.data)})
+            item = shape.render(row.data)
+            self._apply_expand([item], [row.load()], expands)
+            return _ok({"@odata.context": f"{self.base}/$metadata#groups{sel}/$entity", **item})
         if rest[1] != "members":
             raise _bad_segment(rest[1])
-        members = orjson.dumps(row.load().get("@emu.members", [])).decode()
+        tail = rest[2:]
+        cast = None
+        if tail and tail[0] in _CASTS:
+            # Every member the emulator stores is a user: a cast to user keeps them all, to group none.
+            cast, tail = _CASTS[tail[0]], tail[1:]
+        members = orjson.dumps(row.load().get("@emu.members", []) if cast in (None, "user") else []).decode()
         where, params = "id IN (SELECT value FROM json_each(?))", (members,)
-        if rest[2:] == ["$count"]:
+        if tail == ["$count"]:
             return self._count_segment(req, "graph.users", DIRECTORY, where, params)
-        if rest[2:]:
-            raise _bad_segment(rest[2])
-        return self._list(req, _Listing("members", "graph.users", GRAPH_RESOURCES["users"], "directoryObjects",
-                                        f"groups/{gid}/members", (where, params), default_order=(("id", False),),
-                                        odata_type="#microsoft.graph.user"))
+        if tail:
+            raise _bad_segment(tail[0])
+        if cast == "group":
+            return _ok({"@odata.context": f"{self.base}/$metadata#groups", "value": []})
+        return self._list(req, _Listing("members", "graph.users", GRAPH_RESOURCES["users"],
+                                        "users" if cast else "directoryObjects",
+                                        f"groups/{gid}/members" + ("/microsoft.graph.user" if cast else ""),
+                                        (where, params), default_order=(("id", False),),
+                                        odata_type="" if cast else "#microsoft.graph.user"))
 
     # -- collections -------------------------------------------------------------------------------
     @staticmethod
@@ -593,7 +770,7 @@ class GraphService:
     def _list(self, req: GraphRequest, lst: _Listing) -> GraphResponse:
         """One page of a collection: $filter, $select, $orderby, $top, $count, $search, $skiptoken."""
         res = lst.res
-        type_name = _TYPES["users" if lst.kind == "members" else lst.kind]
+        type_name = _TYPES[{"members": "users", "memberOf": "groups"}.get(lst.kind, lst.kind)]
         token = req.query.get("$skiptoken")
         cursor: list[Any] | None = None
         if token is not None:
@@ -610,8 +787,9 @@ class GraphService:
             opts = {k: v for k, v in req.query.items() if k.startswith("$") or k in window_keys}
             eventual = self._eventual(req)
             skip = self._skip(opts, lst.dialect)
+        expandable = lst.kind in ("users", "groups")
         unsupported = set(opts) - {"$top", "$select", "$filter", "$orderby", "$count", "$search", "$skip",
-                                   "startDateTime", "endDateTime"}
+                                   "startDateTime", "endDateTime", *(("$expand",) if expandable else ())}
         if unsupported:
             raise GraphError(400, "Request_BadRequest" if lst.dialect == DIRECTORY else "BadRequest",
                              f"The query option '{sorted(unsupported)[0]}' is not supported by the emulator "
@@ -644,7 +822,7 @@ class GraphService:
         base_where = " AND ".join(f"({c})" for c in conds)
         base_params = list(params)
 
-        orderable_key = lst.kind if lst.kind != "members" else "users"
+        orderable_key = {"members": "users", "memberOf": "groups"}.get(lst.kind, lst.kind)
         allowed = _ORDERABLE.get(orderable_key + "+" if advanced else orderable_key, ())
         orders = parse_orderby(opts.get("$orderby"), allowed=allowed, dialect=lst.dialect, type_name=type_name)
         if orders and flt and directory and not advanced:
@@ -669,12 +847,14 @@ class GraphService:
         rows = rows[skip:]
         more = len(rows) > top
         rows = rows[:top]
-        directory_shape = lst.kind in ("users", "groups", "members")
+        directory_shape = lst.kind in ("users", "groups", "members", "memberOf")
         default = res.default_select if lst.kind in ("users", "members") else ()
         shape = _Shape(select, default, directory=directory_shape,
                        always=() if directory_shape else ("id", "@odata.etag"))
         render = shape.render
         items = [render(r.data) for r in rows]
+        if expandable and opts.get("$expand"):
+            self._apply_expand(items, [r.load() for r in rows], self._parse_expand(opts["$expand"], lst.kind))
         if lst.odata_type:
             items = [{"@odata.type": lst.odata_type, **it} for it in items]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -18,7 +17,18 @@ from typing import Any
 
 import orjson
 
-from bridgekit.emulator.odata_filter import Call, Compare, FilterError, Literal, Logical, Member, Node, Not
+from bridgekit.emulator.odata_filter import (
+    Call,
+    Compare,
+    FilterError,
+    InList,
+    Lambda,
+    Literal,
+    Logical,
+    Member,
+    Node,
+    Not,
+)
 from bridgekit.emulator.odata_filter import parse_filter as parse_ast
 
 __all__ = [
@@ -133,7 +143,6 @@ def parse_orderby(raw: str | None, *, allowed: tuple[str, ...], dialect: str,
 
 _COMPARE = {"eq": "=", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _FLIP = {"eq": "eq", "ne": "ne", "gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
-_LAMBDA = re.compile(r"([A-Za-z_][\w/]*)/(any|all)\s*\(", re.IGNORECASE)
 
 
 class _FilterCompiler:
@@ -145,6 +154,8 @@ class _FilterCompiler:
         self.advanced = advanced
         self.type_name = type_name
         self.params: list[Any] = []
+        #: Lambda variables in scope: name -> SQL alias of the json_each row.
+        self.scope: dict[str, str] = {}
 
     def unsupported(self, prop: str) -> QueryError:
         if self.dialect == DIRECTORY:
@@ -157,6 +168,17 @@ class _FilterCompiler:
         # eventual and $count=true (protocols.md §2.5).
         if self.dialect == DIRECTORY and not self.advanced:
             raise self.unsupported(prop)
+
+    def expr(self, node: Member) -> str:
+        """SQL reading a property, or a lambda variable (``c``) or a path inside it (``r/emailAddress/address``)."""
+        head, _, rest = node.path.partition("/")
+        alias = self.scope.get(head)
+        if alias is not None:
+            if not rest:
+                return f"{alias}.value"
+            parts = [p.replace('"', "").replace("'", "") for p in rest.split("/")]
+            return f"json_extract({alias}.value, '$" + "".join(f'."{p}"' for p in parts) + "')"
+        return json_path(self.prop(node))
 
     def prop(self, node: Member) -> str:
         name = node.path
@@ -189,9 +211,43 @@ class _FilterCompiler:
             return self.compare(node)
         if isinstance(node, Call):
             return self.call(node)
+        if isinstance(node, InList):
+            return self.in_list(node)
+        if isinstance(node, Lambda):
+            return self.lambda_(node)
         if isinstance(node, Member):
             raise self.unsupported(node.path)
         raise QueryError("BadRequest", "Invalid filter clause: expected a condition.")
+
+    def in_list(self, node: InList) -> str:
+        """``prop in ('a','b')``: documented for directory objects and Outlook items (filter-query-parameter.md)."""
+        if not isinstance(node.left, Member) or not node.values:
+            raise QueryError("BadRequest", "Invalid filter clause: 'in' needs a property and a list of values.")
+        expr = self.expr(node.left)
+        values = [self.value(v) for v in node.values]
+        self.params += values
+        collate = " COLLATE NOCASE" if all(isinstance(v, str) for v in values) else ""
+        return f"{expr}{collate} IN ({', '.join('?' * len(values))})"
+
+    def lambda_(self, node: Lambda) -> str:
+        """``coll/any(x: ...)`` and ``coll/all(x: ...)`` over a collection property (json_each)."""
+        head = node.path.split("/")[0]
+        if head in self.scope:
+            raise QueryError("BadRequest", "Invalid filter clause: nested lambda operators are not supported.")
+        source = json_path(self.prop(Member(node.path, node.pos))).replace("json_extract(data", "json_each(data", 1)
+        alias = f"l{len(self.scope)}"
+        if node.body is None:
+            return f"EXISTS (SELECT 1 FROM {source} AS {alias})"
+        if node.var in self.scope or node.var in self.fields:
+            raise QueryError("BadRequest", f"Invalid filter clause: the lambda variable '{node.var}' hides a name.")
+        self.scope[node.var] = alias
+        try:
+            body = self.compile(node.body)
+        finally:
+            del self.scope[node.var]
+        if node.op == "any":
+            return f"EXISTS (SELECT 1 FROM {source} AS {alias} WHERE {body})"
+        return f"NOT EXISTS (SELECT 1 FROM {source} AS {alias} WHERE NOT coalesce({body}, 0))"
 
     def compare(self, node: Compare) -> str:
         op, left, right = node.op, node.left, node.right
@@ -199,10 +255,10 @@ class _FilterCompiler:
             op, left, right = _FLIP[op], right, left
         if not isinstance(left, Member) or not isinstance(right, Literal):
             raise QueryError("BadRequest", "Invalid filter clause: compare a property with a literal value.")
-        prop = self.prop(left)
+        prop = left.path if left.path.split("/")[0] in self.scope else self.prop(left)
         if op == "ne":
             self.needs_advanced(prop)
-        expr = json_path(prop)
+        expr = self.expr(left)
         value = self.value(right)
         if value is None:
             if op not in ("eq", "ne"):
@@ -218,7 +274,7 @@ class _FilterCompiler:
         if len(args) != 2 or not isinstance(args[0], Member) or not isinstance(args[1], Literal) \
                 or not isinstance(args[1].value, str):
             raise QueryError("BadRequest", f"Invalid filter clause: {node.name}(property, 'text') expected.")
-        prop = self.prop(args[0])
+        prop = args[0].path if args[0].path.split("/")[0] in self.scope else self.prop(args[0])
         fn = node.name
         if fn == "endswith" or (fn == "contains" and self.dialect == DIRECTORY):
             if self.dialect != DIRECTORY or fn == "contains":
@@ -229,21 +285,19 @@ class _FilterCompiler:
         text = args[1].value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         # SQLite's LIKE is case-insensitive for ASCII, like Graph's string functions.
         self.params.append({"startswith": text + "%", "endswith": "%" + text}.get(fn, "%" + text + "%"))
-        return f"{json_path(prop)} LIKE ? ESCAPE '\\'"
+        return f"{self.expr(args[0])} LIKE ? ESCAPE '\\'"
 
 
 def parse_filter(text: str, *, fields: tuple[str, ...], dialect: str, advanced: bool = False,
                  type_name: str = "") -> tuple[str, list[Any]]:
     """Translate a ``$filter`` expression into a SQL condition over ``data`` and its parameters.
 
-    Supported: ``eq ne gt ge lt le`` on properties (including ``a/b`` paths), ``startswith``, ``endswith``
-    (directory, advanced), ``contains`` (Outlook), ``and``/``or``/``not`` and parentheses. Lambda
-    operators (``any``/``all``) and other functions raise :class:`QueryError` with the dialect's code.
+    Supported: ``eq ne gt ge lt le`` on properties (including ``a/b`` paths), ``in (...)``, ``startswith``,
+    ``endswith`` (directory, advanced), ``contains`` (Outlook), ``and``/``or``/``not``, parentheses and the
+    lambda operators ``any``/``all`` over collection properties (``groupTypes/any(c:c eq 'Unified')``).
+    Other functions raise :class:`QueryError` with the dialect's code.
     """
     compiler = _FilterCompiler(fields, dialect, advanced, type_name)
-    lam = _LAMBDA.search(text)
-    if lam:
-        raise compiler.unsupported(lam.group(1).split("/")[0])
     try:
         node = parse_ast(text)
     except FilterError as exc:
