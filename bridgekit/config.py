@@ -24,7 +24,7 @@ from bridgekit.catalog import (
     DEFAULT_GRAPH_RESOURCES,
     GRAPH_RESOURCES,
 )
-from bridgekit.errors import ConfigError
+from bridgekit.errors import ConfigError, shown
 
 __all__ = [
     "AUTH_MODES",
@@ -234,8 +234,11 @@ def load_profile(name: str | None = None) -> Profile:
         if chosen == EMULATOR_PROFILE:
             return _emulator_profile()
         known = ", ".join(n for n, _ in list_profiles())
-        raise ConfigError(f"profile '{chosen}' not found", profile=chosen, path=str(path) if path else None,
-                          hint=f"known profiles: {known}; add [profiles.{chosen}] to bridgekit.toml")
+        name_shown = shown(chosen)  # a secret pasted where a profile name goes must not reach a CI log
+        raise ConfigError(f"profile '{name_shown}' not found", path=str(path) if path else None,
+                          profile=None if name_shown != chosen else chosen,
+                          hint=f"known profiles: {known}; add [profiles.<name>] to bridgekit.toml"
+                          if name_shown != chosen else f"known profiles: {known}; add [profiles.{chosen}] to bridgekit.toml")
     assert path is not None
     return _parse_profile(chosen, table, path)
 

@@ -16,6 +16,7 @@
     ├── ResyncRequired                  a delta/change-tracking token is no longer valid: full reload needed
     ├── ChangeTrackingNotEnabled        the table does not have change tracking on
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
+    │   └── QueryError                  a query failed or was refused (bad SQL, a write, a file outside it)
     ├── SyncError                       the sync engine could not complete (e.g. already running)
     │   └── UnknownTableError           a table asked for is not in the sync plan (a usage error)
     ├── InsufficientDataError           an analysis needs tables or rows the warehouse lacks
@@ -34,6 +35,7 @@ came from outside (service messages, URLs) before it is stored on an error.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from enum import IntEnum
@@ -56,6 +58,7 @@ __all__ = [
     "MissingCredentialError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QueryError",
     "ResyncRequired",
     "RunbookError",
     "RunbookFailed",
@@ -68,6 +71,8 @@ __all__ = [
     "exit_code_for",
     "looks_secret",
     "redact",
+    "secrets_in_play",
+    "shown",
 ]
 
 
@@ -149,14 +154,39 @@ def redact(text: str) -> str:
     return _SECRET_PARAM.sub(r"\1=***", text)
 
 
-def looks_secret(value: str, secrets: Iterable[str] = ()) -> bool:
-    """True when ``value`` is one of ``secrets`` (values in play), holds one, or has a secret's shape.
+# Names of environment variables that hold secrets by convention (their values are secrets in play).
+_SECRET_ENV_NAME = re.compile(r"(?i)(secret|passw(or)?d|pwd|token|api_?key|access_?key|account_?key|credential|"
+                              r"private_?key|sas|connection_?string)")
 
-    Used before a user-supplied value is echoed in an error message.
+
+def secrets_in_play(extra: Iterable[str] = ()) -> list[str]:
+    """The secret values this process can see: environment variables named like secrets (``*_SECRET``,
+    ``*_PASSWORD``, ``*_TOKEN`` ...), plus ``extra`` (the variables a profile names, for instance)."""
+    names = {n for n in os.environ if _SECRET_ENV_NAME.search(n)} | set(extra)
+    return [v for v in (os.environ.get(n, "") for n in names) if len(v) >= 6]
+
+
+def looks_secret(value: str, secrets: Iterable[str] | None = None) -> bool:
+    """True when ``value`` holds a secret in play (:func:`secrets_in_play` when ``secrets`` is None) or has
+    a secret's shape: a token, a key, or a long random-looking string.
+
+    Used before a value the user typed is echoed in an error message (it may be a secret pasted in the
+    wrong place, and the message goes to a CI log).
     """
-    if any(secret and len(secret) >= 6 and secret in value for secret in secrets):
+    known = secrets_in_play() if secrets is None else list(secrets)
+    if any(secret and len(secret) >= 6 and secret in value for secret in known):
         return True
-    return any(p.search(value) for p in SECRET_PATTERNS.values()) or redact(value) != value
+    if any(p.search(value) for p in SECRET_PATTERNS.values()) or redact(value) != value:
+        return True
+    # Random-looking: long, no spaces, and letters, digits and symbols mixed (a profile name is not).
+    classes = sum(bool(re.search(c, value)) for c in (r"[a-z]", r"[A-Z]", r"\d", r"[^A-Za-z0-9\s]"))
+    return len(value) >= 20 and " " not in value and classes >= 3
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message may quote it: itself, or a placeholder when it looks like a secret."""
+    text = str(value)
+    return "<a value that looks like a secret, not shown>" if looks_secret(text) else text
 
 
 class BridgekitError(Exception):
@@ -314,6 +344,12 @@ class WarehouseError(BridgekitError):
     def __init__(self, message: str, *, hint: str | None = None, path: str | None = None) -> None:
         super().__init__(message, hint=hint, path=path)
         self.path = path
+
+
+class QueryError(WarehouseError):
+    """A query on the warehouse failed or was refused (bad SQL, a write, a file outside the warehouse)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class SyncError(BridgekitError):

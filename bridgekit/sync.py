@@ -50,6 +50,7 @@ from bridgekit.errors import (
     SyncError,
     UnknownTableError,
     exit_code_for,
+    shown,
 )
 from bridgekit.sources.base import Page, RawPage, Source, SourceFactory, as_split, to_arrow
 from bridgekit.warehouse import RunRecord, StageState, Staging, Warehouse
@@ -235,7 +236,7 @@ def resolve_selection(available: Sequence[str], only: Iterable[str] | str | None
         matches = [t for t in available if name in (t, t.split(".", 1)[1])]
         if len(matches) != 1:
             what = "is ambiguous" if matches else "is not in the profile's sync plan"
-            raise UnknownTableError(f"table {name!r} {what}", table=name,
+            raise UnknownTableError(f"table '{shown(name)}' {what}", table=shown(name),
                                     hint=f"choose from: {', '.join(available)}")
         if matches[0] not in chosen:
             chosen.append(matches[0])

@@ -52,7 +52,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from bridgekit.errors import SyncError, WarehouseError
+from bridgekit.errors import QueryError, SyncError, WarehouseError
 
 __all__ = [
     "BOOKKEEPING_SCHEMA",
@@ -261,6 +261,21 @@ def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> Non
         conn.execute(f"SET memory_limit = '{memory_limit}'")
 
 
+def _query_error(exc: duckdb.Error, path: Path) -> QueryError:
+    """A failed user query in one line, DuckDB's own words first, with a hint only where one helps."""
+    # DuckDB's message up to the echo of the query ("LINE 1: ..."): the error and its "Did you mean ...?".
+    text = " ".join(line.strip() for line in str(exc).split("\nLINE ")[0].strip().splitlines() if line.strip())
+    if isinstance(exc, duckdb.PermissionException) or "by configuration" in text or "configuration has been locked" in text:
+        return QueryError("refused: queries read the warehouse only (no files, other databases or extensions)",
+                          path=str(path), hint="to write tables to files use `bridgekit export`")
+    if "read-only" in text.lower() or "read only" in text.lower():
+        return QueryError(f"refused: the warehouse is read-only here ({text})", path=str(path),
+                          hint="its tables change through `bridgekit sync`")
+    hint = ("list tables with: select * from duckdb_tables()"
+            if isinstance(exc, duckdb.CatalogException) and "Table" in text and "Did you mean" not in text else None)
+    return QueryError(f"query failed: {text}", path=str(path), hint=hint)
+
+
 # -- the lock ---------------------------------------------------------------------------------------------
 
 
@@ -381,10 +396,11 @@ class Warehouse:
             conn.close()
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(self, *, confined: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived read-only connection; waits (with backoff) while a sync merge holds the file.
 
-        Keep it brief: while it is open, a sync's merge waits for it.
+        Keep it brief: while it is open, a sync's merge waits for it. ``confined``: the connection reaches
+        nothing but the warehouse (no files, no other databases, no extensions), for queries users write.
 
         Raises:
             WarehouseError: the warehouse does not exist yet, or stayed locked past ``lock_timeout``.
@@ -393,29 +409,33 @@ class Warehouse:
             raise WarehouseError(f"no warehouse at {self.path} yet", path=str(self.path),
                                  hint="run `bridgekit sync` first")
         with self._retry_open(read_only=True) as conn:
+            if confined:
+                # Locked, so a query cannot turn it back on (SET enable_external_access = true is refused).
+                conn.execute("SET enable_external_access = false")
+                conn.execute("SET lock_configuration = true")
             yield conn
 
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:
-        """Run a read-only query and return a pandas DataFrame.
+        """Run a read-only query on the warehouse, and nothing else, and return a pandas DataFrame.
 
         Raises:
-            WarehouseError: bad SQL, missing table, or the warehouse stayed locked.
+            QueryError: the query is wrong, writes, or reaches beyond the warehouse (files, other databases).
+            WarehouseError: the warehouse does not exist or stayed locked.
         """
-        with self.reader() as conn:
+        with self.reader(confined=True) as conn:
             try:
                 return conn.execute(query, params).df()
             except duckdb.Error as exc:
-                raise WarehouseError(f"query failed: {exc}", path=str(self.path),
-                                     hint="list tables with: select * from duckdb_tables()") from exc
+                raise _query_error(exc, self.path) from exc
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Like :meth:`sql` but returns an Arrow table."""
-        with self.reader() as conn:
+        with self.reader(confined=True) as conn:
             try:
                 # A relation, not a DB-API result: DuckDB hands its batches to Arrow without another copy.
                 result: pa.Table = conn.sql(query, params=params).to_arrow_table()
             except duckdb.Error as exc:
-                raise WarehouseError(f"query failed: {exc}", path=str(self.path)) from exc
+                raise _query_error(exc, self.path) from exc
             return result
 
     def held_reader(self, hold_s: float = 1.0) -> HeldReader:

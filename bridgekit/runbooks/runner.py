@@ -48,6 +48,7 @@ from bridgekit.errors import (
     error_class,
     exit_code_for,
     redact,
+    shown,
 )
 from bridgekit.runbooks.secrets import find_secrets
 from bridgekit.record import RECORD_ENV, read_records
@@ -289,7 +290,7 @@ def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
     if candidate.is_file() and candidate.stem == name:
         return load_runbook(candidate)
     known = ", ".join(r.name for r in discover(root)) if root.is_dir() else ""
-    raise RunbookError(f"unknown runbook '{name}'" + (f" in {root}" if root else ""), runbook=name,
+    raise RunbookError(f"unknown runbook '{shown(name)}'" + (f" in {root}" if root else ""), runbook=shown(name),
                        hint=f"known runbooks: {known}" if known else "pass --path DIR to say where runbooks are")
 
 
@@ -298,8 +299,8 @@ def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
 # --------------------------------------------------------------------------------------------------
 
 def _bad(runbook: Runbook, name: str, message: str, hint: str | None = None) -> RunbookError:
-    return RunbookError(f"runbook '{runbook.name}': parameter '{name}' {message}", runbook=runbook.name,
-                        parameter=name, hint=hint)
+    return RunbookError(f"runbook '{runbook.name}': parameter '{shown(name)}' {message}", runbook=runbook.name,
+                        parameter=shown(name), hint=hint)
 
 
 def _declared(runbook: Runbook, name: str) -> Parameter:
@@ -492,17 +493,85 @@ def _iso(t: _dt.datetime) -> str:
     return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+#: Where a run executes before its outputs are scanned: owner-only (0700), inside --out.
+_PRIVATE = ".running"
+
+
 def _make_run_dir(out: Path, name: str, started: _dt.datetime) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    """Reserve ``<out>/<UTC time>-<name>`` and create its private twin ``<out>/.running/<same>`` (0700).
+
+    A run writes only into the private directory; :func:`_publish` moves it to ``out`` once its outputs
+    have been scanned, so nothing a cell printed is readable by others, or sits in ``out``, before that.
+    """
+    private_root = out / _PRIVATE
+    private_root.mkdir(parents=True, exist_ok=True)
+    private_root.chmod(0o700)
     stem = f"{started.strftime('%Y%m%dT%H%M%SZ')}-{name}"
     for i in range(1, 1000):
-        candidate = out / (stem if i == 1 else f"{stem}-{i}")
+        leaf = stem if i == 1 else f"{stem}-{i}"
+        if (out / leaf).exists():
+            continue
         try:
-            candidate.mkdir()  # atomic: two runs in the same second get different directories
-            return candidate
+            (private_root / leaf).mkdir(mode=0o700)  # atomic: two runs in the same second get different names
         except FileExistsError:
             continue
+        (private_root / leaf / ".pid").write_text(str(os.getpid()))
+        return private_root / leaf
     raise RunbookError(f"could not create a run directory under {out}", runbook=name)
+
+
+def _publish(private: Path) -> Path:
+    """Move a scanned run directory from ``<out>/.running/`` to ``<out>/``; its files stay owner-only."""
+    (private / ".pid").unlink(missing_ok=True)
+    for f in private.iterdir():
+        with contextlib.suppress(OSError):
+            f.chmod(0o600)
+    final = private.parent.parent / private.name
+    private.rename(final)
+    final.chmod(0o755)
+    with contextlib.suppress(OSError):
+        private.parent.rmdir()  # only when no other run is in progress
+    return final
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _recover_leftovers(out: Path, literals: list[str]) -> list[Path]:
+    """Scan, quarantine and publish what runs killed outright (SIGKILL, power loss) left in ``<out>/.running``.
+
+    A directory whose process still runs is another run in progress and is left alone.
+    """
+    recovered: list[Path] = []
+    private_root = out / _PRIVATE
+    if not private_root.is_dir():
+        return recovered
+    for leftover in sorted(p for p in private_root.iterdir() if p.is_dir()):
+        if _pid_alive(leftover / ".pid"):
+            continue
+        for stray in leftover.glob(".records*"):
+            stray.unlink(missing_ok=True)
+        files = [f for f in leftover.iterdir() if f.is_file() and f.name != ".pid"]
+        findings = _scan(files, literals)
+        for f in files:
+            if _scan([f], literals):
+                f.write_text("Quarantined: this killed run's output held a secret-shaped string.\n", encoding="utf-8")
+        manifest = {"status": "killed", "exit_code": None, "recovered_at": _iso(_utcnow()),
+                    "error": {"type": "Killed", "message": "the run was killed before it ended; its partial "
+                              "outputs were scanned when the next run started"},
+                    "quarantine": {"findings": findings} if findings else None}
+        _write_manifest(leftover / "manifest.json", manifest)
+        with contextlib.suppress(OSError):
+            recovered.append(_publish(leftover))
+            log.warning("a killed run's outputs were found, scanned%s and kept in %s",
+                        f" ({len(findings)} finding(s) quarantined)" if findings else "", recovered[-1])
+    return recovered
 
 
 def _choose_profile(runbook: Runbook, values: Mapping[str, Any], explicit: str | None) -> tuple[str, str]:
@@ -942,14 +1011,15 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
     effective = {p.name: checked.get(p.name, p.default) for p in runbook.parameters}
 
     started = _utcnow()
-    run_dir = _make_run_dir(Path(out) if out is not None else Path(DEFAULT_OUT), runbook.name, started)
+    out_dir = Path(out) if out is not None else Path(DEFAULT_OUT)
+    _recover_leftovers(out_dir, literals)
+    run_dir = _make_run_dir(out_dir, runbook.name, started)
     nb_path = run_dir / f"{runbook.name}.ipynb"
     html_path = run_dir / f"{runbook.name}.html"
     manifest_path = run_dir / "manifest.json"
     kernel_log = run_dir / "kernel.log"
-    fd, record_name = tempfile.mkstemp(prefix="bridgekit-records-", suffix=".jsonl")
-    os.close(fd)
-    record_file = Path(record_name)
+    record_file = run_dir / ".records.jsonl"
+    record_file.touch(mode=0o600)
     env = {RECORD_ENV: str(record_file), "BRIDGEKIT_PROFILE": profile_name, "BRIDGEKIT_RUNBOOK": runbook.name,
            "PLOTLY_RENDERER": PLOTLY_RENDERER,
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
@@ -958,9 +1028,12 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
         outcome = _execute(runbook, nb_path, checked, env, timeout, kernel_log)
         records = read_records(record_file)
     except BaseException:
-        # Interrupted (Ctrl-C, or SIGTERM from a CI timeout via the CLI): no manifest, but no unscanned
-        # partial output either.
+        # Interrupted (Ctrl-C, or SIGTERM from a scheduler via the CLI): no manifest, but no unscanned
+        # partial output either; what was scanned is published for the user to see.
+        record_file.unlink(missing_ok=True)
         _scrub_partial([nb_path, kernel_log], literals)
+        with contextlib.suppress(OSError):
+            _publish(run_dir)
         raise
     finally:
         record_file.unlink(missing_ok=True)
@@ -1017,6 +1090,8 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
         manifest["outputs"]["report"] = html_path.name
         _write_manifest(manifest_path, manifest)
 
+    run_dir = _publish(run_dir)
+    nb_path, html_path, manifest_path = (run_dir / p.name for p in (nb_path, html_path, manifest_path))
     result = RunResult(runbook.name, run_dir, int(manifest["exit_code"]), str(manifest["status"]), nb_path,
                        html_path if html_path.is_file() else None, manifest_path, manifest)
     log.info("runbook %s: %s (exit %d) in %s", runbook.name, result.status, result.exit_code, run_dir)
