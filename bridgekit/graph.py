@@ -206,18 +206,6 @@ class GraphClient:
             names = [*names, "members"] if names else ["displayName", "description", "members"]
         return self.delta("groups/delta", select=names or None)
 
-    def messages_delta(self, user: str, folder: str = "inbox", *, select: str | Sequence[str] | None = None,
-                       page_size: int | None = None) -> Iterator[DeltaPage]:
-        """Delta of one mail folder's messages (delta is per folder)."""
-        return self.delta(f"users/{_seg(user)}/mailFolders/{_seg(folder)}/messages/delta", select=select,
-                          page_size=page_size)
-
-    def events_delta(self, user: str, start: dt.datetime, end: dt.datetime, *,
-                     page_size: int | None = None) -> Iterator[DeltaPage]:
-        """Delta of a user's calendarView in ``[start, end)`` (the window is part of the token; no $select)."""
-        params = {"startDateTime": _iso(start), "endDateTime": _iso(end)}
-        return self.delta(f"users/{_seg(user)}/calendarView/delta", params=params, page_size=page_size)
-
     def _delta_pages(self, url: str, page_size: int | None) -> Iterator[DeltaPage]:
         value = prefer(maxpagesize=page_size) if page_size else None
         headers = {"Prefer": value} if value else {}
