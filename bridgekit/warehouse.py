@@ -261,11 +261,18 @@ def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> Non
         conn.execute(f"SET memory_limit = '{memory_limit}'")
 
 
+def confine(conn: duckdb.DuckDBPyConnection) -> None:
+    """Turn off the connection's access to anything but its database: files (``read_csv``, ``COPY``),
+    other databases (``ATTACH``) and extensions. One-way: DuckDB refuses to turn it back on while the
+    database is open in the process."""
+    conn.execute("SET enable_external_access = false")
+
+
 def _query_error(exc: duckdb.Error, path: Path) -> QueryError:
     """A failed user query in one line, DuckDB's own words first, with a hint only where one helps."""
     # DuckDB's message up to the echo of the query ("LINE 1: ..."): the error and its "Did you mean ...?".
     text = " ".join(line.strip() for line in str(exc).split("\nLINE ")[0].strip().splitlines() if line.strip())
-    if isinstance(exc, duckdb.PermissionException) or "by configuration" in text or "configuration has been locked" in text:
+    if isinstance(exc, duckdb.PermissionException) or "by configuration" in text or "external access" in text:
         return QueryError("refused: queries read the warehouse only (no files, other databases or extensions)",
                           path=str(path), hint="to write tables to files use `bridgekit export`")
     if "read-only" in text.lower() or "read only" in text.lower():
@@ -400,7 +407,9 @@ class Warehouse:
         """A short-lived read-only connection; waits (with backoff) while a sync merge holds the file.
 
         Keep it brief: while it is open, a sync's merge waits for it. ``confined``: the connection reaches
-        nothing but the warehouse (no files, no other databases, no extensions), for queries users write.
+        nothing but the warehouse (no files, no other databases, no extensions). DuckDB shares one database
+        instance per file in a process and cannot turn external access back on, so confinement lasts for
+        the process: meant for a process that only queries (``bridgekit sql``, an interactive session).
 
         Raises:
             WarehouseError: the warehouse does not exist yet, or stayed locked past ``lock_timeout``.
@@ -410,19 +419,21 @@ class Warehouse:
                                  hint="run `bridgekit sync` first")
         with self._retry_open(read_only=True) as conn:
             if confined:
-                # Locked, so a query cannot turn it back on (SET enable_external_access = true is refused).
-                conn.execute("SET enable_external_access = false")
-                conn.execute("SET lock_configuration = true")
+                confine(conn)
             yield conn
 
-    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:
-        """Run a read-only query on the warehouse, and nothing else, and return a pandas DataFrame.
+    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None, *,
+            confined: bool = False) -> Any:
+        """Run a read-only query and return a pandas DataFrame.
+
+        ``confined``: the query reaches the warehouse and nothing else (see :meth:`reader`), for SQL a user
+        typed (``bridgekit sql``).
 
         Raises:
-            QueryError: the query is wrong, writes, or reaches beyond the warehouse (files, other databases).
+            QueryError: the query is wrong, writes, or (confined) reaches beyond the warehouse.
             WarehouseError: the warehouse does not exist or stayed locked.
         """
-        with self.reader(confined=True) as conn:
+        with self.reader(confined=confined) as conn:
             try:
                 return conn.execute(query, params).df()
             except duckdb.Error as exc:
@@ -430,7 +441,7 @@ class Warehouse:
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Like :meth:`sql` but returns an Arrow table."""
-        with self.reader(confined=True) as conn:
+        with self.reader() as conn:
             try:
                 # A relation, not a DB-API result: DuckDB hands its batches to Arrow without another copy.
                 result: pa.Table = conn.sql(query, params=params).to_arrow_table()

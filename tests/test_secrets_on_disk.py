@@ -146,11 +146,19 @@ def test_sql_is_confined_to_the_warehouse(query: str, warehouse_profile: Warehou
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: refused") and len(err.splitlines()) <= 2
     assert not target.exists() and not Path(f"{target}.duckdb").exists()
-    # the same for the library's query method (notebooks)
-    from bridgekit.errors import QueryError
+    # the same for the notebooks' read-only connection (%sql)
+    import duckdb
 
-    with pytest.raises(QueryError):
-        warehouse_profile.sql(query.format(target=target))
+    from bridgekit.analytics import read_only_connection
+
+    conn = read_only_connection(warehouse_profile)
+    try:
+        with pytest.raises(duckdb.Error, match=r"external access|disabled by configuration"):
+            conn.execute(query.format(target=target))
+        assert conn.execute("select count(*) from bridgekit.sync_runs").fetchone() == (0,)
+    finally:
+        conn.close()
+    assert not target.exists()
 
 
 def test_sql_errors_keep_duckdbs_suggestion_and_hint_only_where_it_helps(warehouse_profile: Warehouse,

@@ -24,6 +24,7 @@ import duckdb
 import pandas as pd
 
 from bridgekit.errors import WarehouseError
+from bridgekit.warehouse import confine
 
 __all__ = ["ANALYTICS_SCHEMA", "analytics_tables", "read_only_connection", "read_table", "write_table"]
 
@@ -135,7 +136,9 @@ def read_only_connection(target: Any) -> duckdb.DuckDBPyConnection:
     """A read-only DuckDB connection to the warehouse for interactive SQL (jupysql: ``%sql conn``).
 
     It opens the file the way :meth:`bridgekit.warehouse.Warehouse.sql` does, so both can be used in one
-    process. Close it when done: while it is open, a sync's merge waits for it.
+    process, and reaches nothing but the warehouse (no files, other databases or extensions, for the rest of
+    the session: see :func:`bridgekit.warehouse.confine`). Close it when done: while it is open, a sync's
+    merge waits for it.
 
     Raises:
         WarehouseError: the warehouse does not exist yet.
@@ -144,6 +147,8 @@ def read_only_connection(target: Any) -> duckdb.DuckDBPyConnection:
     if not path.exists():
         raise WarehouseError(f"no warehouse at {path} yet", path=str(path), hint="run `bridgekit sync` first")
     try:
-        return duckdb.connect(str(path), read_only=True)
+        conn = duckdb.connect(str(path), read_only=True)
+        confine(conn)  # interactive SQL reaches the warehouse only, as `bridgekit sql` does
+        return conn
     except duckdb.Error as exc:
         raise WarehouseError(f"cannot open warehouse {path}: {exc}", path=str(path)) from exc

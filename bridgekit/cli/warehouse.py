@@ -88,7 +88,7 @@ def sql(query: str, profile: str | None, fmt: str, max_rows: int) -> None:
     """
     ctx = click.get_current_context()
     wb = _workbench(ctx, profile)
-    df = wb.sql(query)
+    df = wb.warehouse.sql(query, confined=True)  # SQL a user typed reaches the warehouse only
     if fmt == "csv":
         click.echo(df.to_csv(index=False), nl=False)
     elif fmt == "json":
