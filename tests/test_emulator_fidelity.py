@@ -291,7 +291,7 @@ def test_collection_valued_expand_nests_rows_with_their_own_options(dv: Api, emu
                    and c["_parentcustomerid_value"] == aid for c in got)
         link = account["contact_customer_accounts@odata.nextLink"]
         assert link == (f"{root}/accounts({aid})/contact_customer_accounts?$select=fullname&"
-                        "$filter=statecode eq 0&$orderby=fullname desc&$top=2")
+                        "$filter=statecode%20eq%200&$orderby=fullname%20desc&$top=2")
         with_children += bool(got)
         if len(contacts.get(aid, [])) > 1 and with_children < 4:
             # The link is the filtered collection: the same rows again.

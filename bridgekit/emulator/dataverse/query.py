@@ -53,7 +53,7 @@ from bridgekit.emulator.store import Store
 __all__ = ["MAX_PAGE", "QueryOptions", "Reader", "parse_options", "table_filter"]
 
 #: Characters left as they are in the query options of a ``<nav>@odata.nextLink``.
-_LINK_SAFE = ",'()$ "
+_LINK_SAFE = ",'()$/"
 #: Dataverse's maximum (and default) page size (§1.7) and the cap of ``$count`` (§1.6).
 MAX_PAGE = 5000
 _SUPPORTED = {"$select", "$filter", "$orderby", "$top", "$expand", "$count", "$skiptoken", "$deltatoken", "$apply"}
