@@ -266,6 +266,15 @@ def test_lambda_operators_over_collection_valued_navigation_properties(dv: Api) 
     open_task = {cid for cid, ts in tasks.items() if any(t["statecode"] == 0 for t in ts)}
     assert ids("contact_customer_accounts/any(c:c/Contact_Tasks/any(t:t/statecode eq 0))") == \
         {a for a, cs in contacts.items() if any(c["contactid"] in open_task for c in cs)}
+    # The doc's own examples: every task closed; an open task whose subject holds a word.
+    account_tasks = {a: ts for a, ts in _children(dv, "tasks", "_regardingobjectid_value", "account",
+                                                  "statecode,subject").items() if a in accounts}
+    assert ids("Account_Tasks/all(t:t/statecode eq 1)") == \
+        {a for a in accounts if all(t["statecode"] == 1 for t in account_tasks.get(a, []))} != accounts
+    word = next(t["subject"] for ts in account_tasks.values() for t in ts if t["subject"]).split()[-1]
+    assert ids(f"Account_Tasks/any(t:contains(t/subject,'{word.replace(chr(39), chr(39) * 2)}') and t/statecode eq 0)") \
+        == {a for a, ts in account_tasks.items()
+            if any(word.lower() in (t["subject"] or "").lower() and t["statecode"] == 0 for t in ts)}
     for flt, words in (("primarycontactid/any(c:c/fullname eq 'x')", "collection-valued"),
                        ("contact_customer_accounts/any(c:name eq 'x')", "not supported by the emulator"),
                        ("nosuch/any(c:c/fullname eq 'x')", "Could not find a property named 'nosuch'")):
@@ -311,6 +320,8 @@ def test_collection_valued_expand_nests_rows_with_their_own_options(dv: Api, emu
         url = page.get("@odata.nextLink")
         assert url is None or url.startswith(f"{root}/accounts({aid})/contact_customer_accounts?")
     assert sorted(seen) == sorted(c["contactid"] for c in contacts[aid]) and len(seen) > 1
+    csdl = dv.call("GET", "$metadata").text
+    assert '<NavigationProperty Name="contact_customer_accounts" Type="Collection(mscrm.contact)" />' in csdl
     for path, words in (("accounts?$expand=contact_customer_accounts/$ref", "only supported on lookup type"),
                         ("accounts?$expand=contact_customer_accounts($expand=owninguser)", "nested $expand"),
                         ("accounts?$expand=contact_customer_accounts($skip=1)", "'$skip' is not supported"),

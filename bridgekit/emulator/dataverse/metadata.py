@@ -151,7 +151,8 @@ class CollectionNav:
         return f"{self.field_sql(alias)} = {parent}{self.kind_sql(alias)}"
 
 
-_COLLECTIONS: dict[tuple[int, str], dict[str, CollectionNav]] = {}
+#: Derived navigation properties by (id of the tables mapping, table); the mapping is kept so an id is never reused.
+_COLLECTIONS: dict[tuple[int, str], tuple[Mapping[str, Table], dict[str, CollectionNav]]] = {}
 
 
 def collection_navs(table: Table, tables: Mapping[str, Table]) -> dict[str, CollectionNav]:
@@ -161,16 +162,17 @@ def collection_navs(table: Table, tables: Mapping[str, Table]) -> dict[str, Coll
     that can point at ``table``.
     """
     key = (id(tables), table.logical_name)
-    found = _COLLECTIONS.get(key)
-    if found is None:
-        found = {}
-        for other in tables.values():
-            for nav in nav_props(other).values():
-                for target in nav.targets:
-                    if target == table.logical_name:
-                        name = relationship_name(other.logical_name, nav.column.name, target)
-                        found.setdefault(name, CollectionNav(name, other, nav.column, target))
-        _COLLECTIONS[key] = found
+    cached = _COLLECTIONS.get(key)
+    if cached is not None and cached[0] is tables:
+        return cached[1]
+    found: dict[str, CollectionNav] = {}
+    for other in tables.values():
+        for nav in nav_props(other).values():
+            for target in nav.targets:
+                if target == table.logical_name:
+                    name = relationship_name(other.logical_name, nav.column.name, target)
+                    found.setdefault(name, CollectionNav(name, other, nav.column, target))
+    _COLLECTIONS[key] = (tables, found)
     return found
 
 
