@@ -4,6 +4,7 @@ every case asserts the values a client gets, not only the status."""
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -228,10 +229,152 @@ def test_relationship_and_global_option_set_definitions(dv: Api) -> None:
     assert dv.ok("GlobalOptionSetDefinitions(Name='purchasetimeframe')")["MetadataId"] == timeframe["MetadataId"]
 
 
-def test_lambda_on_a_dataverse_collection_is_refused_not_ignored(dv: Api) -> None:
-    status, code, message = _error(dv.call("GET", "accounts", params={
-        "$filter": "contact_customer_accounts/any(c:c/fullname eq 'x')"}))
-    assert (status, code) == (400, "0x80060888") and "lambda" in message
+# -- Dataverse: lambdas, collection-valued $expand and $apply ----------------------------------------------
+
+LOOKUP_TYPES = 'odata.include-annotations="Microsoft.Dynamics.CRM.lookuplogicalname"'
+FORMATTED = "OData.Community.Display.V1.FormattedValue"
+
+
+def _children(dv: Api, entity_set: str, lookup: str, parent: str, select: str) -> dict[str, list[dict[str, Any]]]:
+    """Rows of ``entity_set`` by the id of the ``parent`` table record their ``lookup`` points at."""
+    rows = dv.ok(entity_set, params={"$select": f"{select},{lookup}"}, headers={"Prefer": LOOKUP_TYPES})["value"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get(lookup) and row.get(f"{lookup}@Microsoft.Dynamics.CRM.lookuplogicalname") == parent:
+            out.setdefault(row[lookup], []).append(row)
+    return out
+
+
+def test_lambda_operators_over_collection_valued_navigation_properties(dv: Api) -> None:
+    accounts = {a["accountid"] for a in dv.ok("accounts", params={"$select": "accountid"})["value"]}
+    contacts = {a: cs for a, cs in _children(dv, "contacts", "_parentcustomerid_value", "account",
+                                             "fullname,statecode,emailaddress1").items() if a in accounts}  # no orphans
+
+    def ids(flt: str) -> set[str]:
+        return {a["accountid"] for a in dv.ok("accounts", params={"$select": "accountid", "$filter": flt})["value"]}
+
+    name = next(iter(contacts.values()))[0]["fullname"]
+    assert ids(f"contact_customer_accounts/any(c:c/fullname eq '{name.replace(chr(39), chr(39) * 2)}')") == \
+        {a for a, cs in contacts.items() if any(c["fullname"].lower() == name.lower() for c in cs)}
+    assert ids("contact_customer_accounts/any()") == set(contacts) and 0 < len(contacts) < len(accounts)
+    all_with_email = {a for a in accounts if all(c["emailaddress1"] is not None for c in contacts.get(a, []))}
+    assert ids("contact_customer_accounts/all(c:c/emailaddress1 ne null)") == all_with_email != accounts
+    assert ids("not contact_customer_accounts/any() and startswith(name,'a')") == \
+        ids("startswith(name,'a')") - set(contacts)
+    # Nested: accounts with a contact that has an open task regarding it.
+    tasks = _children(dv, "tasks", "_regardingobjectid_value", "contact", "statecode")
+    open_task = {cid for cid, ts in tasks.items() if any(t["statecode"] == 0 for t in ts)}
+    assert ids("contact_customer_accounts/any(c:c/Contact_Tasks/any(t:t/statecode eq 0))") == \
+        {a for a, cs in contacts.items() if any(c["contactid"] in open_task for c in cs)}
+    # The doc's own examples: every task closed; an open task whose subject holds a word.
+    account_tasks = {a: ts for a, ts in _children(dv, "tasks", "_regardingobjectid_value", "account",
+                                                  "statecode,subject").items() if a in accounts}
+    assert ids("Account_Tasks/all(t:t/statecode eq 1)") == \
+        {a for a in accounts if all(t["statecode"] == 1 for t in account_tasks.get(a, []))} != accounts
+    word = next(t["subject"] for ts in account_tasks.values() for t in ts if t["subject"]).split()[-1]
+    assert ids(f"Account_Tasks/any(t:contains(t/subject,'{word.replace(chr(39), chr(39) * 2)}') and t/statecode eq 0)") \
+        == {a for a, ts in account_tasks.items()
+            if any(word.lower() in (t["subject"] or "").lower() and t["statecode"] == 0 for t in ts)}
+    for flt, words in (("primarycontactid/any(c:c/fullname eq 'x')", "collection-valued"),
+                       ("contact_customer_accounts/any(c:name eq 'x')", "not supported by the emulator"),
+                       ("nosuch/any(c:c/fullname eq 'x')", "Could not find a property named 'nosuch'")):
+        status, code, message = _error(dv.call("GET", "accounts", params={"$filter": flt}))
+        assert (status, code) == (400, "0x80060888") and words in message, flt
+
+
+def test_collection_valued_expand_nests_rows_with_their_own_options(dv: Api, emulator: Any) -> None:
+    contacts = _children(dv, "contacts", "_parentcustomerid_value", "account", "fullname,statecode")
+    inner = "$select=fullname;$filter=statecode eq 0;$orderby=fullname desc;$top=2"
+    data = dv.ok("accounts", params={"$select": "name", "$expand": f"contact_customer_accounts({inner})"},
+                 headers={"Prefer": "odata.maxpagesize=60"})
+    assert data["@odata.context"].endswith("/$metadata#accounts(name,contact_customer_accounts(fullname))")
+    root = f"{emulator.dataverse_url}/api/data/v9.2"
+    with_children = 0
+    for account in data["value"]:
+        aid = account["accountid"]
+        want = sorted((c["fullname"] for c in contacts.get(aid, []) if c["statecode"] == 0),
+                      key=str.lower, reverse=True)[:2]
+        got = account["contact_customer_accounts"]
+        assert [c["fullname"] for c in got] == want, aid
+        assert all(set(c) == {"@odata.etag", "fullname", "_parentcustomerid_value", "contactid"}
+                   and c["_parentcustomerid_value"] == aid for c in got)
+        link = account["contact_customer_accounts@odata.nextLink"]
+        assert link == (f"{root}/accounts({aid})/contact_customer_accounts?$select=fullname&"
+                        "$filter=statecode%20eq%200&$orderby=fullname%20desc&$top=2")
+        with_children += bool(got)
+        if len(contacts.get(aid, [])) > 1 and with_children < 4:
+            # The link is the filtered collection: the same rows again.
+            assert [c["fullname"] for c in dv.ok(link)["value"]] == want
+    assert 0 < with_children < len(data["value"])
+    # Without options every related row comes back, and the filtered collection pages like an entity set.
+    aid = max(contacts, key=lambda a: len(contacts[a]))
+    one = dv.ok(f"accounts({aid})", params={"$select": "name", "$expand": "contact_customer_accounts"})
+    assert sorted(c["contactid"] for c in one["contact_customer_accounts"]) == \
+        sorted(c["contactid"] for c in contacts[aid])
+    assert one["contact_customer_accounts@odata.nextLink"] == f"{root}/accounts({aid})/contact_customer_accounts"
+    seen: list[str] = []
+    url: str | None = f"accounts({aid})/contact_customer_accounts?$select=fullname"
+    while url:
+        page = dv.ok(url, headers={"Prefer": "odata.maxpagesize=1"})
+        seen += [c["contactid"] for c in page["value"]]
+        url = page.get("@odata.nextLink")
+        assert url is None or url.startswith(f"{root}/accounts({aid})/contact_customer_accounts?")
+    assert sorted(seen) == sorted(c["contactid"] for c in contacts[aid]) and len(seen) > 1
+    csdl = dv.call("GET", "$metadata").text
+    assert '<NavigationProperty Name="contact_customer_accounts" Type="Collection(mscrm.contact)" />' in csdl
+    for path, words in (("accounts?$expand=contact_customer_accounts/$ref", "only supported on lookup type"),
+                        ("accounts?$expand=contact_customer_accounts($expand=owninguser)", "nested $expand"),
+                        ("accounts?$expand=contact_customer_accounts($skip=1)", "'$skip' is not supported"),
+                        ("systemusers?$expand=teammembership_association", "many-to-many")):
+        status, code, message = _error(dv.call("GET", path))
+        assert (status, code) == (400, "0x80060888") and words in message, path
+
+
+def test_apply_aggregates_and_groups_like_the_service(dv: Api) -> None:
+    rows = dv.ok("accounts", params={"$select": "statuscode,statecode,industrycode,revenue,numberofemployees"})["value"]
+    data = dv.ok("accounts", params={"$apply": "aggregate(revenue with sum as total,numberofemployees with max as most,"
+                                               "numberofemployees with min as least,revenue with average as mean,"
+                                               "industrycode with countdistinct as industries,$count as n)"})
+    assert data["@odata.context"].endswith("/$metadata#accounts")
+    revenue = [r["revenue"] for r in rows if r["revenue"] is not None]
+    staff = [r["numberofemployees"] for r in rows if r["numberofemployees"] is not None]
+    assert data["value"] == [{"total": pytest.approx(sum(revenue)), "most": max(staff), "least": min(staff),
+                              "mean": pytest.approx(sum(revenue) / len(revenue)),
+                              "industries": len({r["industrycode"] for r in rows} - {None}), "n": len(rows)}]
+    grouped = dv.ok("accounts", params={"$apply": "groupby((statuscode),aggregate($count as count))"},
+                    headers={"Prefer": f'odata.include-annotations="{FORMATTED}"'})["value"]
+    counts = Counter(r["statuscode"] for r in rows)
+    assert [(g["statuscode"], g["count"]) for g in grouped] == sorted(counts.items())
+    assert grouped[0][f"statuscode@{FORMATTED}"] == "Active" and grouped[0][f"count@{FORMATTED}"] == \
+        f"{grouped[0]['count']:,}"
+    # Distinct combinations; null group values are left out of a row, as the service does.
+    pairs = dv.ok("accounts", params={"$apply": "groupby((statecode,industrycode))"})["value"]
+    assert sorted((p["statecode"], p.get("industrycode", -1)) for p in pairs) == \
+        sorted({(r["statecode"], -1 if r["industrycode"] is None else r["industrycode"]) for r in rows})
+    # filter() first, then grouping on a related table's column (named <table>_<column>).
+    big = dv.ok("accounts", params={"$select": "name", "$filter": "numberofemployees gt 100",
+                                    "$expand": "primarycontactid($select=fullname)"})["value"]
+    related = dv.ok("accounts", params={
+        "$apply": "filter(numberofemployees gt 100)/groupby((primarycontactid/fullname),aggregate($count as n))",
+        "$orderby": "primarycontactid/fullname desc"})["value"]
+    want = Counter((a["primarycontactid"] or {}).get("fullname") for a in big)
+    assert {g.get("contact_fullname"): g["n"] for g in related} == dict(want)
+    named = [g["contact_fullname"] for g in related if "contact_fullname" in g]
+    assert named == sorted(named, key=str.lower, reverse=True)
+    top = dv.ok("accounts", params={"$apply": "groupby((statuscode))", "$top": "1"})["value"]
+    assert top == [{"statuscode": min(counts)}]
+    for apply, extra, words in (
+            ("compute(revenue mul 2 as double)", {}, "'compute' is not supported"),
+            ("topcount(5,revenue)", {}, "'topcount' is not supported"),
+            ("groupby((createdon))", {}, "datetime"),
+            ("aggregate(name with sum as s)", {}, "numeric"),
+            ("aggregate(revenue with median as m)", {}, "'median'"),
+            ("groupby((statuscode))/filter(statuscode eq 1)", {}, "after groupby"),
+            ("groupby((statuscode),aggregate($count as n))", {"$orderby": "n desc"}, "SingleValueOpenPropertyAccess"),
+            ("groupby((statuscode))", {"$filter": "statuscode eq 1"}, "together with $apply"),
+            ("groupby((nosuch))", {}, "'nosuch'")):
+        status, code, message = _error(dv.call("GET", "accounts", params={"$apply": apply, **extra}))
+        assert (status, code) == (400, "0x80060888") and words in message, apply
 
 
 # -- Graph ------------------------------------------------------------------------------------------------

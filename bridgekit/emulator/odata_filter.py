@@ -616,6 +616,12 @@ class _Compiler:
         self.lambdas = lambdas
         self.params: list[Any] = []
 
+    def nested(self, resolve: Resolver, lambdas: LambdaCompiler | None) -> _Compiler:
+        """A compiler for a lambda body: its own resolver, sharing this one's bound parameters (text order)."""
+        sub = _Compiler(self.text, resolve, lambdas)
+        sub.params = self.params
+        return sub
+
     def node(self, n: Node) -> str:
         if isinstance(n, Logical):
             return f"({self.node(n.left)} {n.op.upper()} {self.node(n.right)})"

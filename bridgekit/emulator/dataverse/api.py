@@ -42,8 +42,15 @@ from bridgekit.emulator.dataverse.common import (
     parse_prefer,
 )
 from bridgekit.emulator.dataverse.fetchxml import bulk_query, run_fetchxml
-from bridgekit.emulator.dataverse.metadata import MetadataService
-from bridgekit.emulator.dataverse.query import QueryOptions, ReadContext, Reader, parse_options, split_top
+from bridgekit.emulator.dataverse.metadata import MetadataService, collection_navs
+from bridgekit.emulator.dataverse.query import (
+    QueryOptions,
+    ReadContext,
+    Reader,
+    Scope,
+    parse_options,
+    split_top,
+)
 from bridgekit.emulator.dataverse.write import Caller, Writer, not_found, parse_key, payload_error
 from bridgekit.emulator.schema import Table
 
@@ -451,7 +458,8 @@ class DataverseService:
 
     def property_op(self, table: Table, req: DvRequest, rid: str | None, alt: dict[str, Any] | None, key: str,
                     rest: Sequence[str]) -> Reply:
-        """``<set>(<key>)/<column>`` (GET/PUT/DELETE) and ``<set>(<key>)/<nav>/$ref`` (PUT/DELETE)."""
+        """``<set>(<key>)/<column>`` (GET/PUT/DELETE), ``<set>(<key>)/<nav>/$ref`` (PUT/DELETE) and
+        ``<set>(<key>)/<collection nav>`` (GET)."""
         found, row = self.writer.find(table, rid, alt)
         if row is None or found is None:
             raise self._missing(table, rid, key)
@@ -469,6 +477,12 @@ class DataverseService:
                 raise self._not_allowed(req.method)
             self.writer.update(table, found, values, self.caller_of(req))
             return Reply(204, b"", content_type=None)
+        coll = collection_navs(table, self.tables).get(name)
+        if coll is not None and len(rest) == 1:
+            # The filtered collection a <nav>@odata.nextLink points at (query/overview.md).
+            self._only(req.method, "GET")
+            return self.reader.read_collection(coll.source, req.query, self._read_context(req),
+                                               scope=Scope(coll, found, f"{table.entity_set}({found})/{name}"))
         column = next((c for c in table.columns if c.json_name == name), None)
         if column is None or len(rest) != 1:
             raise DvError(404, "0x8006088a", f"Resource not found for the segment '{name}'.")

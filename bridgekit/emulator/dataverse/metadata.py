@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bridgekit.emulator.dataverse.common import CRM, DvError, Reply, edm_type, json_reply, nav_props
@@ -25,7 +26,7 @@ from bridgekit.emulator.odata_filter import (
 )
 from bridgekit.emulator.schema import Column, OptionSet, Table
 
-__all__ = ["MetadataService"]
+__all__ = ["CollectionNav", "MetadataService", "collection_navs", "many_to_many_names"]
 
 _NS = uuid.UUID("0b5e7d6a-2f0c-4d8e-9a51-3c1f6e2b7a90")
 _SCHEMA_NAMES = {"activitypointer": "ActivityPointer", "systemuser": "SystemUser", "businessunit": "BusinessUnit",
@@ -115,6 +116,73 @@ def schema_name(logical: str) -> str:
     return _SCHEMA_NAMES.get(logical, logical[:1].upper() + logical[1:])
 
 
+@dataclass(frozen=True)
+class CollectionNav:
+    """A collection-valued navigation property of ``target`` (a one-to-many relationship).
+
+    Its rows are the ``source`` table's records whose lookup ``column`` points at a ``target`` record;
+    the property's name is the relationship's schema name (``contact_customer_accounts``), as
+    ``ReferencedEntityNavigationPropertyName`` says.
+    """
+
+    name: str
+    source: Table
+    column: Column
+    target: str
+
+    def field_sql(self, alias: str = "") -> str:
+        """SQL reading the lookup of an ``alias`` row of ``source`` (unqualified when ``alias`` is empty)."""
+        return f"json_extract({alias + '.' if alias else ''}data, '$.\"{self.column.json_name}\"')"
+
+    def kind_sql(self, alias: str = "") -> str:
+        """`` AND ...`` limiting a polymorphic lookup to ``target`` ("" for a single-target lookup).
+
+        Polymorphic lookups keep the target table internally (``@emu.<lookup>.type``; missing means the
+        first target), so ``contact_customer_accounts`` never lists a contact whose parent is a contact.
+        """
+        if len(self.column.targets) < 2:
+            return ""
+        kind = f"json_extract({alias + '.' if alias else ''}data, '$.\"@emu.{self.column.json_name}.type\"')"
+        first = self.column.targets[0].replace("'", "")
+        return f" AND coalesce({kind}, '{first}') = '{self.target.replace(chr(39), '')}'"
+
+    def link_sql(self, alias: str, parent: str) -> str:
+        """SQL: the ``alias`` row of ``source`` is in the collection of the record whose id is ``parent``."""
+        return f"{self.field_sql(alias)} = {parent}{self.kind_sql(alias)}"
+
+
+#: Derived navigation properties by (id of the tables mapping, table); the mapping is kept so an id is never reused.
+_COLLECTIONS: dict[tuple[int, str], tuple[Mapping[str, Table], dict[str, CollectionNav]]] = {}
+
+
+def collection_navs(table: Table, tables: Mapping[str, Table]) -> dict[str, CollectionNav]:
+    """The one-to-many collection-valued navigation properties of ``table``, by name (join-tables.md).
+
+    Derived from the same relationships as ``OneToManyRelationships``: one per lookup of a served table
+    that can point at ``table``.
+    """
+    key = (id(tables), table.logical_name)
+    cached = _COLLECTIONS.get(key)
+    if cached is not None and cached[0] is tables:
+        return cached[1]
+    found: dict[str, CollectionNav] = {}
+    for other in tables.values():
+        for nav in nav_props(other).values():
+            for target in nav.targets:
+                if target == table.logical_name:
+                    name = relationship_name(other.logical_name, nav.column.name, target)
+                    found.setdefault(name, CollectionNav(name, other, nav.column, target))
+    _COLLECTIONS[key] = (tables, found)
+    return found
+
+
+def many_to_many_names(table: Table, tables: Mapping[str, Table]) -> set[str]:
+    """Collection-valued navigation properties of ``table`` backed by N:N relationships."""
+    if "systemuser" in tables and "team" in tables and table.logical_name in ("systemuser", "team"):
+        return {"teammembership_association"}
+    return set()
+
+
 class MetadataService:
     """Answers ``GET /``, ``GET $metadata`` and ``GET EntityDefinitions...`` from the schema."""
 
@@ -144,6 +212,8 @@ class MetadataService:
             for nav in nav_props(t).values():
                 target = nav.targets[0] if len(nav.targets) == 1 else "principal"
                 out.append(f'<NavigationProperty Name="{nav.name}" Type="mscrm.{target}" />')
+            for coll in collection_navs(t, self.tables).values():
+                out.append(f'<NavigationProperty Name="{coll.name}" Type="Collection(mscrm.{coll.source.logical_name})" />')
             out.append("</EntityType>")
         out.append('<EntityType Name="principal" BaseType="mscrm.crmbaseentity" Abstract="true" />')
         out.append('<ComplexType Name="WhoAmIResponse"><Property Name="BusinessUnitId" Type="Edm.Guid" '

@@ -38,15 +38,25 @@ from bridgekit.emulator.dataverse.common import (
     nav_props,
     unknown_property,
 )
-from bridgekit.emulator.odata_filter import FieldRef, FilterError, compile_filter, register_functions
+from bridgekit.emulator.dataverse.metadata import CollectionNav, collection_navs, many_to_many_names
+from bridgekit.emulator.odata_filter import (
+    FieldRef,
+    FilterError,
+    Lambda,
+    LambdaCompiler,
+    compile_filter,
+    register_functions,
+)
 from bridgekit.emulator.schema import Column, Table
 from bridgekit.emulator.store import Store
 
-__all__ = ["MAX_PAGE", "QueryOptions", "Reader", "parse_options"]
+__all__ = ["MAX_PAGE", "QueryOptions", "Reader", "parse_options", "table_filter"]
 
+#: Characters left as they are in the query options of a ``<nav>@odata.nextLink``.
+_LINK_SAFE = ",'()$/"
 #: Dataverse's maximum (and default) page size (§1.7) and the cap of ``$count`` (§1.6).
 MAX_PAGE = 5000
-_SUPPORTED = {"$select", "$filter", "$orderby", "$top", "$expand", "$count", "$skiptoken", "$deltatoken"}
+_SUPPORTED = {"$select", "$filter", "$orderby", "$top", "$expand", "$count", "$skiptoken", "$deltatoken", "$apply"}
 _REJECTED = {"$skip", "$search", "$format"}
 #: Dataverse query parameters without a ``$`` that the emulator does not serve (``fetchXml`` is routed to
 #: :mod:`.fetchxml` before options are parsed): refused rather than ignored.
@@ -72,6 +82,30 @@ class Expand:
 
 
 @dataclass
+class CollectionExpand:
+    """One ``$expand`` of a collection-valued navigation property with its own query options."""
+
+    nav: CollectionNav
+    select: list[Column] | None = None
+    where: str = ""
+    params: list[Any] = field(default_factory=list)
+    orderby: list[tuple[Column, bool]] = field(default_factory=list)
+    top: int | None = None
+    #: The options as sent (``$select=fullname``...), for the ``<nav>@odata.nextLink`` URL.
+    options: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Scope:
+    """A filtered collection (``accounts(<id>)/contact_customer_accounts``): the rows of one record's collection."""
+
+    nav: CollectionNav
+    parent_id: str
+    #: The resource path, as ``@odata.nextLink`` repeats it.
+    path: str
+
+
+@dataclass
 class QueryOptions:
     """Parsed system query options of one request."""
 
@@ -82,7 +116,12 @@ class QueryOptions:
     orderby: list[tuple[Column, bool]] = field(default_factory=list)
     top: int | None = None
     expand: list[Expand] = field(default_factory=list)
+    collections: list[CollectionExpand] = field(default_factory=list)
+    #: ``$expand`` items as ``@odata.context`` lists them (request order).
+    expand_ctx: list[str] = field(default_factory=list)
     count: bool = False
+    #: Parameter aliases (``@p1``) of the request (``$apply``'s ``filter(...)`` may use them).
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
@@ -135,50 +174,102 @@ def parse_options(table: Table, tables: Mapping[str, Table], query: Sequence[tup
         elif key.startswith("$"):
             if key in _REJECTED:
                 raise DvError(400, "0x80060888", f"The query parameter {key} is not supported")
-            if key not in _SUPPORTED and key != "$apply":
+            if key not in _SUPPORTED:
                 raise DvError(400, "0x80060888", f"The query parameter {key} is not supported")
-            if key == "$apply":
-                raise DvError(501, "0x80060888", "The query parameter $apply is not implemented by the emulator")
             opts.raw[key] = value
+    if "$apply" in opts.raw:
+        # The aggregation is parsed and run by .apply; only $orderby (group properties) and $top go with it.
+        for key in opts.raw:
+            if key not in ("$apply", "$orderby", "$top"):
+                raise DvError(400, "0x80060888", f"The query parameter {key} is not supported together with "
+                                                 "$apply by the emulator: put a filter(...) transformation first "
+                                                 "in $apply instead.")
+        if "$top" in opts.raw:
+            opts.top = _top(opts.raw["$top"])
+        opts.aliases = aliases
+        return opts
     if "$select" in opts.raw:
         opts.select = _select(table, opts.raw["$select"])
     if "$filter" in opts.raw:
-        try:
-            opts.where, opts.params = compile_filter(opts.raw["$filter"], resolver(table, tables), aliases)
-        except FilterError as exc:
-            raise DvError(400, "0x80060888", exc.message) from None
+        opts.where, opts.params = table_filter(table, tables, opts.raw["$filter"], aliases)
     if "$orderby" in opts.raw:
-        for item in split_top(opts.raw["$orderby"]):
-            name, _, direction = item.partition(" ")
-            direction = direction.strip().lower() or "asc"
-            col = next((c for c in table.columns if c.json_name == name.strip()), None)
-            if col is None:
-                raise unknown_property(name.strip(), table.logical_name)
-            if direction not in ("asc", "desc"):
-                raise DvError(400, "0x80060888", f"Syntax error at position {len(name) + 1} in '{item}'.")
-            opts.orderby.append((col, direction == "desc"))
+        opts.orderby = _orderby(table, opts.raw["$orderby"])
     if "$top" in opts.raw:
-        try:
-            opts.top = int(opts.raw["$top"])
-        except ValueError:
-            raise DvError(400, "0x80060888", f"Invalid value '{opts.raw['$top']}' for $top query option found. "
-                          "The $top query option requires a non-negative integer value.") from None
-        if opts.top < 0:
-            raise DvError(400, "0x80060888", f"Invalid value '{opts.top}' for $top query option found. "
-                          "The $top query option requires a non-negative integer value.")
+        opts.top = _top(opts.raw["$top"])
     if "$count" in opts.raw:
         value = opts.raw["$count"].lower()
         if value not in ("true", "false"):
             raise DvError(400, "0x80060888", f"'{opts.raw['$count']}' is not a valid count option.")
         opts.count = value == "true"
     if "$expand" in opts.raw:
-        opts.expand = _expand(table, tables, opts.raw["$expand"])
+        _expand(table, tables, opts.raw["$expand"], opts)
     return opts
 
 
-def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand]:
+def table_filter(table: Table, tables: Mapping[str, Table], text: str, aliases: Mapping[str, str]) -> tuple[str, list[Any]]:
+    """``$filter`` compiled for ``table`` (lambdas over its collection-valued navigation properties included)."""
+    try:
+        return compile_filter(text, resolver(table, tables), aliases, lambdas=lambdas(table, tables))
+    except FilterError as exc:
+        raise DvError(400, "0x80060888", exc.message) from None
+
+
+def _orderby(table: Table, text: str) -> list[tuple[Column, bool]]:
+    out: list[tuple[Column, bool]] = []
+    for item in split_top(text):
+        name, _, direction = item.partition(" ")
+        direction = direction.strip().lower() or "asc"
+        col = next((c for c in table.columns if c.json_name == name.strip()), None)
+        if col is None:
+            raise unknown_property(name.strip(), table.logical_name)
+        if direction not in ("asc", "desc"):
+            raise DvError(400, "0x80060888", f"Syntax error at position {len(name) + 1} in '{item}'.")
+        out.append((col, direction == "desc"))
+    return out
+
+
+def _top(text: str) -> int:
+    try:
+        top = int(text)
+    except ValueError:
+        raise DvError(400, "0x80060888", f"Invalid value '{text}' for $top query option found. "
+                      "The $top query option requires a non-negative integer value.") from None
+    if top < 0:
+        raise DvError(400, "0x80060888", f"Invalid value '{top}' for $top query option found. "
+                      "The $top query option requires a non-negative integer value.")
+    return top
+
+
+def _collection_expand(nav: CollectionNav, tables: Mapping[str, Table], inner: str) -> CollectionExpand:
+    """Options inside a collection-valued ``$expand``: ``$select``, ``$filter``, ``$orderby``, ``$top``."""
+    exp = CollectionExpand(nav)
+    target = nav.source
+    for opt in split_top(inner, ";"):
+        key, _, value = opt.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "$select":
+            exp.select = _select(target, value)
+        elif key == "$filter":
+            exp.where, exp.params = table_filter(target, tables, value, {})
+        elif key == "$orderby":
+            exp.orderby = _orderby(target, value)
+        elif key == "$top":
+            exp.top = _top(value)
+        elif key == "$expand":
+            # With a nested $expand the service pages every expanded collection (join-tables.md); the
+            # emulator does not implement that mode.
+            raise DvError(400, "0x80060888", "A nested $expand inside a collection-valued navigation property "
+                                             "is not supported by the emulator.")
+        else:
+            # $skip, $count, $search and $levels are not supported inside $expand (join-tables.md).
+            raise DvError(400, "0x80060888", f"The query option '{key}' is not supported inside $expand.")
+        exp.options.append((key, value))
+    return exp
+
+
+def _expand(table: Table, tables: Mapping[str, Table], text: str, opts: QueryOptions) -> None:
     navs = nav_props(table)
-    out: list[Expand] = []
+    out: list[Expand] = opts.expand
     items = split_top(text)
     if len(items) > 15:
         raise DvError(400, "0x80060888", "The number of $expand options exceeds the limit of 15.")
@@ -188,6 +279,18 @@ def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand
             raise DvError(400, "0x80060888", f"Syntax error in $expand at '{item}'.")
         name, ref, inner = m.group(1), bool(m.group(2)), m.group(3)
         nav = navs.get(name)
+        coll = collection_navs(table, tables).get(name) if nav is None else None
+        if coll is not None:
+            if ref:
+                raise DvError(400, "0x80060888", "Expand with $ref is only supported on lookup type navigation "
+                                                 "property.")
+            cexp = _collection_expand(coll, tables, inner or "")
+            opts.collections.append(cexp)
+            opts.expand_ctx.append(f"{name}({','.join(c.json_name for c in cexp.select or [])})")
+            continue
+        if nav is None and name in many_to_many_names(table, tables):
+            raise DvError(400, "0x80060888", f"The many-to-many navigation property '{name}' cannot be expanded "
+                                             "by the emulator (it keeps no intersect rows).")
         if nav is None:
             raise unknown_property(name, table.logical_name)
         target = tables.get(nav.targets[0]) if len(nav.targets) == 1 else None
@@ -205,13 +308,16 @@ def _expand(table: Table, tables: Mapping[str, Table], text: str) -> list[Expand
                 raise DvError(400, "0x80060888", f"The query option '{key.strip()}' is not supported inside "
                                                  "$expand by the emulator.")
         out.append(exp)
-    return out
+        opts.expand_ctx.append(f"{name}({','.join(c.json_name for c in exp.select or [])})")
 
 
-def resolver(table: Table, tables: Mapping[str, Table]) -> Callable[[str], FieldRef]:
-    """The ``$filter`` property resolver for ``table`` (columns, ``_x_value`` lookups, ``nav/column``)."""
+def resolver(table: Table, tables: Mapping[str, Table], alias: str = "") -> Callable[[str], FieldRef]:
+    """The ``$filter`` property resolver for ``table`` (columns, ``_x_value`` lookups, ``nav/column``).
+
+    With ``alias`` every column is read from that alias's row (inside a lambda's subquery).
+    """
     navs = nav_props(table)
-    outer = Store.table_sql(table.logical_name)
+    outer = alias or Store.table_sql(table.logical_name)
 
     def resolve(path: str) -> FieldRef:
         if "/" in path:
@@ -233,10 +339,64 @@ def resolver(table: Table, tables: Mapping[str, Table]) -> Callable[[str], Field
         if col is None:
             raise FilterError(f"Could not find a property named '{path}' on type '{CRM}.{table.logical_name}'.")
         if col.name == table.primary_id:
-            return FieldRef("id", "Edm.Guid", path)
-        return FieldRef(Store.field(col.json_name), edm_type(col), path)
+            return FieldRef(f"{alias}.id" if alias else "id", "Edm.Guid", path)
+        sql = Store.field(col.json_name)
+        return FieldRef(sql.replace("data", f"{alias}.data", 1) if alias else sql, edm_type(col), path)
 
     return resolve
+
+
+def lambdas(table: Table, tables: Mapping[str, Table], alias: str = "", var: str = "",
+            counter: list[int] | None = None) -> LambdaCompiler:
+    """Compiles ``nav/any(c:...)`` and ``nav/all(c:...)`` over ``table``'s collection-valued navigation
+    properties (filter-rows.md, lambda operators) into correlated ``EXISTS`` subqueries.
+
+    ``alias`` is the SQL alias of ``table``'s row (the collection table itself when empty); inside a lambda
+    body ``var`` is the enclosing variable, which nested lambda paths start with (``c/Account_Tasks``).
+    """
+    navs = collection_navs(table, tables)
+    parent = f"{alias or Store.table_sql(table.logical_name)}.id"
+    seq = counter if counter is not None else [0]
+
+    def compile_lambda(compiler: Any, node: Lambda) -> str:
+        path = node.path
+        if var:
+            head, _, path = path.partition("/")
+            if head != var:
+                raise FilterError(f"The lambda operator '{node.op}' at position {node.pos} must apply to a property "
+                                  f"of '{var}' here: properties of the outer table inside a lambda are not "
+                                  "supported by the emulator.")
+        nav = navs.get(path)
+        if nav is None:
+            if path in many_to_many_names(table, tables):
+                raise FilterError(f"The lambda operator '{node.op}' over the many-to-many relationship '{path}' "
+                                  "is not supported by the emulator.")
+            if path in nav_props(table) or "/" in path:
+                raise FilterError(f"The lambda operator '{node.op}' at position {node.pos} applies to a "
+                                  f"collection-valued navigation property; '{path}' is not one.")
+            raise FilterError(f"Could not find a property named '{path}' on type '{CRM}.{table.logical_name}'.")
+        seq[0] += 1
+        inner = f"l{seq[0]}"
+        source = f"{Store.table_sql(nav.source.logical_name)} {inner}"
+        link = nav.link_sql(inner, parent)
+        if node.body is None:
+            return f"(EXISTS (SELECT 1 FROM {source} WHERE {link}))"
+        own = resolver(nav.source, tables, inner)
+
+        def resolve(name: str) -> FieldRef:
+            head, _, rest = name.partition("/")
+            if head != node.var or not rest:
+                raise FilterError(f"The property '{name}' inside the lambda operator '{node.op}' does not start "
+                                  f"with its variable '{node.var}/': properties of the outer table inside a "
+                                  "lambda are not supported by the emulator.")
+            return own(rest)
+
+        body = compiler.nested(resolve, lambdas(nav.source, tables, inner, node.var, seq)).node(node.body)
+        if node.op == "any":
+            return f"(EXISTS (SELECT 1 FROM {source} WHERE {link} AND {body}))"
+        return f"(NOT EXISTS (SELECT 1 FROM {source} WHERE {link} AND NOT coalesce({body}, 0)))"
+
+    return compile_lambda
 
 
 # -- paging cookie ----------------------------------------------------------------------------------------
@@ -404,7 +564,7 @@ class Reader:
     @staticmethod
     def _context(root: str, table: Table, opts: QueryOptions, suffix: str = "") -> str:
         parts = [c.json_name for c in opts.select] if opts.select else []
-        parts += [f"{e.nav.name}({','.join(c.json_name for c in e.select or [])})" for e in opts.expand]
+        parts += opts.expand_ctx
         sel = f"({','.join(parts)})" if parts else ""
         return f"{root}/$metadata#{table.entity_set}{sel}{suffix}"
 
@@ -584,23 +744,81 @@ class Reader:
         """JSON text of each row; ``rows`` hold stored data, or the SQL projection when ``projected``."""
         if projected:
             return [data for _, _, data in rows]
-        if wants is None and not opts.expand and opts.select is None:
+        plain = not opts.expand and not opts.collections
+        if wants is None and plain and opts.select is None:
             return self._fast_rows(table, rows)
-        if wants is not None and not opts.expand and opts.select is None and not wants(FORMATTED):
+        if wants is not None and plain and opts.select is None and not wants(FORMATTED):
             return self._lookup_annotated(table, rows, wants)
         recs = [orjson.loads(data) for _, _, data in rows]
         names = self.lookup_names(self._lookup_ids(table, recs, opts.select), conn) \
             if wants is not None and wants(FORMATTED) else {}
         expanded = self._expanded(opts.expand, recs, conn) if opts.expand else {}
-        return [orjson.dumps(self.shape(table, rec, version, select=opts.select, wants=wants, names=names,
-                                        expands=opts.expand, expanded=expanded, root=root)).decode()
-                for rec, (_, version, _) in zip(recs, rows, strict=True)]
+        ids = [rid for rid, _, _ in rows]
+        children = [self._children(exp, ids, wants, root, conn) for exp in opts.collections]
+        out: list[str] = []
+        for rec, (rid, version, _) in zip(recs, rows, strict=True):
+            shaped = self.shape(table, rec, version, select=opts.select, wants=wants, names=names,
+                                expands=opts.expand, expanded=expanded, root=root)
+            for exp, found in zip(opts.collections, children, strict=True):
+                # Single-level expands are not paged: the link is the filtered collection with the
+                # expand's options, without paging information (join-tables.md).
+                shaped[exp.nav.name] = found.get(rid, [])
+                qs = "&".join(f"{k}={quote(v, safe=_LINK_SAFE)}" for k, v in exp.options)
+                shaped[f"{exp.nav.name}@odata.nextLink"] = (f"{root}/{table.entity_set}({rid})/{exp.nav.name}"
+                                                             + (f"?{qs}" if qs else ""))
+            out.append(orjson.dumps(shaped).decode())
+        return out
+
+    def _children(self, exp: CollectionExpand, parent_ids: Sequence[str], wants: Callable[[str], bool] | None,
+                  root: str, conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
+        """The expanded rows of one collection-valued navigation property for each parent id (at most
+        ``$top``, and 5,000, per parent), shaped."""
+        src = exp.nav.source
+        found: dict[str, list[dict[str, Any]]] = {}
+        if not parent_ids or src.logical_name not in self.store.collections():
+            return found
+        link = exp.nav.field_sql()
+        sort = [(Store.field(c.json_name) if c.name != src.primary_id else "id", desc,
+                 edm_type(c) in ("Edm.String", "Edm.Guid")) for c, desc in exp.orderby]
+        order = "".join(f"{e}{' COLLATE NOCASE' if text else ''} {'DESC' if d else 'ASC'}, " for e, d, text in sort)
+        cap = min(exp.top, MAX_PAGE) if exp.top is not None else MAX_PAGE
+        where = f" AND ({exp.where})" if exp.where else ""
+        raw: list[tuple[str, int, str, str]] = []
+        ids = sorted(set(parent_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            sql = (f"SELECT id, version, data, pid FROM (SELECT id, version, data, {link} AS pid, "
+                   f"row_number() OVER (PARTITION BY {link} ORDER BY {order}id ASC) AS rn "
+                   f"FROM {Store.table_sql(src.logical_name)} WHERE {link} IN ({', '.join('?' * len(chunk))})"
+                   f"{exp.nav.kind_sql()}{where}) WHERE rn <= ? ORDER BY pid, rn")
+            raw += conn.execute(sql, [*chunk, *exp.params, cap]).fetchall()
+        recs = [orjson.loads(data) for _, _, data, _ in raw]
+        names = self.lookup_names(self._lookup_ids(src, recs, exp.select), conn) \
+            if wants is not None and wants(FORMATTED) else {}
+        select = exp.select
+        if select is not None and exp.nav.column not in select:
+            # The service returns the lookup that ties each row to its parent (join-tables.md examples).
+            select = [*select, exp.nav.column]
+        for rec, (_rid, version, _data, pid) in zip(recs, raw, strict=True):
+            found.setdefault(pid, []).append(self.shape(src, rec, version, select=select, wants=wants,
+                                                        names=names, root=root))
+        return found
 
     # -- collection reads --------------------------------------------------------------------------
     def read_collection(self, table: Table, query: Sequence[tuple[str, str]], rc: ReadContext, *,
-                        count_only: bool = False) -> Reply:
-        """``GET <set>`` (and ``GET <set>/$count``): filter, order, page, count, annotate, track."""
+                        count_only: bool = False, scope: Scope | None = None) -> Reply:
+        """``GET <set>`` (and ``GET <set>/$count``): filter, order, page, count, annotate, track.
+
+        With ``scope``, the filtered collection of one record (``accounts(<id>)/contact_customer_accounts``).
+        """
         opts = parse_options(table, self.tables, query)
+        if "$apply" in opts.raw:
+            if count_only or scope is not None or rc.prefer.track_changes:
+                raise DvError(400, "0x80060888", "The query parameter $apply is only supported on an entity set "
+                                                 "without change tracking.")
+            from bridgekit.emulator.dataverse.apply import read_apply
+
+            return read_apply(self, table, opts, rc)
         pref = rc.prefer
         wants = annotation_filter(pref.annotations)
         applied: list[str] = []
@@ -610,6 +828,9 @@ class Reader:
         cookie = decode_cookie(opts.raw["$skiptoken"], table.primary_id, sort_names) \
             if "$skiptoken" in opts.raw else None
         tracking = pref.track_changes or bool(cookie and cookie.tracking)
+        if tracking and scope is not None:
+            raise DvError(400, "0x80060888", "Change tracking is not supported on a navigation property's "
+                                             "collection.")
         if tracking:
             if not table.change_tracking:
                 raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
@@ -637,6 +858,9 @@ class Reader:
         order_sql = (order_sql + ", " if order_sql else "") + "id ASC"
         conds = [f"({opts.where})"] if opts.where else []
         params: list[Any] = list(opts.params)
+        if scope is not None:
+            conds.insert(0, f"({scope.nav.link_sql('', '?')})")
+            params.insert(0, scope.parent_id)
 
         self.store.ensure_collection(table.logical_name)
         with self.store.read() as conn:
@@ -659,8 +883,9 @@ class Reader:
                 ks, ks_params = _keyset(sort, cookie.last, cookie.last_id)
                 conds.append(ks)
                 params += ks_params
-            projected = opts.select is not None and wants is None and not opts.expand
-            fast = opts.select is None and wants is None and not opts.expand
+            plain = not opts.expand and not opts.collections
+            projected = opts.select is not None and wants is None and plain
+            fast = opts.select is None and wants is None and plain
             if projected:
                 cols = self._projection(table, opts.select or [])
             elif fast:
@@ -699,7 +924,7 @@ class Reader:
             nxt = Cookie(page=cookie.page if cookie else 1, last=list(last[3:]), last_id=last[0],
                          first_id=raw[0][0], tracking=tracking, snapshot=snapshot, at=at)
             tail["@odata.nextLink"] = self._link(rc.root, table, query, skiptoken=encode_cookie(
-                nxt, table.primary_id, sort_names))
+                nxt, table.primary_id, sort_names), path=scope.path if scope else None)
         elif tracking:
             assert snapshot is not None and at is not None
             tail["@odata.deltaLink"] = self._link(rc.root, table, query, deltatoken=delta_token(snapshot, at))
@@ -716,14 +941,14 @@ class Reader:
 
     @staticmethod
     def _link(root: str, table: Table, query: Sequence[tuple[str, str]], *, skiptoken: str | None = None,
-              deltatoken: str | None = None) -> str:
+              deltatoken: str | None = None, path: str | None = None) -> str:
         keep = [(k, v) for k, v in query if k not in ("$skiptoken", "$deltatoken")]
         if deltatoken is not None:
             keep.append(("$deltatoken", deltatoken))
         if skiptoken is not None:
             keep.append(("$skiptoken", skiptoken))
         qs = "&".join(f"{quote(k, safe='$@')}={quote(v, safe='')}" for k, v in keep)
-        return f"{root}/{table.entity_set}" + (f"?{qs}" if qs else "")
+        return f"{root}/{path or table.entity_set}" + (f"?{qs}" if qs else "")
 
     # -- change tracking ---------------------------------------------------------------------------
     def read_delta(self, table: Table, opts: QueryOptions, rc: ReadContext, *, count_only: bool = False) -> Reply:
@@ -794,7 +1019,7 @@ class Reader:
     def read_one(self, table: Table, rid: str, query: Sequence[tuple[str, str]], rc: ReadContext) -> Reply:
         """``GET <set>(<key>)``: one record, 304 when ``If-None-Match`` matches (§1.8)."""
         opts = parse_options(table, self.tables, query)
-        for opt in ("$filter", "$orderby", "$top", "$skiptoken", "$deltatoken"):
+        for opt in ("$filter", "$orderby", "$top", "$skiptoken", "$deltatoken", "$apply"):
             if opt in opts.raw:
                 raise DvError(400, "0x80060888", f"The query parameter {opt} is not supported on a single record")
         row = self.store.get(table.logical_name, rid)
@@ -804,7 +1029,7 @@ class Reader:
         wants = annotation_filter(rc.prefer.annotations)
         inm = rc.headers.get("if-none-match")
         # Never 304 with $expand or annotations (§1.5, §1.8).
-        if inm and inm.strip() == etag and wants is None and not opts.expand:
+        if inm and inm.strip() == etag and wants is None and not opts.expand and not opts.collections:
             return Reply(304, b"", {"ETag": etag}, content_type=None)
         with self.store.read() as conn:
             body = self.render(table, [(row.id, row.version, row.data)], opts, wants, rc.root, conn)[0]
