@@ -166,6 +166,7 @@ class RunRecord:
     resynced: bool = False
     error: str | None = None
     message: str | None = None
+    caught_up: bool = False
 
 
 @dataclass
@@ -188,6 +189,8 @@ class StageState:
     message: str | None = None
     part_tokens: dict[int, str | None] = field(default_factory=dict)  # partition -> its delta link
     digest: str | None = None  # of the staged rows, when asked for (Staging.digest)
+    caught_up: bool = False  # resumed pages were followed by a catch-up round in this run
+    position_at: datetime | None = None  # when the last round read began: the data is current as of then
 
     @property
     def done(self) -> bool:
@@ -212,6 +215,12 @@ _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "error VARCHAR, message VARCHAR)",
         "CREATE TABLE IF NOT EXISTS {b}.option_labels (table_name VARCHAR NOT NULL, column_name VARCHAR "
         "NOT NULL, value INTEGER NOT NULL, label VARCHAR)",
+    )),
+    (2, "catch-up rounds and the position the data reached", (
+        # sync_runs.caught_up: the run resumed staged pages and replayed what changed since they were read;
+        # sync_state.position_at: when the last round the merged data came from began (what freshness reads).
+        "ALTER TABLE {b}.sync_runs ADD COLUMN IF NOT EXISTS caught_up BOOLEAN",
+        "ALTER TABLE {b}.sync_state ADD COLUMN IF NOT EXISTS position_at TIMESTAMPTZ",
     )),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -746,12 +755,22 @@ class Staging:
             state.part_tokens[part] = token
 
     def add_cursors(self, state: StageState, cursors: Sequence[str], *, first: int) -> None:
-        """Add partitions numbered from ``first`` to a staged table (a catch-up delta after a full load)."""
+        """Add partitions numbered from ``first`` to a staged table (a catch-up delta after its staged rounds).
+
+        A fetched table goes back to fetching, so a process killed during the catch-up resumes it.
+        """
         self.conn.execute("BEGIN")
+        try:
+            for i, cur in enumerate(cursors):
+                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
+            self.conn.execute("UPDATE stage_tables SET status = 'fetching' WHERE table_name = ?", [state.table])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
         for i, cur in enumerate(cursors):
-            self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
             state.cursors[first + i] = cur
-        self.conn.execute("COMMIT")
+        state.status = "fetching"
 
     def digest(self, state: StageState) -> str:
         """A digest of the staged rows (order-independent: each row's key, columns and version hashed),
@@ -954,17 +973,21 @@ class Staging:
         b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
         phase = "delta" if state.token else "full"
         self.conn.execute(f"DELETE FROM {b}.sync_state WHERE table_name = ?", [state.table])
-        self.conn.execute(f"INSERT INTO {b}.sync_state VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?)",
+        self.conn.execute(f"INSERT INTO {b}.sync_state (table_name, source, delta_link, phase, stage_id, last_run_id, "
+                          "last_status, last_started_at, last_ended_at, row_count, spec, updated_at, position_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?, ?)",
                           [state.table, source, state.token, phase, state.stage_id, run_id, started, now,
-                           c.rows, state.spec.to_json(), now])
+                           c.rows, state.spec.to_json(), now, state.position_at or state.started_at])
 
     def _record_run(self, rec: RunRecord) -> None:
         b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
         duration = (rec.ended_at - rec.started_at).total_seconds()
-        self.conn.execute(f"INSERT INTO {b}.sync_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.conn.execute(f"INSERT INTO {b}.sync_runs (run_id, table_name, mode, started_at, ended_at, duration_s, "
+                          "created, updated, deleted, fetched, pages, resynced, status, error, message, caught_up) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                           [rec.run_id, rec.table, rec.mode, rec.started_at, rec.ended_at, duration, rec.created,
                            rec.updated, rec.deleted, rec.fetched, rec.pages, rec.resynced, rec.status, rec.error,
-                           rec.message])
+                           rec.message, rec.caught_up])
         if rec.status in ("error", "skipped"):
             self.conn.execute(f"UPDATE {b}.sync_state SET last_run_id = ?, last_status = ?, last_started_at = ?, "
                               "last_ended_at = ? WHERE table_name = ?",
