@@ -564,7 +564,7 @@ class SyncEngine:
         elif no_link:
             state.message = "the service refused a fresh delta link: the next run reloads in full"
         elif state.caught_up:
-            state.message = "resumed staged pages, then caught up with the changes made since they were read"
+            state.message = "caught up with the changes made since the staged pages were read"
         staging.mark_fetched(state, link)
         return state
 

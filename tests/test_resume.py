@@ -278,3 +278,50 @@ def test_a_sync_resumed_after_a_kill_exits_0_with_what_changed_meanwhile(emulato
     caught = Warehouse(tmp_path / "stale.duckdb").sql(
         "select table_name from bridgekit.sync_runs where caught_up order by 1")
     assert list(caught["table_name"]) == ["dataverse.account", "graph.messages"]
+
+
+def _kill_somewhere(toml: Path, rnd: random.Random, args: list[str], at: tuple[str, int] | None = None) -> bool:
+    """Run ``bridgekit <args>`` and SIGKILL it at a seeded random moment: after a random checkpoint (or the
+    one ``at`` names), or after a random time (mid-fetch, mid-catch-up or mid-merge). False when it ended first
+    (a checkpoint that never comes, e.g. in a one-page delta, ends the wait after 20 s)."""
+    marker = toml.with_suffix(".staged")
+    marker.unlink(missing_ok=True)
+    if at is None and rnd.random() < 0.5:
+        at = rnd.choice(["dataverse.account", "dataverse.contact", "graph.messages"]), rnd.randint(1, 6)
+    table, pages = at or ("-", 0)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(marker), table, str(pages), *args],
+                            env=_env(toml), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + (20 if pages else rnd.uniform(1.5, 6.0))
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return killed
+
+
+def test_kills_under_faults_with_changes_between_end_equal_to_a_fresh_full_sync(emulator: Any,
+                                                                                tmp_path: Path) -> None:
+    """Five kills of syncs and watchers under throttling and 5xx, the tenant changing between them; then one
+    sync that exits 0 leaves exactly what a fresh full sync into another warehouse holds, with no further run."""
+    toml = _config(tmp_path, "chaos", page_size=50)
+    only = "account,contact,graph.users,graph.messages"
+    rnd = random.Random(1414)
+    kills = 0
+    with emulator.faults(throttle_rate=0.15, error_5xx_rate=0.05, retry_after_s=0, latency_ms=5, seed=14):
+        for round_ in range(6):
+            args = ["sync", "--only", only] + (["--watch", "--interval", "0.2"] if round_ in (2, 4) else [])
+            # The last kill lands in a full reload with account and contact staged and messages mid-fetch.
+            at = ("graph.messages", 3) if round_ == 5 else None
+            kills += _kill_somewhere(toml, rnd, args + (["--full"] if at else []), at)
+            emulator.admin("mutate", {"creates": 30, "updates": 90, "deletes": 15, "seed": rnd.randint(0, 10**6)})
+        assert kills >= 4
+        final = _bridgekit(toml, "sync", "--only", only)
+    assert final.returncode == 0, final.stderr[-2000:]
+    resumed = [x for x in final.stdout.splitlines() if x.startswith(("dataverse.", "graph.")) and "resumed; caught up" in x]
+    assert len(resumed) == 4, final.stdout
+    fresh = _config(tmp_path, "fresh", page_size=5000)
+    done = _bridgekit(fresh, "sync", "--only", only, "--full")
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same(tmp_path / "chaos.duckdb", tmp_path / "fresh.duckdb")
