@@ -15,6 +15,7 @@
     ├── ChangeTrackingNotEnabled        the table does not have change tracking on
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
     ├── SyncError                       the sync engine could not complete (e.g. already running)
+    │   └── SyncInterrupted             Ctrl-C / SIGINT stopped the run; nothing of it was merged (exit 130)
     ├── RunbookError                    runner problems: unknown runbook, bad parameter
     │   └── RunbookFailed               the notebook ran and failed (.exit_code)
     └── EmulatorError                   the local tenant emulator cannot start / answer
@@ -44,6 +45,7 @@ __all__ = [
     "RunbookError",
     "RunbookFailed",
     "SyncError",
+    "SyncInterrupted",
     "ThrottledError",
     "TransientError",
     "WarehouseError",
@@ -232,6 +234,13 @@ class SyncError(BridgekitError):
     def __init__(self, message: str, *, hint: str | None = None, table: str | None = None) -> None:
         super().__init__(message, hint=hint, table=table)
         self.table = table
+
+
+class SyncInterrupted(SyncError):
+    """Ctrl-C (SIGINT) stopped a sync; its merge was rolled back, its staged pages resume next run."""
+
+    exit_code = 130  # 128 + SIGINT, the shell's convention
+    default_hint = "run the sync again: it resumes from the pages staged so far"
 
 
 class RunbookError(BridgekitError):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridgekit.errors import BridgekitError, ResyncRequired, SyncError
+from bridgekit.errors import BridgekitError, ResyncRequired, SyncError, TransientError
 from bridgekit.sources.base import Page, RawPage, Source, SourceFactory, as_split, to_arrow
 from bridgekit.warehouse import RunRecord, StageState, Staging, Warehouse
 
@@ -357,8 +357,11 @@ class SyncEngine:
         records: list[RunRecord] = []
         fetched: list[StageState] = []
         noop: list[StageState] = []
+        stopped: BridgekitError | None = None
         with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
+                if stopped is not None:
+                    break
                 t0, clock = _now(), time.monotonic()
                 if quiet_noop and self._unchanged(table):
                     # A watcher's poll found nothing new: nothing to stage, the stored link stays valid.
@@ -372,6 +375,10 @@ class SyncEngine:
                     rep.status, rep.error = "error", exc.message
                     log.error("%s: %s", table, exc)
                     state = None
+                    if isinstance(exc, TransientError):
+                        # The service is down or throttling us out: the next tables would wait as long
+                        # again. Merge what is fetched, record the failure, then report it (exit 4).
+                        stopped = exc
                 if state is not None:
                     rep.mode, rep.resynced = state.mode, state.resynced
                     rep.fetched, rep.pages = state.fetched, state.pages
@@ -405,6 +412,8 @@ class SyncEngine:
                     if state.digest is not None:
                         self._digests[state.table] = state.digest
                 log.debug("run %s merged %d table(s) in %.3fs", run_id, len(fetched), merge_s)
+        if stopped is not None:
+            raise stopped
         report = SyncReport(run_id, started, _now(), reports)
         quiet = {state.table for state in noop}
         for rep in reports:
