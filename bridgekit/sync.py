@@ -6,14 +6,19 @@ How a run goes (:meth:`SyncEngine.run`), top to bottom:
    pid), create/migrate the warehouse, read each table's delta link from ``bridgekit.sync_state``.
 2. For each selected table, through its :class:`Source`:
 
-   * a table staged by an earlier, interrupted run resumes from its checkpointed positions;
+   * a table staged by an earlier, interrupted run resumes from its checkpointed positions and ends with
+     a catch-up round (a delta from the link its staged rounds end with, which predates their first
+     page), so pages read long ago are merged with what changed since (``sync_runs.caught_up``); a
+     table without change tracking reloads instead;
    * no delta link yet, ``--full``, or no change tracking on the table -> a **full load**: the source
      splits the table into partitions (:meth:`Source.plan_full`) that are fetched concurrently, each page
      checkpointed with the position reached (:meth:`bridgekit.warehouse.Staging.write_page`), then a
      catch-up delta from a link taken before the load, so what changed meanwhile is in the same merge;
    * otherwise a **delta**: the changes since the stored delta link, page by page, upserts and deletes;
    * :class:`~bridgekit.errors.ResyncRequired` (expired token, 410 Gone) -> the staged delta is dropped
-     and the table reloads in full, reported as ``resynced``.
+     and the table reloads in full, reported as ``resynced``;
+   * a :class:`~bridgekit.errors.TransientError` (the service stopped answering, throttled out) stops
+     the run: the tables fetched so far are merged, then the error is raised (exit 4).
 
 3. Apply every fetched table to the warehouse in one transaction (readers see the run whole or not at all)
    and record ``bridgekit.sync_runs``; return a :class:`SyncReport`.
@@ -337,7 +342,13 @@ class SyncEngine:
         with self.warehouse.lock(), responsive_threads():
             first = True
             while not stop.is_set():
-                report = self._run(selection, full=full and first, quiet_noop=not first)
+                try:
+                    report = self._run(selection, full=full and first, quiet_noop=not first)
+                except TransientError as exc:
+                    # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
+                    log.warning("%s; polling again in %gs", exc.message, interval)
+                    stop.wait(interval)
+                    continue
                 if on_report is not None and (first or report.changed or not report.ok
                                               or any(t.resynced for t in report.tables)):
                     on_report(report)
