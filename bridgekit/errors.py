@@ -18,7 +18,8 @@
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
     │   └── QueryError                  a query failed or was refused (bad SQL, a write, a file outside it)
     ├── SyncError                       the sync engine could not complete (e.g. already running)
-    │   └── UnknownTableError           a table asked for is not in the sync plan (a usage error)
+    │   ├── UnknownTableError           a table asked for is not in the sync plan (a usage error)
+    │   └── SyncInterrupted             Ctrl-C / SIGINT stopped the run; nothing of it was merged (exit 130)
     ├── InsufficientDataError           an analysis needs tables or rows the warehouse lacks
     ├── CheckFailed                     a runbook stopped on a red finding
     ├── RunbookError                    runner problems: unknown runbook, bad parameter
@@ -63,6 +64,7 @@ __all__ = [
     "RunbookError",
     "RunbookFailed",
     "SyncError",
+    "SyncInterrupted",
     "ThrottledError",
     "TransientError",
     "UnknownTableError",
@@ -380,6 +382,13 @@ class UnknownTableError(SyncError):
     """A table asked for (``--only``, ``only=``) is not in the profile's sync plan, or is ambiguous."""
 
     exit_code = ExitCode.USAGE
+
+
+class SyncInterrupted(SyncError):
+    """Ctrl-C (SIGINT) stopped a sync; its merge was rolled back, its staged pages resume next run."""
+
+    exit_code = ExitCode.INTERRUPTED
+    default_hint = "run the sync again: it resumes from the pages staged so far"
 
 
 class RunbookError(BridgekitError):

@@ -155,12 +155,18 @@ class RetryPolicy:
         max_total_wait: Seconds one call may spend waiting (back-off plus shared pauses) before giving up.
         backoff_base: First back-off in seconds when the service gives no Retry-After.
         backoff_cap: Largest single back-off.
+        unanswered_budget: Seconds one call may go without a usable answer (timeouts, dropped
+            connections, 5xx), retries and back-off included, before it fails as transient: a service
+            that stops answering is reported within a minute, not after ``max_total_wait``.
+        answer_timeout: Longest wait for the first byte of an answer in one attempt (the read timeout).
     """
 
     max_attempts: int = 10
     max_total_wait: float = 300.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    unanswered_budget: float = 45.0
+    answer_timeout: float = 30.0
 
     def backoff(self, attempt: int) -> float:
         """Jittered exponential back-off for ``attempt`` (1-based): base·2^(n-1), halved at random."""
@@ -360,6 +366,7 @@ class ServiceSession:
         self.policy = policy or RetryPolicy()
         self.governor = governor or Governor(max_concurrency, sleep=sleep)
         self._sleep = sleep
+        self._timeout = timeout
         self.session = tls_session(ca_bundle, timeout=timeout,
                                    pool_size=max(self.governor.max_concurrency, 4))
         self.session.headers.update(default_headers or {})
@@ -408,6 +415,7 @@ class ServiceSession:
         waited = 0.0
         attempt = 0
         last: BridgekitError | None = None
+        unanswered_since: float | None = None  # when the first attempt without a usable answer began
         while True:
             attempt += 1
             try:
@@ -419,9 +427,13 @@ class ServiceSession:
                     raise last from None
                 raise
             started = time.monotonic()
+            left = policy.unanswered_budget - (started - unanswered_since) if unanswered_since is not None \
+                else policy.unanswered_budget
+            timeout = (self._timeout[0], max(1.0, min(self._timeout[1], policy.answer_timeout, left)))
             with self.governor.slot():
                 try:
-                    response = self.session.request(method, url, headers=headers, json=json, data=data)
+                    response = self.session.request(method, url, headers=headers, json=json, data=data,
+                                                    timeout=timeout)
                 except requests.exceptions.SSLError as exc:
                     raise ConfigError(f"TLS verification failed for {urlsplit(url).netloc}: {exc}",
                                       key="ca_bundle",
@@ -458,6 +470,20 @@ class ServiceSession:
                 else:
                     raise error
             last = error
+            if response is None or response.status_code >= 500:
+                unanswered_since = started if unanswered_since is None else unanswered_since
+                silent = time.monotonic() - unanswered_since
+                if retryable and silent + delay >= policy.unanswered_budget:
+                    raise TransientError(
+                        f"{self.service} stopped answering: {method} {redact(_short_url(url))} got no usable "
+                        f"answer for {silent:.0f}s ({error.message.rsplit(': ', 1)[-1]})", service=self.service,
+                        method=method, url=url, status=response.status_code if response is not None else None,
+                        hint="the service is unavailable; run the sync again later (it resumes where it "
+                             "stopped, nothing staged is lost)") from cause
+                if retryable and attempt < policy.max_attempts:
+                    log.warning("%s %s: %s; retrying (attempt %d, %.0fs without an answer, giving up after %.0fs)",
+                                method, redact(_short_url(url)), error.message.rsplit(": ", 1)[-1], attempt + 1,
+                                silent, policy.unanswered_budget)
             if not retryable or attempt >= policy.max_attempts:
                 raise error from cause
             if waited + delay > policy.max_total_wait:

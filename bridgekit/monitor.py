@@ -197,7 +197,13 @@ class Monitor:
         return self.sections["throttling"]
 
     def freshness(self, *, slo_minutes: float = 60.0) -> Section:
-        """Minutes since each planned table last synced successfully, against an SLO."""
+        """Minutes since the position each planned table's data reached, against an SLO.
+
+        The position is when the last round the merged data came from began (a delta, or the catch-up
+        that ended a resumed or full load: ``sync_state.position_at``), not when the last run ended: a
+        run that merged pages read long ago is not fresh. Warehouses written before the position was
+        recorded fall back to the last successful run's end.
+        """
         import pandas as pd
         import plotly.graph_objects as go
 
@@ -206,6 +212,13 @@ class Monitor:
             df = self.wb.sql("SELECT table_name, max(ended_at) AS ended FROM bridgekit.sync_runs WHERE status = 'ok' "
                              "GROUP BY 1")
             last = {str(t): e for t, e in zip(df["table_name"], df["ended"], strict=True)}
+            has = self.wb.sql("SELECT count(*) AS n FROM duckdb_columns() WHERE schema_name = 'bridgekit' "
+                              "AND table_name = 'sync_state' AND column_name = 'position_at'")
+            if int(has["n"][0]):
+                pos = self.wb.sql("SELECT table_name, position_at FROM bridgekit.sync_state "
+                                  "WHERE position_at IS NOT NULL")
+                last.update({str(t): p for t, p in zip(pos["table_name"], pos["position_at"], strict=True)
+                             if str(t) in last})
         rows = []
         checks = []
         for t in self.planned_tables():
@@ -222,7 +235,7 @@ class Monitor:
             rows.append({"table": t, "minutes": round(age, 2)})
             status = _status_of(age, slo_minutes)
             checks.append(Check(f"freshness.{t}", "freshness", f"{t} freshness", status,
-                                f"last synced {age:.1f} min ago (SLO {slo_minutes:g} min)",
+                                f"data reached its position {age:.1f} min ago (SLO {slo_minutes:g} min)",
                                 "" if status == "green" else "check the sync schedule and the last runs' errors",
                                 measures={"age_minutes": round(age, 2), "slo_minutes": slo_minutes}))
         data = pd.DataFrame(rows)

@@ -6,14 +6,21 @@ How a run goes (:meth:`SyncEngine.run`), top to bottom:
    pid), create/migrate the warehouse, read each table's delta link from ``bridgekit.sync_state``.
 2. For each selected table, through its :class:`Source`:
 
-   * a table staged by an earlier, interrupted run resumes from its checkpointed positions;
+   * a table staged by an earlier, interrupted run resumes from its checkpointed positions and ends with
+     a catch-up round (a delta from the link its staged rounds end with, which predates their first
+     page), so pages read long ago are merged with what changed since (``sync_runs.caught_up``); a
+     table without change tracking reloads instead;
    * no delta link yet, ``--full``, or no change tracking on the table -> a **full load**: the source
      splits the table into partitions (:meth:`Source.plan_full`) that are fetched concurrently, each page
      checkpointed with the position reached (:meth:`bridgekit.warehouse.Staging.write_page`), then a
      catch-up delta from a link taken before the load, so what changed meanwhile is in the same merge;
    * otherwise a **delta**: the changes since the stored delta link, page by page, upserts and deletes;
    * :class:`~bridgekit.errors.ResyncRequired` (expired token, 410 Gone) -> the staged delta is dropped
-     and the table reloads in full, reported as ``resynced``.
+     and the table reloads in full, reported as ``resynced``;
+   * a failure that every other table of the service (or of both) would meet too, after the same waits
+     (credentials refused, the identity provider or the service not answering, throttled out), stops
+     those tables: they are reported as not attempted, the tables fetched so far are merged, and the
+     report's exit code says why (4 for a transient failure: run again, it resumes).
 
 3. Apply every fetched table to the warehouse in one transaction (readers see the run whole or not at all)
    and record ``bridgekit.sync_runs``; return a :class:`SyncReport`.
@@ -48,6 +55,7 @@ from bridgekit.errors import (
     ExitCode,
     ResyncRequired,
     SyncError,
+    TransientError,
     UnknownTableError,
     exit_code_for,
     shown,
@@ -67,9 +75,14 @@ log = logging.getLogger("bridgekit.sync")
 
 #: How many times one table may restart from scratch in one run after ResyncRequired.
 MAX_RESYNCS = 2
-#: Partitions numbered from here are the catch-up delta that ends a full load (see SyncEngine._fetch).
+#: Partitions numbered from here are the catch-up delta that ends a full load (see SyncEngine._fetch); each
+#: further catch-up round (after a resume) numbers its partitions from the next multiple.
 CATCH_UP = 1000
 
+
+def _rounds(state: StageState) -> int:
+    """How many catch-up rounds the staged table has (0: only its first read)."""
+    return max(state.cursors, default=0) // CATCH_UP
 
 
 # -- reports ---------------------------------------------------------------------------------------------
@@ -250,7 +263,8 @@ def _failure_scope(exc: BridgekitError) -> str | None:
         return "service" if exc.service_code in _RESOURCE_AUTH_CODES else "*"
     if isinstance(exc, ConfigError) or (isinstance(exc, ApiError) and exc.service == "identity"):
         return "*"
-    return None
+    # The service stopped answering or throttled us out: its next tables would wait as long again.
+    return "service" if isinstance(exc, TransientError) else None
 
 
 # Token errors about one resource, not the app (Entra ID error codes): no consent for it (AADSTS65001), the
@@ -354,6 +368,7 @@ class SyncEngine:
         self._estimates: dict[str, int | None] = {}
         self._prefetched: dict[tuple[str, str], Future[Page]] = {}
         self._digests: dict[str, str] = {}  # untracked tables: digest of the reload last merged
+        self._merged_stages: dict[str, str | None] = {}  # table -> stage id of its last merge (at start)
 
     def source(self, table: str) -> Source:
         """The (cached) source of ``table``."""
@@ -392,7 +407,13 @@ class SyncEngine:
         with self.warehouse.lock(), responsive_threads():
             first = True
             while not stop.is_set():
-                report = self._run(selection, full=full and first, quiet_noop=not first)
+                try:
+                    report = self._run(selection, full=full and first, quiet_noop=not first)
+                except TransientError as exc:
+                    # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
+                    log.warning("%s; polling again in %gs", exc.message, interval)
+                    stop.wait(interval)
+                    continue
                 if on_report is not None and (first or report.changed or not report.ok
                                               or any(t.resynced for t in report.tables)):
                     on_report(report)
@@ -405,7 +426,9 @@ class SyncEngine:
         started = _now()
         if self._tokens is None:
             self.warehouse.bootstrap()
-            self._tokens = {t: s.get("delta_link") for t, s in self.warehouse.state().items()}
+            stored = self.warehouse.state()
+            self._tokens = {t: s.get("delta_link") for t, s in stored.items()}
+            self._merged_stages = {t: s.get("stage_id") for t, s in stored.items()}
         reports: list[TableReport] = []
         records: list[RunRecord] = []
         fetched: list[StageState] = []
@@ -452,7 +475,8 @@ class SyncEngine:
                 reports.append(rep)
                 records.append(RunRecord(run_id=run_id, table=table, mode=rep.mode, started_at=t0, ended_at=_now(),
                                          status=rep.status, fetched=rep.fetched, pages=rep.pages,
-                                         resynced=rep.resynced, error=rep.error, message=rep.message))
+                                         resynced=rep.resynced, error=rep.error, message=rep.message,
+                                         caught_up=state is not None and state.caught_up))
             for state in noop:
                 # Nothing changed: keep the stored delta link (it still answers "no changes") and leave
                 # the warehouse file alone, so an idle watcher never blocks readers.
@@ -548,19 +572,29 @@ class SyncEngine:
         return future.result() if future is not None else source.page(cursor)
 
     def _fetch(self, staging: Staging, table: str, *, run_id: str, full: bool, report: TableReport) -> StageState | None:
-        """Fetch one table into staging (resuming, full, or delta) and return its fetched state."""
+        """Fetch one table into staging (resuming, full, or delta) and return its fetched state.
+
+        Pages staged by an earlier, interrupted process were read at some time in the past: a resumed
+        table always ends with a catch-up round, a delta from the link its staged rounds end with (a
+        link taken before their first page), so what changed meanwhile, deletes included, is in the
+        same merge. A table without change tracking has no such link and is reloaded instead.
+        """
         assert self._tokens is not None
-        state = staging.get(table)
-        if state is not None and full and state.mode == "delta":
-            staging.discard(table)  # --full overrides an interrupted delta
-            state = None
-        if state is not None and state.status == "fetched":
-            report.resumed = True
-            return state
         source = self.source(table)
+        state = staging.get(table)
+        if state is not None and self._merged_stages.get(table) == state.stage_id:
+            # The interrupted process merged these pages and died before clearing them: the stored link
+            # is theirs, so this run goes on from it like any other.
+            staging.discard(table)
+            state = None
+        if state is not None and ((full and state.mode == "delta") or not source.tracked):
+            staging.discard(table)  # --full overrides an interrupted delta; an untracked table reloads
+            state = None
+        resumed = state is not None
         if state is not None:
             report.resumed = True
-            log.info("%s: resuming an interrupted %s fetch (%d rows staged)", table, state.mode, state.fetched)
+            log.info("%s: resuming an interrupted %s fetch (%d rows staged%s)", table, state.mode, state.fetched,
+                     ", fetched" if state.status == "fetched" else "")
         else:
             token = self._tokens.get(table)
             if not source.tracked and self.untracked == "skip":
@@ -573,23 +607,38 @@ class SyncEngine:
             else:
                 state = staging.begin(source.spec(), run_id=run_id, mode="delta",
                                       cursors=source.delta_start(token), base_token=token)
+                state.position_at = _now()
         resyncs = 0
         no_link = False
+        link: str | None = None
         while True:
             try:
-                self._fetch_parts(staging, source, state)
-                # A delta link taken before a full load: replay what changed since then (also on pages
-                # staged by an interrupted process long ago) before the merge, so the merged table is
-                # current, not a mix of old and new pages.
-                if state.mode == "full" and state.token and source.tracked:
-                    if not any(p >= CATCH_UP for p in state.cursors):
-                        staging.add_cursors(state, source.delta_start(state.token), first=CATCH_UP)
-                    try:
-                        self._fetch_parts(staging, source, state)
-                    except ResyncRequired:
-                        # The service refuses the link it has just issued: reloading again would not
-                        # help. Keep this (fresh) load and no link, so the next run reloads in full.
-                        no_link = True
+                if state.status != "fetched":
+                    self._fetch_parts(staging, source, state)
+                    # A delta link taken before a full load: replay what changed since then before the
+                    # merge, so the merged table is current, not a mix of old and new pages.
+                    if state.mode == "full" and state.token and source.tracked and _rounds(state) == 0:
+                        issued_here = not resumed
+                        self._add_round(staging, source, state, state.token)
+                        state.caught_up, resumed = resumed, False  # this round starts now: it is the catch-up
+                        try:
+                            self._fetch_parts(staging, source, state)
+                        except ResyncRequired:
+                            if not issued_here:
+                                raise  # a link issued long ago: reload (below)
+                            # The service refuses the link it has just issued: reloading again would not
+                            # help. Keep this (fresh) load and no link, so the next run reloads in full.
+                            no_link = True
+                    link = None if no_link or not source.tracked else self._link(source, state)
+                elif source.tracked:
+                    link = state.token
+                if resumed and link is not None:
+                    # Pages staged by an earlier process: catch up from the link their rounds end with.
+                    resumed = False
+                    self._add_round(staging, source, state, link)
+                    self._fetch_parts(staging, source, state)
+                    state.caught_up = True
+                    link = self._link(source, state)
                 break
             except ResyncRequired as exc:
                 resyncs += 1
@@ -597,21 +646,30 @@ class SyncEngine:
                     raise SyncError(f"{table}: the service keeps asking for a resync ({exc.message})",
                                     table=table) from exc
                 log.warning("%s: %s; reloading in full", table, exc.message)
+                resumed = False
                 state = self._begin_full(staging, source, run_id, resynced=True)
-        link: str | None = None
         if not source.tracked:
             state.message = "change tracking is not enabled on this table: reloaded in full"
         elif no_link:
             state.message = "the service refused a fresh delta link: the next run reloads in full"
-        else:
-            caught_up = [p for p in state.cursors if p >= CATCH_UP]
-            parts = [state.part_tokens.get(p) for p in sorted(caught_up or state.cursors)]
-            if any(t is None for t in parts):
-                raise SyncError(f"{table}: the read ended without a delta link", table=table,
-                                hint="the service did not return @odata.deltaLink; run the sync again")
-            link = source.join_tokens([t for t in parts if t is not None])
+        elif state.caught_up:
+            state.message = "caught up with the changes made since the staged pages were read"
         staging.mark_fetched(state, link)
         return state
+
+    def _add_round(self, staging: Staging, source: Source, state: StageState, link: str) -> None:
+        """Start a catch-up round (a delta from ``link``) after the staged rounds of ``state``."""
+        state.position_at = _now()
+        staging.add_cursors(state, source.delta_start(link), first=(_rounds(state) + 1) * CATCH_UP)
+
+    def _link(self, source: Source, state: StageState) -> str:
+        """The table's delta link: its last round's partitions' links, joined."""
+        last = _rounds(state)
+        parts = [state.part_tokens.get(p) for p in sorted(state.cursors) if p // CATCH_UP == last]
+        if not parts or any(t is None for t in parts):
+            raise SyncError(f"{source.table}: the read ended without a delta link", table=source.table,
+                            hint="the service did not return @odata.deltaLink; run the sync again")
+        return source.join_tokens([t for t in parts if t is not None])
 
     def _begin_full(self, staging: Staging, source: Source, run_id: str, *, resynced: bool) -> StageState:
         plan = source.plan_full(self.partitions)
@@ -619,6 +677,7 @@ class SyncEngine:
         state = staging.begin(source.spec(), run_id=run_id, mode="full", cursors=plan.cursors, token=plan.token,
                               resynced=resynced, message=msg)
         state.message = msg
+        state.position_at = _now()
         self._estimates[source.table] = plan.estimate
         return state
 

@@ -52,7 +52,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from bridgekit.errors import QueryError, SyncError, WarehouseError
+from bridgekit.errors import QueryError, SyncError, SyncInterrupted, WarehouseError
 
 __all__ = [
     "BOOKKEEPING_SCHEMA",
@@ -166,6 +166,7 @@ class RunRecord:
     resynced: bool = False
     error: str | None = None
     message: str | None = None
+    caught_up: bool = False
 
 
 @dataclass
@@ -188,6 +189,8 @@ class StageState:
     message: str | None = None
     part_tokens: dict[int, str | None] = field(default_factory=dict)  # partition -> its delta link
     digest: str | None = None  # of the staged rows, when asked for (Staging.digest)
+    caught_up: bool = False  # resumed pages were followed by a catch-up round in this run
+    position_at: datetime | None = None  # when the last round read began: the data is current as of then
 
     @property
     def done(self) -> bool:
@@ -212,6 +215,12 @@ _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "error VARCHAR, message VARCHAR)",
         "CREATE TABLE IF NOT EXISTS {b}.option_labels (table_name VARCHAR NOT NULL, column_name VARCHAR "
         "NOT NULL, value INTEGER NOT NULL, label VARCHAR)",
+    )),
+    (2, "catch-up rounds and the position the data reached", (
+        # sync_runs.caught_up: the run resumed staged pages and replayed what changed since they were read;
+        # sync_state.position_at: when the last round the merged data came from began (what freshness reads).
+        "ALTER TABLE {b}.sync_runs ADD COLUMN IF NOT EXISTS caught_up BOOLEAN",
+        "ALTER TABLE {b}.sync_state ADD COLUMN IF NOT EXISTS position_at TIMESTAMPTZ",
     )),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -247,6 +256,37 @@ def _is_lock_error(exc: BaseException) -> bool:
     # Another process holds the file, or (in this process) another connection has it open: a notebook
     # querying while a watcher thread merges. Both pass; the caller waits and tries again.
     return any(s in text for s in ("Could not set lock", "Conflicting lock", "Unique file handle conflict"))
+
+
+#: What DuckDB says of a file that is truncated or corrupt (IO errors reading past its end, bad checksums).
+_DAMAGE = ("Could not read enough bytes", "not a valid DuckDB database", "Corrupt database", "checksum",
+           "corrupted", "Invalid block", "INTERNAL Error")
+_DENIED = ("Permission denied", "Read-only file system", "Operation not permitted")
+
+
+def _is_damage(exc: BaseException) -> bool:
+    return any(s in str(exc) for s in _DAMAGE)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _open_error(path: Path, exc: BaseException, *, writing: bool) -> WarehouseError:
+    """The one-line error for a warehouse file that cannot be opened: damaged, not permitted, or else."""
+    if any(s in str(exc) for s in _DENIED):
+        if writing:
+            return WarehouseError(f"cannot write the warehouse directory {path.parent}: permission denied",
+                                  path=str(path), hint="make the directory writable by this user, or point the "
+                                                       "profile's warehouse at a writable path")
+        return WarehouseError(f"cannot read the warehouse {path}: permission denied", path=str(path),
+                              hint="make the file readable by this user")
+    if _is_damage(exc):
+        return WarehouseError(f"the warehouse {path} is damaged (truncated or corrupt): {_first_line(exc)}",
+                              path=str(path), hint=f"set it aside and rebuild it from the services: "
+                                                   f"mv '{path}' '{path}.damaged' && bridgekit sync --full")
+    return WarehouseError(f"cannot open warehouse {path}: {_first_line(exc)}", path=str(path),
+                          hint="check the file is a DuckDB database and readable")
 
 
 def _configure(conn: duckdb.DuckDBPyConnection, memory_limit: str | None) -> None:
@@ -301,8 +341,11 @@ class SyncLock:
         """Take the lock or raise :class:`SyncError` naming the holder's pid."""
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _open_error(self.path, exc, writing=True) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -370,12 +413,22 @@ class Warehouse:
         return self.path.exists()
 
     def bootstrap(self) -> None:
-        """Create the file and the bookkeeping tables (idempotent; takes the write lock briefly)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Create the file and the bookkeeping tables (idempotent; takes the write lock briefly).
+
+        Raises:
+            WarehouseError: the file is damaged, or its directory cannot be written.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _open_error(self.path, exc, writing=True) from None
         with self._retry_open(read_only=False) as conn:
-            conn.execute("BEGIN")
-            _migrate(conn)
-            conn.execute("COMMIT")
+            try:
+                conn.execute("BEGIN")
+                _migrate(conn)
+                conn.execute("COMMIT")
+            except duckdb.Error as exc:
+                raise _open_error(self.path, exc, writing=True) from None
 
     @contextlib.contextmanager
     def _retry_open(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -387,8 +440,7 @@ class Warehouse:
                 break
             except duckdb.Error as exc:
                 if not _is_lock_error(exc):
-                    raise WarehouseError(f"cannot open warehouse {self.path}: {exc}", path=str(self.path),
-                                         hint="check the file is a DuckDB database and readable") from exc
+                    raise _open_error(self.path, exc, writing=not read_only) from None
                 if time.monotonic() >= deadline:
                     raise WarehouseError(f"warehouse {self.path} stayed locked for {self.lock_timeout:.0f}s",
                                          path=str(self.path),
@@ -437,6 +489,8 @@ class Warehouse:
             try:
                 return conn.execute(query, params).df()
             except duckdb.Error as exc:
+                if _is_damage(exc):
+                    raise _open_error(self.path, exc, writing=False) from None
                 raise _query_error(exc, self.path) from exc
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
@@ -446,6 +500,8 @@ class Warehouse:
                 # A relation, not a DB-API result: DuckDB hands its batches to Arrow without another copy.
                 result: pa.Table = conn.sql(query, params=params).to_arrow_table()
             except duckdb.Error as exc:
+                if _is_damage(exc):
+                    raise _open_error(self.path, exc, writing=False) from None
                 raise _query_error(exc, self.path) from exc
             return result
 
@@ -648,17 +704,49 @@ class Staging:
     def __init__(self, warehouse: Warehouse) -> None:
         self.warehouse = warehouse
         path = warehouse.staging_path
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.conn = duckdb.connect(str(path))
+            self.conn = self._open(path)
         except duckdb.Error as exc:
-            raise SyncError(f"cannot open the staging file {path}: {exc}",
-                            hint="another sync may be running on this warehouse") from exc
-        _configure(self.conn, warehouse.sync_memory_limit)
-        # Staged rows are re-ordered by key at merge time anyway; not preserving order saves memory.
-        self.conn.execute("SET preserve_insertion_order = false")
-        for ddl in _STAGING_DDL:
-            self.conn.execute(ddl)
+            if not _is_damage(exc):
+                raise
+            # A damaged staging file (a disk that filled up, a copy cut short) holds nothing the
+            # warehouse needs: set it aside and start afresh; the tables staged in it are fetched again
+            # (deltas from the stored links, so nothing merged before is lost).
+            aside = path.with_name(f"{path.name}.damaged-{_now():%Y%m%dT%H%M%S}")
+            path.rename(aside)
+            wal = path.with_name(path.name + ".wal")
+            if wal.exists():
+                wal.rename(aside.with_name(aside.name + ".wal"))
+            log.warning("the staging file %s was damaged (%s): set aside as %s; its tables are fetched again",
+                        path, _first_line(exc), aside.name)
+            self.conn = self._open(path)
+
+    def _open(self, path: Path) -> duckdb.DuckDBPyConnection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = duckdb.connect(str(path))
+        except OSError as exc:
+            raise _open_error(self.warehouse.path, exc, writing=True) from None
+        except duckdb.Error as exc:
+            if _is_damage(exc):
+                raise
+            if any(s in str(exc) for s in _DENIED):
+                raise _open_error(self.warehouse.path, exc, writing=True) from None
+            raise SyncError(f"cannot open the staging file {path}: {_first_line(exc)}",
+                            hint="another sync may be running on this warehouse") from None
+        try:
+            _configure(conn, self.warehouse.sync_memory_limit)
+            # Staged rows are re-ordered by key at merge time anyway; not preserving order saves memory.
+            conn.execute("SET preserve_insertion_order = false")
+            for ddl in _STAGING_DDL:
+                conn.execute(ddl)
+            # Read the bookkeeping through once: damage past the header shows here, not mid-run.
+            conn.execute("SELECT count(*), max(spec) FROM stage_tables").fetchall()
+            conn.execute("SELECT count(*), max(cursor) FROM stage_cursors").fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         """Close the staging connection."""
@@ -777,12 +865,22 @@ class Staging:
             state.part_tokens[part] = token
 
     def add_cursors(self, state: StageState, cursors: Sequence[str], *, first: int) -> None:
-        """Add partitions numbered from ``first`` to a staged table (a catch-up delta after a full load)."""
+        """Add partitions numbered from ``first`` to a staged table (a catch-up delta after its staged rounds).
+
+        A fetched table goes back to fetching, so a process killed during the catch-up resumes it.
+        """
         self.conn.execute("BEGIN")
+        try:
+            for i, cur in enumerate(cursors):
+                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
+            self.conn.execute("UPDATE stage_tables SET status = 'fetching' WHERE table_name = ?", [state.table])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
         for i, cur in enumerate(cursors):
-            self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
             state.cursors[first + i] = cur
-        self.conn.execute("COMMIT")
+        state.status = "fetching"
 
     def digest(self, state: StageState) -> str:
         """A digest of the staged rows (order-independent: each row's key, columns and version hashed),
@@ -820,7 +918,7 @@ class Staging:
                 break
             except duckdb.Error as exc:
                 if not _is_lock_error(exc):
-                    raise WarehouseError(f"cannot open warehouse {wh.path}: {exc}", path=str(wh.path)) from exc
+                    raise _open_error(wh.path, exc, writing=True) from None
                 if time.monotonic() >= deadline:
                     raise WarehouseError(f"warehouse {wh.path} stayed busy with readers for "
                                          f"{wh.lock_timeout:.0f}s; the sync's data is staged and will be "
@@ -869,6 +967,12 @@ class Staging:
                 for rec in records:
                     self._record_run(rec)
                 self.conn.execute("COMMIT")
+            except (KeyboardInterrupt, duckdb.InterruptException) as exc:
+                # Ctrl-C lands in a statement (DuckDB interrupts it) or between two: either way the whole
+                # run is rolled back, and its staged pages stay for the next run.
+                with contextlib.suppress(duckdb.Error):
+                    self.conn.execute("ROLLBACK")
+                raise SyncInterrupted("interrupted: nothing of this run was merged") from exc
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     self.conn.execute("ROLLBACK")
@@ -985,17 +1089,21 @@ class Staging:
         b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
         phase = "delta" if state.token else "full"
         self.conn.execute(f"DELETE FROM {b}.sync_state WHERE table_name = ?", [state.table])
-        self.conn.execute(f"INSERT INTO {b}.sync_state VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?)",
+        self.conn.execute(f"INSERT INTO {b}.sync_state (table_name, source, delta_link, phase, stage_id, last_run_id, "
+                          "last_status, last_started_at, last_ended_at, row_count, spec, updated_at, position_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?, ?, ?, ?)",
                           [state.table, source, state.token, phase, state.stage_id, run_id, started, now,
-                           c.rows, state.spec.to_json(), now])
+                           c.rows, state.spec.to_json(), now, state.position_at or state.started_at])
 
     def _record_run(self, rec: RunRecord) -> None:
         b = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}"
         duration = (rec.ended_at - rec.started_at).total_seconds()
-        self.conn.execute(f"INSERT INTO {b}.sync_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.conn.execute(f"INSERT INTO {b}.sync_runs (run_id, table_name, mode, started_at, ended_at, duration_s, "
+                          "created, updated, deleted, fetched, pages, resynced, status, error, message, caught_up) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                           [rec.run_id, rec.table, rec.mode, rec.started_at, rec.ended_at, duration, rec.created,
                            rec.updated, rec.deleted, rec.fetched, rec.pages, rec.resynced, rec.status, rec.error,
-                           rec.message])
+                           rec.message, rec.caught_up])
         if rec.status in ("error", "skipped"):
             self.conn.execute(f"UPDATE {b}.sync_state SET last_run_id = ?, last_status = ?, last_started_at = ?, "
                               "last_ended_at = ? WHERE table_name = ?",
