@@ -263,8 +263,11 @@ def _failure_scope(exc: BridgekitError) -> str | None:
         return "service" if exc.service_code in _RESOURCE_AUTH_CODES else "*"
     if isinstance(exc, ConfigError) or (isinstance(exc, ApiError) and exc.service == "identity"):
         return "*"
-    # The service stopped answering or throttled us out: its next tables would wait as long again.
-    return "service" if isinstance(exc, TransientError) else None
+    # No answer at all (the link or the host is down): likely every table; throttled out or failing
+    # with 5xx: that service's. Either way the next tables would wait as long again.
+    if isinstance(exc, TransientError):
+        return "*" if exc.status is None else "service"
+    return None
 
 
 # Token errors about one resource, not the app (Entra ID error codes): no consent for it (AADSTS65001), the

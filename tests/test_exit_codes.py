@@ -175,5 +175,5 @@ def test_a_throttled_out_sync_exits_4(profiles: Path, emulator: Any, capsys: pyt
     with emulator.faults(throttle_rate=1.0, retry_after_s=0):
         code, err = _sync(capsys, "-P", "good")
         result = _run_sync(profiles / "runs", "good")
-    assert code == 4 and err[0].startswith("error: dataverse.businessunit: ")
+    assert code == 4 and err[0].startswith("error: 2 tables (dataverse.businessunit, ...): ")
     assert result.exit_code == 4 and result.error["type"] == "ThrottledError"
