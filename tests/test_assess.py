@@ -6,6 +6,7 @@ emulator); the library-level tests read the same warehouse.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -111,13 +112,55 @@ def test_assess_run_exits_6_with_the_planted_defects_red(demo_runs: Any) -> None
         assert status[area] == "green", area
     assert status["change_tracking.businessunit"] == "amber"  # the emulator, like Dataverse, does not track it
     assert set(m["data_watermark"]) == PLANNED
-    found = m["results"]["planted_defects"]
+    # The emulator's answer key is the demo's, in its own file: never in the manifest or the customer report.
+    assert "planted_defects" not in m["results"]
+    assert "planted" not in (demo_runs.assess / "assess.html").read_text().lower()
+    found = json.loads((demo_runs.assess / "ground_truth.json").read_text())
     assert set(found) == set(demo_runs.planted)
     for name, row in found.items():
         assert row["planted"] == demo_runs.planted[name]["count"]
         assert row["matched"] == row["planted"], name  # every planted defect found
         if name != "duplicate_accounts":
             assert row["found"] == row["planted"], name  # and nothing else
+
+
+def test_evidence_workbook_lists_exactly_the_planted_records_with_links(demo_runs: Any) -> None:
+    from openpyxl import load_workbook
+
+    book = load_workbook(demo_runs.assess / "evidence.xlsx")
+    summary = book["Summary"]
+    assert summary.freeze_panes == "A2" and summary.auto_filter.ref
+    sheets = {str(r[0]): str(r[6]) for r in summary.iter_rows(min_row=2, values_only=True)}
+    planted = demo_runs.planted
+
+    def ids(check: str) -> list[str]:
+        ws = book[sheets[check]]
+        assert ws.freeze_panes == "A2" and ws.auto_filter.ref, check
+        head = [c.value for c in ws[1]]
+        assert head[:5] == ["record", "id", "table", "owner", "detail"], head
+        assert all(r[0] for r in ws.iter_rows(min_row=2, values_only=True)), f"{check}: a record without a name"
+        return sorted(str(r[1]) for r in ws.iter_rows(min_row=2, values_only=True))
+
+    for name in ("contacts_missing_email", "contacts_malformed_email", "stale_open_opportunities",
+                 "disabled_users_owning_records", "disabled_users_active_in_crm"):
+        area = "cross" if name.startswith("disabled") else "quality"
+        assert ids(f"{area}.{name}") == sorted(planted[name]["ids"]), name
+    orphans = planted["orphan_lookups"]
+    # One row per broken lookup: an opportunity whose account is gone breaks customerid and parentaccountid.
+    assert set(ids("quality.orphan_lookups")) == set(orphans["contact"]["ids"] + orphans["opportunity"]["ids"])
+    # Duplicates: the planted ones, plus the pair the generator drew by chance that the documented rule also
+    # names (test_duplicates_are_the_planted_ones_plus_...): the sheet lists exactly what the check found.
+    dups = ids("quality.duplicate_accounts")
+    assert set(planted["duplicate_accounts"]["ids"]) <= set(dups) and len(dups) == 9
+    ws = book[sheets["quality.contacts_missing_email"]]
+    link = ws.cell(row=2, column=6)
+    assert link.hyperlink is not None and "main.aspx?etn=contact&id=" in str(link.value)
+    assert "pagetype=entityrecord" in str(link.value)
+    users = book[sheets["cross.disabled_users_active_in_crm"]]
+    head = [c.value for c in users[1]]
+    assert "entra link" in head and "entra.microsoft.com" in str(users.cell(row=2, column=head.index("entra link") + 1).value)
+    csv_text = (demo_runs.assess / "evidence.csv").read_text()
+    assert all(i in csv_text for i in planted["contacts_missing_email"]["ids"])
 
 
 def test_assessment_finds_the_planted_ids_exactly(assessed: Assessment, demo_runs: Any) -> None:
