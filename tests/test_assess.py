@@ -163,6 +163,25 @@ def test_evidence_workbook_lists_exactly_the_planted_records_with_links(demo_run
     assert all(i in csv_text for i in planted["contacts_missing_email"]["ids"])
 
 
+def test_the_report_is_also_a_pdf_of_several_pages(demo_runs: Any) -> None:
+    m = manifest(demo_runs.assess)
+    pdf = demo_runs.assess / "assess.pdf"
+    assert m["outputs"]["pdf"] == "assess.pdf" and pdf.is_file()
+    pages = len(re.findall(rb"/Type\s*/Page\b", pdf.read_bytes()))
+    assert pages > 1
+
+
+def test_without_chromium_the_run_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridgekit.runbooks.runner import _write_pdf
+
+    monkeypatch.setenv("BRIDGEKIT_CHROMIUM", str(tmp_path / "no-such-browser"))
+    html = tmp_path / "r.html"
+    html.write_text("<p>report</p>")
+    note = _write_pdf(html, tmp_path / "r.pdf")
+    assert note and "Chromium is not installed" in note and "\n" not in note
+    assert not (tmp_path / "r.pdf").exists()
+
+
 def test_assessment_finds_the_planted_ids_exactly(assessed: Assessment, demo_runs: Any) -> None:
     planted = demo_runs.planted
     for name in ("contacts_missing_email", "contacts_malformed_email", "stale_open_opportunities"):

@@ -843,6 +843,7 @@ body.jp-Notebook { max-width: 1100px; margin: 0 auto; padding: 0 24px;
   .bk-page { break-before: page; }
   h3, .bk-badge { break-after: avoid; }
   tr, .plotly-graph-div { break-inside: avoid; }
+  .modebar-container { display: none; }
 }
 </style>
 {%- endblock extra_css -%}
@@ -945,6 +946,47 @@ def _write_report(nb_path: Path, html_path: Path, manifest: Mapping[str, Any]) -
     title = str(manifest.get("title") or manifest["runbook"])
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     html_path.write_text(_REMOTE_SCRIPT.sub("", body), encoding="utf-8")
+
+
+#: Where the report's PDF printer is looked for (the first that exists), unless ``$BRIDGEKIT_CHROMIUM`` names one.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    named = os.environ.get("BRIDGEKIT_CHROMIUM")
+    if named:
+        return named if Path(named).is_file() else shutil.which(named)
+    return next((found for n in CHROMIUM_NAMES if (found := shutil.which(n))), None)
+
+
+def _write_pdf(html_path: Path, pdf_path: Path, *, timeout: float = 180.0) -> str | None:
+    """Print the HTML report to PDF with headless Chromium (A4, a section per page, page numbers from the
+    report's ``@page`` rules). Returns None when written, else a one-line note saying why not."""
+    import shutil
+    import subprocess
+
+    exe = _chromium()
+    if exe is None:
+        return "no PDF: Chromium is not installed (apt-get install chromium, or set BRIDGEKIT_CHROMIUM)"
+    profile_dir = tempfile.mkdtemp(prefix="bk-pdf-")
+    args = [exe, "--headless=new", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-pdf-header-footer",
+            "--run-all-compositor-stages-before-draw", "--virtual-time-budget=20000",
+            f"--user-data-dir={profile_dir}", f"--print-to-pdf={pdf_path}", html_path.resolve().as_uri()]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.insert(1, "--no-sandbox")  # Chromium refuses to start its sandbox as root (containers, CI)
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no PDF: Chromium did not print the report ({type(exc).__name__})"
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    if proc.returncode != 0 or not pdf_path.is_file() or pdf_path.stat().st_size == 0:
+        pdf_path.unlink(missing_ok=True)
+        return f"no PDF: Chromium exited with status {proc.returncode}"
+    return None
 
 
 @functools.cache
@@ -1160,6 +1202,15 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
         if not _clean(manifest, literals):  # pragma: no cover - belt and braces: nothing recorded survives
             manifest["results"], manifest["checks"], manifest["data_watermark"] = {}, [], {}
         manifest["outputs"]["report"] = html_path.name
+        _write_manifest(manifest_path, manifest)
+    elif manifest["outputs"].get("report") and _is_document(_read_nb(nb_path) or {}):
+        # A deliverable is also printed to PDF, from the report that was just scanned.
+        pdf_path = run_dir / f"{runbook.name}.pdf"
+        note = _write_pdf(html_path, pdf_path)
+        manifest["outputs"]["pdf"] = None if note else pdf_path.name
+        if note:
+            manifest["pdf_note"] = note
+            log.warning("runbook %s: %s", runbook.name, note)
         _write_manifest(manifest_path, manifest)
 
     run_dir = _publish(run_dir)
