@@ -182,6 +182,41 @@ def test_without_chromium_the_run_says_so_in_one_line(tmp_path: Path, monkeypatc
     assert not (tmp_path / "r.pdf").exists()
 
 
+def test_a_follow_up_assessment_reports_a_fixed_defect_as_resolved_or_better(
+        demo_runs: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follow-up visit: the tenant moved on (emulator mutate), one planted defect was fixed through the Web
+    API, the warehouse was synced again; ``-p compare_with <previous run>`` says what changed."""
+    import shutil
+
+    warehouse = tmp_path / "emulator.duckdb"
+    shutil.copy(demo_runs.warehouse, warehouse)  # the demo's warehouse stays as the other tests read it
+    config = tmp_path / "bridgekit.toml"
+    config.write_text(f'[profiles.emulator]\nauth = "emulator"\nwarehouse = "{warehouse}"\n')
+    monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
+    monkeypatch.delenv("BRIDGEKIT_PROFILE", raising=False)
+    fixed = demo_runs.planted["contacts_missing_email"]["ids"][0]
+    try:
+        emulator.admin("mutate", {"creates": 5, "updates": 5, "deletes": 0, "seed": 18})
+        resp = emulator.session().patch(f"{emulator.dataverse_url}/api/data/v9.2/contacts({fixed})",
+                                        json={"emailaddress1": "fixed.contact@example.com"},
+                                        headers={**emulator.headers("dataverse"), "If-Match": "*"}, timeout=30)
+        assert resp.status_code == 204, resp.text
+        bridgekit.connect("emulator").sync()
+        result = CliRunner().invoke(cli, ["run", "assess", "--path", str(RUNBOOKS), "--out", str(tmp_path / "runs"),
+                                          "-p", "calls", "2", "-p", "compare_with", str(demo_runs.assess)])
+    finally:
+        emulator.admin("reset", {"scale": "small", "seed": 42})
+    assert result.exit_code == ExitCode.CHECK_FAILED, result.output
+    run_dir = next((tmp_path / "runs").glob("*-assess"))
+    m = manifest(run_dir)
+    assert m["results"]["since_last_assessment"]["better"] + m["results"]["since_last_assessment"]["resolved"] >= 1
+    text = (run_dir / "assess.html").read_text()
+    since = text[text.index("Since the last assessment</h2>"):]
+    row = re.search(r"<tr>(?:(?!</tr>).)*Contacts without an email address(?:(?!</tr>).)*</tr>", since)
+    assert row and re.search(r">(better|resolved)<", row.group(0)), row
+    assert ">60<" in row.group(0) and ">59<" in row.group(0)  # records before and now
+
+
 def test_assessment_finds_the_planted_ids_exactly(assessed: Assessment, demo_runs: Any) -> None:
     planted = demo_runs.planted
     for name in ("contacts_missing_email", "contacts_malformed_email", "stale_open_opportunities"):
