@@ -34,7 +34,9 @@ __all__ = [
     "badge",
     "cell",
     "duration",
+    "frame_html",
     "heading",
+    "install",
     "join",
     "money",
     "num",
@@ -418,3 +420,44 @@ def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -
         for r in rows:
             w.writerow({c: "" if _plain(r.get(c)) is None else _plain(r.get(c)) for c in cols})
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebooks: the same style for what a cell displays on its own
+# --------------------------------------------------------------------------------------------------
+
+def frame_html(df: Any, *, max_rows: int = 50) -> Html:
+    """A DataFrame as a report table: a meaningful index becomes a column, a plain 0..n-1 index is dropped."""
+    import pandas as pd
+
+    if not isinstance(df.index, pd.RangeIndex) or df.index.name is not None:
+        df = df.reset_index()
+    df = df.rename(columns=lambda c: " / ".join(map(str, c)) if isinstance(c, tuple) else str(c))
+    return table(df, max_rows=max_rows, more="rows")
+
+
+def install() -> None:
+    """Use the report style in this notebook: DataFrames display as :func:`frame_html` tables and plotly
+    charts use the palette, a white background and no minor ticks (the ``bridgekit`` template).
+
+    Call once in a notebook's setup cell; outside IPython only the plotly template is set.
+    """
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    template = go.layout.Template(layout={
+        "colorway": list(PALETTE), "font": {"family": "DejaVu Sans, Arial, Helvetica, sans-serif", "size": 13},
+        "title": {"x": 0.0, "xanchor": "left"},
+        "xaxis": {"minor": {"showgrid": False, "ticks": ""}, "automargin": True},
+        "yaxis": {"minor": {"showgrid": False, "ticks": ""}, "automargin": True, "separatethousands": True},
+    })
+    pio.templates["bridgekit"] = template
+    pio.templates.default = "plotly_white+bridgekit"
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - notebooks always have IPython
+        return
+    shell = get_ipython()  # type: ignore[no-untyped-call]
+    if shell is not None:
+        shell.display_formatter.formatters["text/html"].for_type_by_name(
+            "pandas.core.frame", "DataFrame", lambda df: str(frame_html(df)))

@@ -90,3 +90,21 @@ def test_compare_sorts_findings_into_resolved_better_new_worse() -> None:
     change = {r["check"]: r["change"] for r in compare(previous, now)}
     assert change == {"q.fixed": "resolved", "q.fewer": "better", "q.calmer": "better", "q.more": "worse",
                       "q.same": "unchanged", "q.ok": "new", "q.added": "new"}
+
+
+def test_notebook_frames_display_as_report_tables_and_charts_use_the_template() -> None:
+    import plotly.io as pio
+
+    df = pd.DataFrame({"value": [128500.0, 82660.483004], "same_sign": [False, True]},
+                      index=pd.Index(["a", "b"], name="driver"))
+    text = report.frame_html(df)
+    plain = re.sub(r"<[^>]+>", " ", text)
+    assert "128,500" in plain and "82,660" in plain and "driver" in plain and "no" in plain
+    assert not re.search(r"\d+\.\d{5,}", plain)
+    before = pio.templates.default
+    try:
+        report.install()
+        assert pio.templates.default == "plotly_white+bridgekit"
+        assert list(pio.templates["bridgekit"].layout.colorway) == list(report.PALETTE)
+    finally:
+        pio.templates.default = before
