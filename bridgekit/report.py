@@ -176,6 +176,8 @@ def cell(value: Any) -> str:
     if isinstance(value, int | float | Decimal) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
         v = value.item() if hasattr(value, "item") else value
         return html.escape(num(v))
+    if isinstance(value, _dt.datetime) and value.time() == _dt.time(0) and value.utcoffset() in (None, _dt.timedelta(0)):
+        return value.date().isoformat()  # a month or a day, not a moment
     if isinstance(value, _dt.datetime):
         return html.escape(value.strftime("%Y-%m-%d %H:%M") + (" UTC" if value.utcoffset() is not None else ""))
     if isinstance(value, _dt.date):
@@ -459,5 +461,7 @@ def install() -> None:
         return
     shell = get_ipython()  # type: ignore[no-untyped-call]
     if shell is not None:
-        shell.display_formatter.formatters["text/html"].for_type_by_name(
-            "pandas.core.frame", "DataFrame", lambda df: str(frame_html(df)))
+        import pandas as pd
+
+        # By class, not by name: pandas 3 reports DataFrame's module as "pandas", older ones "pandas.core.frame".
+        shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, lambda df: str(frame_html(df)))

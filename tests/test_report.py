@@ -101,10 +101,16 @@ def test_notebook_frames_display_as_report_tables_and_charts_use_the_template() 
     plain = re.sub(r"<[^>]+>", " ", text)
     assert "128,500" in plain and "82,660" in plain and "driver" in plain and "no" in plain
     assert not re.search(r"\d+\.\d{5,}", plain)
+    from IPython.core.interactiveshell import InteractiveShell
+
     before = pio.templates.default
     try:
+        shell = InteractiveShell.instance()
         report.install()
+        shown = shell.display_formatter.format(df)[0]["text/html"]
+        assert "128,500" in shown and "e+0" not in shown
         assert pio.templates.default == "plotly_white+bridgekit"
         assert list(pio.templates["bridgekit"].layout.colorway) == list(report.PALETTE)
     finally:
         pio.templates.default = before
+        InteractiveShell.clear_instance()
