@@ -25,6 +25,7 @@ Areas, and where the yardsticks come from:
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import json
 import math
 import re
@@ -33,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridgekit import record
+from bridgekit import record, report
 from bridgekit.catalog import (
     DATAVERSE_EXECUTION_S_PER_WINDOW,
     DATAVERSE_MAX_CONCURRENCY,
@@ -54,15 +55,30 @@ from bridgekit.checks import (
     measure,
     record_watermarks,
     tls_probe,
+    watermarks,
     worst,
 )
 from bridgekit.errors import NotFoundError
 
 __all__ = [
     "EMAIL_PATTERN",
+    "GUIDE",
     "Assessment",
+    "AssessmentReport",
+    "checks_from_run",
+    "compare",
     "compare_with_planted",
+    "effort",
+    "guide",
+    "load_previous",
 ]
+
+#: The primary name column of the tables whose records a finding lists.
+PRIMARY_NAME = {"account": "name", "contact": "fullname", "lead": "fullname", "opportunity": "name",
+                "systemuser": "fullname", "team": "name", "businessunit": "name", "email": "subject",
+                "appointment": "subject", "phonecall": "subject", "task": "subject"}
+#: A user's page in the Microsoft Entra admin centre.
+ENTRA_USER_LINK = "https://entra.microsoft.com/#view/Microsoft_AAD_UsersAndTenants/UserProfileMenuBlade/~/overview/userId/{id}"
 
 #: The documented rule the emulator's malformed emails break; commas are never valid in a domain either.
 EMAIL_PATTERN = re.compile(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$")
@@ -92,9 +108,7 @@ def _rate_status(count: int, population: int, red_rate: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    return report.duration(seconds)
 
 
 def _pct(x: float | None) -> str:
@@ -126,6 +140,8 @@ class Assessment:
         self._rows: dict[str, int] = {}
         self._full_sync_s: float | None = None
         self._columns: dict[str, dict[str, str]] | None = None
+        #: The yardsticks each area ran with (for the report's method appendix).
+        self.settings: dict[str, dict[str, Any]] = {}
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -186,6 +202,7 @@ class Assessment:
         """Latency per endpoint (p50/p95 over ``calls`` calls against ``threshold_ms``) and TLS per endpoint."""
         import plotly.graph_objects as go
 
+        self.settings["connectivity"] = {"calls": calls, "threshold_ms": threshold_ms}
         self._latency = measure(endpoints(self.wb), calls)
         checks: list[Check] = []
         for lat in self._latency:
@@ -245,6 +262,7 @@ class Assessment:
         fig.add_hline(y=threshold_ms, line_dash="dash", annotation_text=f"threshold {threshold_ms:.0f} ms")
         fig.update_layout(title=f"Latency per endpoint over {calls} calls", barmode="group",
                           xaxis_title="endpoint", yaxis_title="latency (ms)")
+        report.style_figure(fig)
         return self._add("connectivity", Section("Connectivity and TLS", checks, self._latency, fig))
 
     # -- identity ---------------------------------------------------------------------------------
@@ -262,6 +280,7 @@ class Assessment:
     def identity(self, *, expiry_warn_days: int = 60) -> Section:
         """Granted application permissions against the sync plan, and credential expiry."""
         prof = self.wb.profile
+        self.settings["identity"] = {"expiry_warn_days": expiry_warn_days}
         checks: list[Check] = []
         graph_claims = self._claims(prof.graph_url)
         granted = sorted(str(r) for r in graph_claims.get("roles", []))
@@ -296,9 +315,7 @@ class Assessment:
             who = self.wb.dataverse.whoami()
             checks.append(Check("identity.dataverse_access", "identity", "Dataverse application user", "green",
                                 f"token accepted; WhoAmI answers as user {who.get('UserId')} in business unit "
-                                f"{who.get('BusinessUnitId')}",
-                                "give the application user a custom security role with read access to the planned "
-                                "tables only (Dataverse authorises app-only callers through its security roles)",
+                                f"{who.get('BusinessUnitId')}", "",
                                 measures={"user_id": who.get("UserId"),
                                           "token_roles": sorted(str(r) for r in dv_claims.get("roles", []))}))
         checks.append(self._credential_check(graph_claims, expiry_warn_days))
@@ -388,8 +405,9 @@ class Assessment:
         rows = self.rows()
         this_month = _dt.date(self.now.year, self.now.month, 1)
         first = (pd.Timestamp(this_month) - pd.DateOffset(months=growth_months)).date()
+        self.settings["volumes"] = {"growth_months": growth_months, "large_rows": large_rows}
         table_rows: list[dict[str, Any]] = []
-        fig = go.Figure()
+        series: dict[str, dict[Any, int]] = {}
         for t in self.planned_tables():
             if t not in rows:
                 continue
@@ -399,7 +417,7 @@ class Assessment:
                 months = [m.date() if hasattr(m, "date") else m for m in monthly["month"]]
                 recent = [int(c) for m, c in zip(months, monthly["created"], strict=True) if first <= m < this_month]
                 per_month = sum(recent) / growth_months
-                fig.add_trace(go.Scatter(x=months, y=[int(c) for c in monthly["created"]], mode="lines", name=t))
+                series[t] = {m: int(c) for m, c in zip(months, monthly["created"], strict=True)}
             n = rows[t]
             growth = (per_month / n) if per_month is not None and n else None
             projected = int(n + 12 * per_month) if per_month is not None else n
@@ -417,8 +435,13 @@ class Assessment:
                         finding + (f"; over {large_rows:,} rows within 12 months: {', '.join(big)}" if big else ""),
                         "plan archiving (retention policies) and partitioned full loads for the large tables" if big else "",
                         count=total, ids=big, measures={"total_rows": total})]
+        # The seven busiest tables by name, the rest summed as "other": more lines cannot be told apart.
+        axis = sorted({m for per in series.values() for m in per})
+        fig = go.Figure([go.Scatter(x=axis, y=ys, mode="lines", name=name) for name, ys in report.top_n(
+            {t: [per.get(m, 0) for m in axis] for t, per in series.items()}, other="other tables").items()])
         fig.update_layout(title="New rows per month (by creation date)", xaxis_title="month",
-                          yaxis_title="rows created per month", yaxis_type="log")
+                          yaxis_title="rows created per month (count)")
+        report.style_figure(fig)
         return self._add("volumes", Section("Volumes and growth", checks, data, fig))
 
     def full_sync_estimate(self, *, window_hours: float = 8.0, concurrency: int | None = None) -> Section:
@@ -434,6 +457,7 @@ class Assessment:
         import plotly.graph_objects as go
 
         prof = self.wb.profile
+        self.settings["full_sync"] = {"window_hours": window_hours}
         rows = self.rows()
         page_size = min(prof.sync.page_size, DATAVERSE_MAX_PAGE)
         conc = max(1, min(concurrency or prof.max_concurrency, DATAVERSE_MAX_CONCURRENCY))
@@ -494,9 +518,14 @@ class Assessment:
                                   "dataverse_parallel": dv_parallel, "page_latency_s": round(t0, 4),
                                   "row_cost_ms": round(t_row * 1000, 4), "graph_page_s": round(g, 4)})]
         data = pd.DataFrame(estimates)
-        fig = go.Figure(go.Bar(x=data["table"] if len(data) else [], y=data["minutes"] if len(data) else []))
+        # One unit for the whole chart, chosen by the largest bar, so the axis reads "2.5 s", not "300µ min".
+        top_s = max((e["minutes"] * 60 for e in estimates), default=0.0)
+        unit, per = ("s", 1.0) if top_s < 180 else ("min", 60.0) if top_s < 3 * 3600 else ("h", 3600.0)
+        fig = go.Figure(go.Bar(x=data["table"] if len(data) else [],
+                               y=[m * 60 / per for m in data["minutes"]] if len(data) else []))
         fig.update_layout(title="Estimated full sync time per table", xaxis_title="table",
-                          yaxis_title="estimated time (minutes)")
+                          yaxis_title=f"estimated time ({unit})")
+        report.style_figure(fig)
         return self._add("full_sync", Section("Full sync estimate", checks, data, fig))
 
     # -- data quality ------------------------------------------------------------------------------
@@ -609,6 +638,7 @@ class Assessment:
         """Duplicate accounts, missing and malformed emails, orphan lookups, stale open opportunities."""
         import plotly.graph_objects as go
 
+        self.settings["quality"] = {"stale_days": stale_days, "red_rate": red_rate}
         rows = self.rows()
         checks: list[Check] = []
         if self._has("dataverse.account"):
@@ -671,12 +701,14 @@ class Assessment:
                 "close them as lost or re-date them with the owners; stale deals inflate the pipeline and forecasts"
                 if stale else "", count=len(stale), rate=len(stale) / n if n else None, ids=stale,
                 measures={"open": n_open, "stale_days": stale_days}))
-        fig = go.Figure(go.Bar(x=[c.id.split(".", 1)[1] for c in checks],
+        fig = go.Figure(go.Bar(x=[c.title for c in checks],
                                y=[(c.rate or 0.0) * 100 for c in checks],
+                               text=[report.status_word(c.status) for c in checks], textposition="outside",
                                marker_color=[STATUS_COLOUR[c.status] for c in checks]))
         fig.add_hline(y=red_rate * 100, line_dash="dash", annotation_text=f"red at {red_rate * 100:g}%")
         fig.update_layout(title="Data quality: affected share of each table", xaxis_title="check",
                           yaxis_title="affected rows (% of table)")
+        report.style_figure(fig)
         return self._add("quality", Section("Data quality", checks, None, fig))
 
     # -- cross-system -------------------------------------------------------------------------------
@@ -686,6 +718,7 @@ class Assessment:
         import pandas as pd
         import plotly.graph_objects as go
 
+        self.settings["cross"] = {"inactive_days": inactive_days}
         checks: list[Check] = []
         owned = pd.DataFrame(columns=["table", "records"])
         if self._has("graph.users") and self._has("dataverse.systemuser"):
@@ -719,7 +752,8 @@ class Assessment:
                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""),
                 "reassign their records (Reassign records on the user, or a bulk owner update) to active users or a "
                 "team; nobody works these accounts and opportunities" if owners else "",
-                count=len(owners), ids=owners, measures={"records": counts, "records_total": total}))
+                count=len(owners), ids=owners, measures={"records": counts, "records_total": total,
+                                                         "by_user": {u: per_user[u] for u in owners}}))
             active = sorted(str(i) for i, d in zip(disabled["id"], disabled["isdisabled"], strict=True) if not d)
             checks.append(Check(
                 "cross.disabled_users_active_in_crm", "cross-system", "Disabled Entra users still active in Dataverse",
@@ -762,6 +796,7 @@ class Assessment:
         fig = go.Figure(go.Bar(x=owned["table"] if len(owned) else [], y=owned["records"] if len(owned) else []))
         fig.update_layout(title="CRM records owned by users disabled in Entra ID", xaxis_title="table",
                           yaxis_title="records owned (count)")
+        report.style_figure(fig)
         return self._add("cross", Section("Cross-system consistency", checks, owned, fig))
 
     # -- infrastructure -----------------------------------------------------------------------------
@@ -777,6 +812,9 @@ class Assessment:
         syncs and the warehouse: 2 vCores / 8 GB minimum, 4 / 16 recommended. RPO at most 15 minutes and
         RTO at most 4 hours are the integration's service targets.
         """
+        self.settings["infrastructure"] = {"users": users, "min_kbytes_per_user": min_kbytes_per_user,
+                                           "min_vcores": min_vcores, "min_ram_gb": min_ram_gb,
+                                           "rec_vcores": rec_vcores, "rec_ram_gb": rec_ram_gb}
         checks: list[Check] = []
         need = min_kbytes_per_user * 8 / 1000 * 1000  # Mbit/s per 1,000 users (50 KB/s -> 400 Mbit/s)
         status = ("green" if bandwidth_mbps_per_1000_users >= need else
@@ -846,7 +884,7 @@ class Assessment:
                          for s in ("green", "amber", "red")])
         fig.update_layout(title="Readiness by area", barmode="stack", xaxis_title="area",
                           yaxis_title="checks (count)")
-        return fig
+        return report.style_figure(fig)
 
     def record(self) -> dict[str, Any]:
         """Record every check (``bridgekit.record.check``), the key results and the data watermark.
@@ -861,21 +899,123 @@ class Assessment:
         results = {"checks": statuses,
                    "findings": {c.id: c.count for c in self.checks if c.area in ("data quality", "cross-system")},
                    "full_sync_minutes": None if self._full_sync_s is None else round(self._full_sync_s / 60, 2),
-                   "latency_p95_ms": {la.endpoint: la.p(95) and round(la.p(95) or 0, 1) for la in self._latency}}
+                   "latency_p95_ms": {la.endpoint: la.p(95) and round(la.p(95) or 0, 1) for la in self._latency},
+                   # Every check's status and count: what the next assessment compares itself with.
+                   "check_counts": {c.id: c.count for c in self.checks}}
         for k, v in results.items():
             record.result(k, v)
         return results
 
+    # -- evidence: the affected records of every exact finding ----------------------------------------
+
+    def _key(self, table: str) -> str:
+        spec = self.wb.warehouse.state().get(f"dataverse.{table}", {}).get("spec") or "{}"
+        try:
+            key = json.loads(spec).get("key")
+        except (TypeError, ValueError):
+            key = None
+        return str(key or f"{table}id")
+
+    def _records(self, table: str, ids: Sequence[str], extra: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """``id``, ``record`` (the primary name), ``owner`` (user or team name) and ``extra`` columns of some rows."""
+        if not ids or not self._has(f"dataverse.{table}"):
+            return []
+        cols = self.columns(f"dataverse.{table}")
+        name = next((c for c in (PRIMARY_NAME.get(table, ""), "name", "fullname", "subject", "title") if c in cols),
+                    None)
+        joins, owners = "", []
+        if "ownerid" in cols:
+            if self._has("dataverse.systemuser"):
+                joins += " LEFT JOIN dataverse.systemuser ou ON ou.systemuserid = r.ownerid"
+                owners.append("ou.fullname")
+            if self._has("dataverse.team"):
+                joins += " LEFT JOIN dataverse.team ot ON ot.teamid = r.ownerid"
+                owners.append("ot.name")
+            owners.append("r.ownerid::VARCHAR")
+        key = self._key(table)
+        more = "".join(f", {expr} AS {_q(alias)}" for alias, expr in (extra or {}).items())
+        df = self.wb.sql(
+            f"SELECT {f'r.{_q(name)}' if name else 'NULL'} AS record, r.{_q(key)}::VARCHAR AS id, "
+            f"{'coalesce(' + ', '.join(owners) + ')' if owners else 'NULL'} AS owner{more} "
+            f"FROM dataverse.{_q(table)} r{joins} WHERE r.{_q(key)}::VARCHAR IN (SELECT unnest(?::VARCHAR[])) "
+            "ORDER BY 1, 2", [list(ids)])
+        return [{**r, "table": table, "link": self.record_link(table, str(r["id"]))} for r in df.to_dict("records")]
+
+    def record_link(self, table: str, record_id: str) -> str | None:
+        """The address that opens a record in the Dynamics 365 UI (None without a Dataverse URL)."""
+        base = (self.wb.profile.dataverse_url or "").rstrip("/")
+        return f"{base}/main.aspx?etn={table}&id={record_id}&pagetype=entityrecord" if base else None
+
+    def evidence(self) -> dict[str, list[dict[str, Any]]]:
+        """The affected records of every exact finding that is not green, by check id.
+
+        Each row: ``record`` (primary name), ``id``, ``table``, ``owner``, ``detail`` (what is wrong with it) and
+        ``link`` (opens it in Dynamics 365); users also carry ``entra_link`` (the Entra admin centre).
+        """
+        out: dict[str, list[dict[str, Any]]] = {}
+        by_id = {c.id: c for c in self.checks if c.status != "green" and c.ids}
+        if "quality.duplicate_accounts" in by_id:
+            _dups, clusters = self.duplicate_accounts()
+            everyone = self._records("account", [i for cl in clusters for i in cl])
+            names = {r["id"]: r["record"] for r in everyone}
+            original = {d: cl[0] for cl in clusters for d in cl[1:]}
+            out["quality.duplicate_accounts"] = [
+                {**r, "detail": f"duplicate of {names.get(original[r['id']])} ({original[r['id']]})",
+                 "original_id": original[r["id"]]} for r in everyone if r["id"] in original]
+        if "quality.contacts_missing_email" in by_id:
+            out["quality.contacts_missing_email"] = [
+                {**r, "detail": "no email address"}
+                for r in self._records("contact", by_id["quality.contacts_missing_email"].ids)]
+        if "quality.contacts_malformed_email" in by_id:
+            out["quality.contacts_malformed_email"] = [
+                {**{k: v for k, v in r.items() if k != "email"}, "detail": f"email: {r['email']}"}
+                for r in self._records("contact", by_id["quality.contacts_malformed_email"].ids,
+                                       {"email": "r.emailaddress1"})]
+        if "quality.orphan_lookups" in by_id:
+            rows: list[dict[str, Any]] = []
+            for where, ids in sorted(by_id["quality.orphan_lookups"].measures.get("by_lookup_ids", {}).items()):
+                table, column = where.split(".", 1)
+                rows += [{**{k: v for k, v in r.items() if k not in ("target", "target_type")},
+                          "detail": f"{column} points at {r['target_type']} {r['target']}, which does not exist"}
+                         for r in self._records(table, ids, {"target": f"r.{_q(column)}::VARCHAR",
+                                                            "target_type": f"r.{_q(column + '_entitytype')}"})]
+            out["quality.orphan_lookups"] = rows
+        if "quality.stale_open_opportunities" in by_id:
+            out["quality.stale_open_opportunities"] = [
+                {**{k: v for k, v in r.items() if k not in ("due", "value")},
+                 "detail": f"due {report.cell(r['due'])}, estimated value {report.num(r['value'])}"}
+                for r in self._records("opportunity", by_id["quality.stale_open_opportunities"].ids,
+                                       {"due": "r.estimatedclosedate::DATE", "value": "r.estimatedvalue"})]
+        for cid in ("cross.disabled_users_owning_records", "cross.disabled_users_active_in_crm"):
+            if cid in by_id:
+                owned = by_id[cid].measures.get("by_user", {})
+                out[cid] = [
+                    {**{k: v for k, v in r.items() if k not in ("upn", "aad")}, "owner": None,
+                     "detail": f"{r['upn'] or 'no sign-in name'} disabled in Entra ID"
+                               + (f"; owns {owned[r['id']]:,} CRM records" if r["id"] in owned else
+                                  "; still enabled in Dataverse"),
+                     "entra_link": ENTRA_USER_LINK.format(id=r["aad"]) if r["aad"] else None}
+                    for r in self._records("systemuser", by_id[cid].ids,
+                                           {"upn": "r.domainname", "aad": "r.azureactivedirectoryobjectid::VARCHAR"})]
+        if "cross.contacts_without_engagement" in by_id:
+            out["cross.contacts_without_engagement"] = [
+                {**{k: v for k, v in r.items() if k != "email"}, "detail": f"{r['email']}: no mail or meeting"}
+                for r in self._records("contact", by_id["cross.contacts_without_engagement"].ids,
+                                       {"email": "r.emailaddress1"})]
+        order = ("record", "id", "table", "owner", "detail", "link", "entra_link", "original_id")
+        return {k: [{c: r.get(c) for c in order if c in r} for r in v] for k, v in out.items()}
+
     def ground_truth(self) -> Any:
-        """For an emulator profile: the defects the emulator planted against what the checks found (else None)."""
+        """For an emulator profile: the defects the emulator planted against what the checks found (else None).
+
+        This is the emulator's answer key: it belongs in the terminal and in its own file (``bridgekit demo``
+        writes ``ground_truth.json``), never in the customer's report or the manifest.
+        """
         truth = self.wb.emulator_truth()
         planted = (truth or {}).get("planted_defects")
         if not planted:
             return None
-        table = compare_with_planted(self.checks, planted)
-        record.result("planted_defects", {r["defect"]: {k: r[k] for k in ("planted", "found", "matched")}
-                                          for r in table.to_dict("records")})
-        return table
+        return compare_with_planted(self.checks, planted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -900,6 +1040,24 @@ def _planted_ids(name: str, entry: Mapping[str, Any]) -> list[str]:
     return sorted(str(i) for i in entry.get("ids", []))
 
 
+def checks_from_run(run_dir: Any) -> list[Check]:
+    """The checks of a finished assess run, rebuilt from its manifest and ``evidence.csv`` (with their ids)."""
+    import csv
+    from pathlib import Path
+
+    m = load_previous(run_dir)
+    counts = (m.get("results") or {}).get("check_counts") or {}
+    ids: dict[str, list[str]] = {}
+    path = Path(run_dir) / EVIDENCE_CSV
+    if path.is_file():
+        with path.open(encoding="utf-8", newline="") as fh:
+            for row in csv.DictReader(fh):
+                ids.setdefault(row["finding"], []).append(row["id"])
+    return [Check(str(c["name"]), "", str(c["name"]), str(c["status"]), str(c.get("detail", "")),
+                  count=int(counts.get(c["name"], 0) or 0), ids=sorted(set(ids.get(str(c["name"]), []))))
+            for c in m.get("checks", [])]
+
+
 def compare_with_planted(checks: Sequence[Check], planted: Mapping[str, Any]) -> Any:
     """One row per planted defect: planted count and rate, what the matching check found, matched/missed/extra ids."""
     import pandas as pd
@@ -917,3 +1075,371 @@ def compare_with_planted(checks: Sequence[Check], planted: Mapping[str, Any]) ->
                      "found": c.count if c else 0, "matched": len(want_l & got),
                      "missed": len(want_l - got), "extra": len(got - want_l)})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The customer report
+# --------------------------------------------------------------------------------------------------
+
+#: Per check (longest id prefix wins): owner role, impact (3 high .. 1 low), why it matters, effort.
+#: Effort is ``("record", minutes per affected record)`` or ``("fixed", "text")``.
+GUIDE: dict[str, tuple[str, int, str, tuple[str, Any]]] = {
+    "connectivity.latency": (
+        "integration developer", 2, "Every page of every sync pays the round trip: a slow path stretches the sync "
+        "window and makes long runs time out.", ("fixed", "1-2 days")),
+    "connectivity.tls": (
+        "integration developer", 1, "TLS protects the customer's data in flight; Microsoft's cloud services refuse "
+        "anything older than TLS 1.2.", ("fixed", "about 2 h")),
+    "identity.graph_permissions": (
+        "Entra admin", 2, "Application permissions apply to the whole tenant: an unused one is access an attacker "
+        "gets for free, a missing one makes the sync of a resource fail.", ("fixed", "about 1 h")),
+    "identity.dataverse_access": (
+        "Dataverse admin", 2, "Without an application user the integration cannot read Dataverse at all.",
+        ("fixed", "about 1 h")),
+    "identity.credential_expiry": (
+        "Entra admin", 3, "When the app's credential expires every sync stops at once.", ("fixed", "about 1 h")),
+    "change_tracking": (
+        "Dataverse admin", 2, "Without change tracking every sync reloads the whole table: more load on the "
+        "service, longer windows, more throttling.", ("fixed", "15 min per table")),
+    "volumes.growth": (
+        "integration developer", 1, "Large and fast-growing tables decide storage cost and how long a reload takes.",
+        ("fixed", "1-2 days")),
+    "volumes.full_sync_time": (
+        "integration developer", 2, "The first load, and any rebuild, must fit a maintenance window under the "
+        "service protection limits.", ("fixed", "1-2 days")),
+    "quality.duplicate_accounts": (
+        "data steward", 3, "Duplicates split contacts, opportunities and activities over two records: reports count "
+        "twice and an integration updates one copy but not the other.", ("record", 10)),
+    "quality.contacts_missing_email": (
+        "data steward", 2, "A contact without an email cannot be matched with mailbox traffic, gets no mail from "
+        "campaigns and is invisible to server-side synchronisation.", ("record", 5)),
+    "quality.contacts_malformed_email": (
+        "data steward", 2, "Mail to a malformed address bounces, and the contact cannot be matched with mail or "
+        "meetings.", ("record", 3)),
+    "quality.orphan_lookups": (
+        "integration developer", 3, "A lookup to a record that no longer exists breaks roll-ups and reports, and "
+        "the integration's joins drop these rows.", ("record", 5)),
+    "quality.stale_open_opportunities": (
+        "data steward", 2, "Deals past their close date inflate the pipeline and every forecast built on it.",
+        ("record", 5)),
+    "cross.disabled_users_owning_records": (
+        "Dataverse admin", 3, "Nobody works the records of a person who has left: their accounts and opportunities "
+        "go unattended.", ("record", 30)),
+    "cross.disabled_users_active_in_crm": (
+        "Dataverse admin", 3, "A person disabled in Entra ID but enabled in Dataverse keeps a licence and security "
+        "roles that nobody should hold.", ("record", 15)),
+    "cross.contacts_without_engagement": (
+        "data steward", 1, "Contacts nobody writes to or meets are either out of date or covered by mailboxes the "
+        "sync does not see.", ("record", 2)),
+    "infrastructure": (
+        "integration developer", 2, "The integration host, the network and the recovery design must carry the "
+        "load and meet the service targets.", ("fixed", "1-3 days")),
+}
+_RATING = {"red": ("Not ready", "findings rated red must be resolved before go-live"),
+           "amber": ("Ready with conditions", "no red findings; the amber ones need a plan"),
+           "green": ("Ready", "every check passed")}
+_AREA_ORDER = ("connectivity", "identity", "change_tracking", "volumes", "full_sync", "quality", "cross",
+               "infrastructure")
+EVIDENCE_XLSX = "evidence.xlsx"
+EVIDENCE_CSV = "evidence.csv"
+
+
+def guide(check_id: str) -> tuple[str, int, str, tuple[str, Any]]:
+    """The owner role, impact, why-it-matters and effort of a check (longest matching id prefix)."""
+    for prefix in sorted(GUIDE, key=len, reverse=True):
+        if check_id == prefix or check_id.startswith(prefix + "."):
+            return GUIDE[prefix]
+    return ("integration developer", 1, "", ("fixed", "to be estimated"))
+
+
+def effort(check: Check) -> str:
+    """The effort to resolve a finding, in words (per-record work is summed; 8-hour days)."""
+    kind, value = guide(check.id)[3]
+    if kind != "record":
+        return str(value)
+    minutes = float(value) * max(check.count, 1)
+    if minutes < 60:
+        return f"about {minutes:.0f} min"
+    if minutes < 8 * 60:
+        return f"about {math.ceil(minutes / 60)} h"
+    return f"about {math.ceil(minutes / 480)} days"
+
+
+def load_previous(path: str | Any) -> dict[str, Any]:
+    """The manifest of an earlier assessment run: its run directory or its ``manifest.json``.
+
+    Raises:
+        NotFoundError: neither is there.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise NotFoundError(f"no earlier assessment at {path}", hint="pass the earlier run's directory or its "
+                            "manifest.json as compare_with")
+    data: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
+    return data
+
+
+def compare(previous: Mapping[str, Any], checks: Sequence[Check]) -> list[dict[str, Any]]:
+    """What changed since an earlier assessment (its manifest): one row per check that is or was not green.
+
+    ``change`` is ``resolved`` (now green), ``new`` (was green or not checked), ``worse`` / ``better`` (the
+    status, or else the number of affected records, moved) or ``unchanged``.
+    """
+    before = {str(c["name"]): str(c["status"]) for c in previous.get("checks", [])}
+    results = previous.get("results", {})
+    counts_before = results.get("check_counts") or results.get("findings") or {}
+    rows = []
+    now = {c.id: c for c in checks}
+    for cid in list(dict.fromkeys([*before, *now])):
+        was, c = before.get(cid), now.get(cid)
+        is_ = c.status if c else None
+        if (was in (None, "green")) and (is_ in (None, "green")):
+            continue
+        n_was, n_is = counts_before.get(cid), (c.count if c else None)
+        if is_ in (None, "green"):
+            change = "resolved"
+        elif was in (None, "green"):
+            change = "new"
+        elif STATUS_ORDER[is_] != STATUS_ORDER[str(was)]:
+            change = "worse" if STATUS_ORDER[is_] > STATUS_ORDER[str(was)] else "better"
+        elif n_was is not None and n_is is not None and n_is != n_was:
+            change = "worse" if n_is > n_was else "better"
+        else:
+            change = "unchanged"
+        rows.append({"change": change, "check": cid, "title": c.title if c else cid, "before": was or "not checked",
+                     "now": is_ or "not checked", "records_before": n_was, "records_now": n_is})
+    order = {"resolved": 0, "better": 1, "new": 2, "worse": 3, "unchanged": 4}
+    return sorted(rows, key=lambda r: (order[r["change"]], r["check"]))
+
+
+class AssessmentReport:
+    """The assessment as the document a consultant hands over: title block, executive summary, one section
+    per area with its evidence, appendices; the affected records in Excel and CSV beside it.
+
+    Args:
+        assessment: An :class:`Assessment` whose areas have run.
+        customer: The customer or tenant name for the title block.
+        consultant: Who prepared the assessment.
+        compare_with: An earlier assessment run (directory or manifest) for a "since the last assessment"
+            section, or None.
+        evidence_rows: How many affected records each finding lists in the report (all are in the workbook).
+
+    Example:
+        >>> doc = AssessmentReport(a, customer="Contoso", consultant="A. Consultant")  # doctest: +SKIP
+        >>> doc.executive_summary()                                                     # doctest: +SKIP
+    """
+
+    def __init__(self, assessment: Assessment, *, customer: str = "", consultant: str = "",
+                 compare_with: str | None = None, evidence_rows: int = 8) -> None:
+        self.a = assessment
+        self.customer = customer
+        self.consultant = consultant
+        self.evidence_rows = evidence_rows
+        self.evidence = assessment.evidence()
+        self.previous = load_previous(compare_with) if compare_with else None
+        self.changes = compare(self.previous, assessment.checks) if self.previous is not None else None
+
+    # -- pieces -------------------------------------------------------------------------------------
+
+    def actions(self, top: int = 5) -> list[dict[str, Any]]:
+        """The actions that matter most: every non-green finding, red first, then by impact and size."""
+        todo = [c for c in self.a.checks if c.status != "green" and c.recommendation]
+        todo.sort(key=lambda c: (-STATUS_ORDER[c.status], -guide(c.id)[1], -(c.rate or 0.0), -c.count))
+        return [{"rank": i, "action": _sentence(c.recommendation.split("; ")[0]),
+                 "finding": c.title, "status": c.status,
+                 "records": len(self.evidence[c.id]) if c.id in self.evidence else None,
+                 "owner": guide(c.id)[0], "effort": effort(c), "check": c.id} for i, c in enumerate(todo[:top], 1)]
+
+    def _data_as_of(self) -> tuple[Any, list[str]]:
+        marks = watermarks(self.a.wb.warehouse, [t for t in self.a.planned_tables() if t in self.a.warehouse_tables()])
+        ended = [w["last_ended_at"] for w in marks if w.get("last_ended_at") is not None]
+        runs = sorted({str(w["sync_run_id"]) for w in marks if w.get("sync_run_id")})
+        return (max(ended) if ended else None), runs
+
+    def title_block(self) -> report.Html:
+        """Title, customer, consultant, date, scope, data as of the sync watermark, bridgekit version."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            bk = version("bridgekit")
+        except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+            bk = "unknown"
+        prof = self.a.wb.profile
+        as_of, runs = self._data_as_of()
+        scope = (f"{len(prof.sync.dataverse)} Dataverse tables and {len(prof.sync.graph)} Microsoft Graph resources "
+                 "(connectivity, identity, change tracking, volumes, data quality, cross-system consistency, "
+                 "infrastructure)")
+        rows = [("Customer", self.customer or f"tenant {prof.tenant_id}"),
+                ("Prepared by", self.consultant or "-"),
+                ("Date", self.a.now.date().isoformat()),
+                ("Scope", scope),
+                ("Data as of", f"{report.cell(as_of)} (sync run {', '.join(runs) or '-'})"),
+                ("Tool", f"bridgekit {bk}, profile {prof.name}")]
+        info = "".join(f'<dt style="font-weight:600">{k}</dt><dd style="margin:0">{html.escape(str(v))}</dd>'
+                       for k, v in rows)
+        return report.Html(f'<header class="bk-title"><h1 style="margin-bottom:0.2em">Integration readiness '
+                           f'assessment</h1><p style="font-size:1.25em;margin-top:0">'
+                           f'{html.escape(self.customer or "tenant " + str(prof.tenant_id))}</p>'
+                           f'<dl style="display:grid;grid-template-columns:max-content auto;gap:2px 16px;font-size:0.95em">'
+                           f"{info}</dl></header>")
+
+    def executive_summary(self) -> report.Html:
+        """The first screen: overall rating, counts by severity, the top actions with owner and effort."""
+        checks = self.a.checks
+        overall = worst(c.status for c in checks)
+        label, why = _RATING[overall]
+        counts = {s: sum(1 for c in checks if c.status == s) for s in ("red", "amber", "green")}
+        tally = " ".join(f"{report.badge(s)}&nbsp;{n}" for s, n in counts.items())
+        acts = self.actions()
+        areas = [{"area": self.a.sections[k].title, "status": self.a.sections[k].status,
+                  "checks": len(self.a.sections[k].checks),
+                  "red": sum(1 for c in self.a.sections[k].checks if c.status == "red"),
+                  "amber": sum(1 for c in self.a.sections[k].checks if c.status == "amber")}
+                 for k in _AREA_ORDER if k in self.a.sections]
+        body = report.join(
+            f'<p style="font-size:1.2em"><b>Overall readiness:</b> {report.badge(overall)} '
+            f"<b>{html.escape(label)}</b>: {html.escape(why)}.</p>",
+            f"<p><b>Checks by severity:</b> {tally}</p>",
+            report.heading("Top actions", 3),
+            report.table(acts, ["rank", "action", "finding", "status", "records", "owner", "effort"],
+                         labels={"status": "severity", "records": "records affected"})
+            if acts else report.paragraph("Nothing to do: every check passed."),
+            report.heading("Areas at a glance", 3),
+            report.table(areas),
+        )
+        changes = self.changes
+        if changes is not None:
+            n = {k: sum(1 for r in changes if r["change"] == k) for k in ("resolved", "better", "new", "worse")}
+            body = report.join(body, report.paragraph(
+                f"{n['resolved']} resolved, {n['better']} better, {n['new']} new, {n['worse']} worse "
+                "(see \"Since the last assessment\").", label="Since the last assessment:"))
+        return report.section("Executive summary", body, page_break=False, anchor="summary")
+
+    def progress(self) -> report.Html:
+        """"Since the last assessment": findings resolved, better, new and worse, with record counts."""
+        if self.changes is None or self.previous is None:
+            return report.Html("")
+        n = {k: sum(1 for r in self.changes if r["change"] == k)
+             for k in ("resolved", "better", "new", "worse", "unchanged")}
+        record.result("since_last_assessment", {k: v for k, v in n.items()})
+        when = str(self.previous.get("started_at") or "")[:10]
+        shown = [r for r in self.changes if r["change"] != "unchanged"]
+        return report.section(
+            "Since the last assessment",
+            report.paragraph(f"Compared with the assessment of {when or 'an earlier date'}: "
+                             + ", ".join(f"{v} {k}" for k, v in n.items()) + "."),
+            report.table(shown, ["change", "title", "before", "now", "records_before", "records_now"],
+                         formats={"before": "status", "now": "status"},
+                         labels={"title": "finding", "records_before": "records before", "records_now": "records now"})
+            if shown else report.paragraph("No finding changed."), anchor="since")
+
+    def _evidence_block(self, c: Check) -> str:
+        rows = self.evidence.get(c.id)
+        if not rows:
+            return ""
+        cols = [k for k in ("record", "id", "owner", "detail", "link", "entra_link") if any(r.get(k) for r in rows)]
+        return report.join(
+            f"<p><b>Affected records:</b> {len(rows):,} (all in {EVIDENCE_XLSX}, sheet "
+            f"\"{_sheet(c.id)}\", and {EVIDENCE_CSV})</p>",
+            report.table(rows, cols, formats={"link": "link", "entra_link": "link", "id": "text"},
+                         labels={"link": "Dynamics 365", "entra_link": "Entra admin centre"},
+                         max_rows=self.evidence_rows, more=f"in {EVIDENCE_XLSX}"))
+
+    def area(self, key: str) -> list[Any]:
+        """One area's section (then its chart, when it has one), for ``display(*doc.area("quality"))``."""
+        sec = self.a.sections.get(key)
+        if sec is None:
+            return []
+        parts: list[str] = [f"<p><b>Area rating:</b> {report.badge(sec.status)}</p>"]
+        for c in sec.checks:
+            if c.status == "green":
+                continue
+            owner, _impact, why, _effort = guide(c.id)
+            parts.append(report.join(
+                f'<h3>{report.badge(c.status)} {html.escape(c.title)}</h3>',
+                report.paragraph(c.finding, label="Finding:"),
+                report.paragraph(why, label="Why it matters:") if why else "",
+                report.paragraph(c.recommendation, label="Recommendation:") if c.recommendation else "",
+                report.paragraph(f"{owner}; effort {effort(c)}.", label="Owner:"),
+                self._evidence_block(c)))
+        passed = [{"check": c.title, "finding": c.finding} for c in sec.checks if c.status == "green"]
+        if passed:
+            parts.append(report.join(report.heading(f"Passed ({len(passed)})", 3), report.table(passed)))
+        if key == "volumes" and sec.data is not None and len(sec.data):
+            parts.append(report.table(sec.data, formats={"growth_per_month": "pct"}))
+        if key == "full_sync" and sec.data is not None and len(sec.data):
+            data = [{"table": r["table"], "rows": r["rows"], "requests": r["requests"],
+                     "estimated_time": report.duration(float(r["minutes"]) * 60)} for r in sec.data.to_dict("records")]
+            parts.append(report.table(data))
+        out: list[Any] = [report.section(sec.title, *parts, anchor=key)]
+        if sec.figure is not None:
+            out.append(sec.figure)
+        return out
+
+    def areas(self) -> list[Any]:
+        """Every area's section and chart, in report order."""
+        return [part for key in _AREA_ORDER for part in self.area(key)]
+
+    def appendix(self) -> report.Html:
+        """Method and yardsticks, and where the evidence files are."""
+        s = self.a.settings
+        con, qual = s.get("connectivity", {}), s.get("quality", {})
+        rows = [
+            {"area": "Connectivity and TLS", "yardstick": f"p50 and p95 latency over {con.get('calls', '-')} calls "
+             f"per endpoint against {report.num(con.get('threshold_ms'))} ms (Microsoft's network guidance for "
+             "model-driven apps); TLS 1.2 minimum, 1.3 recommended"},
+            {"area": "Identity and permissions", "yardstick": "the application permissions in the app's tokens "
+             "against what the sync plan reads (least privilege); credential expiry amber within "
+             f"{s.get('identity', {}).get('expiry_warn_days', '-')} days"},
+            {"area": "Change tracking", "yardstick": "enabled on every planned Dataverse table; Graph delta queries"},
+            {"area": "Volumes and full sync", "yardstick": "rows and monthly growth from creation dates; a full sync "
+             "under Dataverse service protection (6,000 requests and 1,200 s of execution per 300 s) within "
+             f"{report.num(s.get('full_sync', {}).get('window_hours'))} h"},
+            {"area": "Data quality", "yardstick": f"red when {report.pct(qual.get('red_rate'))} or more of a table is "
+             f"affected; an open opportunity is stale {qual.get('stale_days', '-')} days after its close date"},
+            {"area": "Cross-system consistency", "yardstick": "Entra ID account state against Dataverse users and "
+             "record ownership; contacts against mail and meetings in the last "
+             f"{s.get('cross', {}).get('inactive_days', '-')} days"},
+            {"area": "Infrastructure", "yardstick": "50 KB/s per user; 2 vCores / 8 GB minimum and 4 / 16 "
+             "recommended per environment; RPO at most 15 minutes, RTO at most 4 hours"},
+        ]
+        return report.section(
+            "Appendix A: method and yardsticks",
+            report.paragraph("Each check is rated green (meets the yardstick), amber (needs a plan) or red (must be "
+                             "resolved before go-live). Findings that name records are exact: every affected record "
+                             f"is listed in {EVIDENCE_XLSX} (a summary sheet and one sheet per finding) and "
+                             f"{EVIDENCE_CSV}, with a link that opens it in Dynamics 365 or the Entra admin centre."),
+            report.table(rows), anchor="method")
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def write_evidence(self, directory: Any = None) -> dict[str, Any]:
+        """Write ``evidence.xlsx`` (summary sheet, one sheet per finding) and ``evidence.csv`` into ``directory``
+        (default: the run's directory under the runner, else the current one). Returns the paths."""
+        from pathlib import Path
+
+        where = Path(directory) if directory is not None else report.output_dir()
+        by_id = {c.id: c for c in self.a.checks}
+        summary = [{"finding": cid, "title": by_id[cid].title, "status": by_id[cid].status,
+                    "records": len(rows), "owner_role": guide(cid)[0], "effort": effort(by_id[cid]),
+                    "sheet": _sheet(cid), "what_was_found": by_id[cid].finding,
+                    "recommendation": by_id[cid].recommendation} for cid, rows in self.evidence.items()]
+        xlsx = report.write_workbook(where / EVIDENCE_XLSX, summary,
+                                     {_sheet(cid): rows for cid, rows in self.evidence.items()},
+                                     link_columns=("link", "entra_link"))
+        csv = report.write_csv(where / EVIDENCE_CSV, [{"finding": cid, **r} for cid, rows in self.evidence.items()
+                                                      for r in rows])
+        return {"xlsx": xlsx, "csv": csv}
+
+
+def _sentence(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text[:1].upper() + text[1:]
+
+
+def _sheet(check_id: str) -> str:
+    return check_id.split(".", 1)[-1][:31]

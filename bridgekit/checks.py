@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bridgekit import record
+from bridgekit import record, report
 from bridgekit.errors import ApiError, AuthError, ConfigError, TransientError
 
 __all__ = [
@@ -43,8 +43,6 @@ __all__ = [
 
 STATUS_ORDER = {"green": 0, "amber": 1, "red": 2}
 STATUS_COLOUR = {"green": "#2ca02c", "amber": "#ff9f1c", "red": "#d62728"}
-# A coloured dot (U+25CF is in every common font, unlike emoji) next to the word: readable without colour too.
-_ICON = {s: f'<span style="color:{c}">&#9679;</span>' for s, c in STATUS_COLOUR.items()}
 
 #: Dataverse service protection per user and web server (api-limits.md, protocols.md §1.12).
 _DV_TOKEN = re.compile(r"^(\d+)")
@@ -107,13 +105,9 @@ def frame(checks: Sequence[Check]) -> Any:
 
 
 def _checks_html(checks: Sequence[Check]) -> str:
-    cell = 'style="text-align:left; vertical-align:top"'
-    rows = "".join(
-        f"<tr><td {cell}>{_ICON[c.status]}&nbsp;{c.status}</td><td {cell}><b>{html.escape(c.title)}</b><br>"
-        f"<code>{html.escape(c.id)}</code></td><td {cell}>{html.escape(c.finding)}</td>"
-        f"<td {cell}>{html.escape(c.recommendation)}</td></tr>" for c in checks)
-    head = "".join(f"<th {cell}>{h}</th>" for h in ("status", "check", "finding", "recommendation"))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    rows = [{"status": c.status, "check": f"<b>{html.escape(c.title)}</b>", "finding": html.escape(c.finding),
+             "recommendation": html.escape(c.recommendation) if c.status != "green" else ""} for c in checks]
+    return report.table(rows, formats={"check": "html", "finding": "html", "recommendation": "html"})
 
 
 @dataclass
@@ -134,8 +128,14 @@ class Section:
         """The checks as a DataFrame."""
         return frame(self.checks)
 
+    def parts(self) -> list[Any]:
+        """The section for a report (its heading, rating and checks), then its chart when it has one."""
+        block = report.section(self.title, f"<p><b>Rating:</b> {report.badge(self.status)}</p>",
+                               _checks_html(self.checks))
+        return [block] + ([self.figure] if self.figure is not None else [])
+
     def _repr_html_(self) -> str:
-        return (f"<p><b>{html.escape(self.title)}:</b> {_ICON[self.status]}&nbsp;{self.status}</p>"
+        return (f"<p><b>{html.escape(self.title)}:</b> {report.badge(self.status)}</p>"
                 f"{_checks_html(self.checks)}")
 
     def __repr__(self) -> str:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from bridgekit import record
+from bridgekit import record, report
 from bridgekit.catalog import DATAVERSE_EXECUTION_S_PER_WINDOW, DATAVERSE_REQUESTS_PER_WINDOW
 from bridgekit.checks import (
+    STATUS_ORDER,
     Check,
     Latency,
     Section,
@@ -26,6 +27,7 @@ from bridgekit.checks import (
     frame,
     measure,
     record_watermarks,
+    watermarks,
     worst,
 )
 
@@ -33,6 +35,8 @@ __all__ = [
     "Monitor",
     "record_sync",
     "sync_figure",
+    "sync_summary",
+    "watermark_table",
 ]
 
 _BURST = "x-ms-ratelimit-burst-remaining-xrm-requests"
@@ -44,32 +48,57 @@ _GRAPH_PCT = "x-ms-throttle-limit-percentage"  # Graph identity APIs, only sent 
 # The sync runbook's report
 # --------------------------------------------------------------------------------------------------
 
-def sync_figure(report: Any) -> Any:
+def sync_figure(run: Any) -> Any:
     """A stacked bar chart of the rows each table gained, changed and lost in one sync run."""
     import plotly.graph_objects as go
 
-    tables = [t.table for t in report.tables]
-    colours = {"created": "#2ca02c", "updated": "#1f77b4", "deleted": "#d62728"}
-    fig = go.Figure([go.Bar(name=kind, x=tables, y=[getattr(t, kind) for t in report.tables],
+    tables = [t.table for t in run.tables]
+    colours = {"created": "#009E73", "updated": "#0072B2", "deleted": "#D55E00"}
+    fig = go.Figure([go.Bar(name=kind, x=tables, y=[getattr(t, kind) for t in run.tables],
                             marker_color=colours[kind]) for kind in ("created", "updated", "deleted")])
-    fig.update_layout(title=f"Rows changed per table in sync run {report.run_id}", barmode="stack",
+    fig.update_layout(title=f"Rows changed per table in sync run {run.run_id}", barmode="stack",
                       xaxis_title="table", yaxis_title="rows changed (count)")
-    return fig
+    return report.style_figure(fig)
 
 
-def record_sync(report: Any, wb: Any) -> dict[str, Any]:
+def sync_summary(run: Any) -> report.Html:
+    """A sync run for the report: one sentence with the totals, then one row per table."""
+    failed = [t.table for t in run.tables if t.status == "error"]
+    status = "red" if failed else "green"
+    rows = [{"table": t.table, "mode": t.mode, "status": "red" if t.status == "error" else "green",
+             "created": t.created, "updated": t.updated, "deleted": t.deleted, "fetched": t.fetched,
+             "pages": t.pages, "time": report.duration(t.duration_s),
+             "note": "; ".join(x for x in ("resynced" if t.resynced else "", "resumed" if t.resumed else "",
+                                           t.error or t.message or "") if x)} for t in run.tables]
+    return report.join(
+        f"<p>{report.badge(status)} Sync run <b>{run.run_id}</b>: {len(run.tables)} tables, "
+        f"{report.num(run.changed)} row changes, {report.num(run.fetched)} rows fetched in "
+        f"{report.duration(run.duration_s)} ({report.num(run.throughput)} rows/s)"
+        + (f"; failed: {', '.join(failed)}" if failed else "") + ".</p>",
+        report.table(rows, formats={"note": "text"}))
+
+
+def watermark_table(wb: Any, tables: Any = None) -> report.Html:
+    """The data watermark of a warehouse for the report: per table the sync run, delta position and rows."""
+    rows = [{"table": w["table"], "sync_run": w["sync_run_id"], "delta_position": w["position"], "rows": w["rows"],
+             "last_status": w["last_status"], "last_synced": w["last_ended_at"]}
+            for w in watermarks(wb.warehouse, tables)]
+    return report.table(rows, formats={"sync_run": "text", "delta_position": "text"})
+
+
+def record_sync(run: Any, wb: Any) -> dict[str, Any]:
     """Record a sync run: watermarks of its tables, its totals, and a red check when a table failed."""
-    record_watermarks(wb, [t.table for t in report.tables])
-    failed = [t.table for t in report.tables if t.status == "error"]
-    results = {"sync_run_id": report.run_id, "tables": len(report.tables), "changed": report.changed,
-               "fetched": report.fetched, "duration_s": round(report.duration_s, 3),
-               "rows_per_s": round(report.throughput, 1), "failed_tables": failed,
-               "changed_by_table": {t.table: t.created + t.updated + t.deleted for t in report.tables}}
+    record_watermarks(wb, [t.table for t in run.tables])
+    failed = [t.table for t in run.tables if t.status == "error"]
+    results = {"sync_run_id": run.run_id, "tables": len(run.tables), "changed": run.changed,
+               "fetched": run.fetched, "duration_s": round(run.duration_s, 3),
+               "rows_per_s": round(run.throughput, 1), "failed_tables": failed,
+               "changed_by_table": {t.table: t.created + t.updated + t.deleted for t in run.tables}}
     for k, v in results.items():
         record.result(k, v)
     record.check("sync.tables", "red" if failed else "green",
                  detail=(f"{len(failed)} table(s) failed: {', '.join(failed)}" if failed
-                         else f"{len(report.tables)} table(s) synced, {report.changed} row change(s)"))
+                         else f"{len(run.tables)} table(s) synced, {run.changed} row change(s)"))
     return results
 
 
@@ -135,6 +164,7 @@ class Monitor:
         fig.add_hline(y=p95_slo_ms, line_dash="dash", annotation_text=f"p95 SLO {p95_slo_ms:g} ms")
         fig.update_layout(title=f"API latency percentiles over {calls} calls", barmode="group",
                           xaxis_title="endpoint", yaxis_title="latency (ms)")
+        report.style_figure(fig)
         self.sections["latency"] = Section("API latency", checks, self._latency, fig)
         return self.sections["latency"]
 
@@ -193,6 +223,7 @@ class Monitor:
         fig.add_hline(y=min_headroom_pct, line_dash="dash", annotation_text=f"floor {min_headroom_pct:g}%")
         fig.update_layout(title="Throttling headroom left per service", xaxis_title="service",
                           yaxis_title="headroom left (% of the limit)", yaxis_range=[0, 100])
+        report.style_figure(fig)
         self.sections["throttling"] = Section("Throttling headroom", checks, shares, fig)
         return self.sections["throttling"]
 
@@ -243,6 +274,7 @@ class Monitor:
         fig.add_hline(y=slo_minutes, line_dash="dash", annotation_text=f"SLO {slo_minutes:g} min")
         fig.update_layout(title="Time since the last successful sync per table", xaxis_title="table",
                           yaxis_title="age (minutes)")
+        report.style_figure(fig)
         self.sections["freshness"] = Section("Sync freshness", checks, data, fig)
         return self.sections["freshness"]
 
@@ -279,12 +311,31 @@ class Monitor:
         fig.add_hline(y=max_error_rate * 100, line_dash="dash", annotation_text=f"SLO {max_error_rate * 100:g}%")
         fig.update_layout(title=f"Failed sync runs per table, last {window_hours:g} h", xaxis_title="table",
                           yaxis_title="failed runs (% of runs)")
+        report.style_figure(fig)
         self.sections["errors"] = Section("Sync error rate", checks, data, fig)
         return self.sections["errors"]
 
     def summary(self) -> Any:
         """Every check as a DataFrame."""
         return frame(self.checks)
+
+    def overview(self) -> report.Html:
+        """The report's first section: the overall status, the breached SLOs and every check, worst first."""
+        checks = sorted(self.checks, key=lambda c: -STATUS_ORDER[c.status])
+        counts = " ".join(f"{report.badge(s)}&nbsp;{sum(1 for c in checks if c.status == s)}"
+                          for s in ("red", "amber", "green"))
+        breached = [c.title for c in checks if c.status == "red"]
+        return report.section(
+            "Summary",
+            f"<p><b>Overall:</b> {report.badge(self.status())} "
+            + (f"SLOs breached: {', '.join(breached)}." if breached else "every SLO met.") + "</p>",
+            f"<p><b>Checks by severity:</b> {counts}</p>",
+            report.table([{"status": c.status, "check": c.title, "finding": c.finding} for c in checks]),
+            page_break=False, anchor="summary")
+
+    def areas(self) -> list[Any]:
+        """Every section of the report and its chart, for ``display(*m.areas())``."""
+        return [part for s in self.sections.values() for part in s.parts()]
 
     def status(self) -> str:
         """The worst status over every check."""

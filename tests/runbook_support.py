@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -49,6 +50,9 @@ class RenderedPage:
     titles: list[str | None] = field(default_factory=list)
     axis_titles: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    text: str = ""
+    tables: int = 0
+    tables_before_summary: int | None = None  # None: the page has no executive summary (#summary)
 
 
 _PROBE = """(() => {
@@ -58,12 +62,22 @@ _PROBE = """(() => {
     rendered: divs.filter(d => d.querySelector('.plotly .main-svg')).length,
     titles: divs.map(d => { const t = d.querySelector('.gtitle'); return t ? t.textContent : null; }),
     axis_titles: divs.map(d => d.querySelectorAll('.xtitle, .ytitle').length),
+    text: document.body.innerText,
+    tables: document.querySelectorAll('table').length,
+    tables_before_summary: (() => {
+      const s = document.getElementById('summary');
+      if (!s) return null;
+      return [...document.querySelectorAll('table')].filter(
+        t => s.compareDocumentPosition(t) & Node.DOCUMENT_POSITION_PRECEDING).length;
+    })(),
   });
 })()"""
 
 
-def render(html: Path, *, timeout: float = 60.0) -> RenderedPage:
+def render(html: Path, *, timeout: float = 60.0, screenshot: Path | None = None) -> RenderedPage:
     """Open ``html`` in headless Chromium over the DevTools protocol; wait until every chart has drawn.
+
+    With ``screenshot``, the first screen (1280 x 1600) is saved there as a PNG.
 
     Errors are uncaught exceptions, ``console.error`` calls and browser log entries at level error (a failed
     resource load, a blocked script).
@@ -106,6 +120,8 @@ def render(html: Path, *, timeout: float = 60.0) -> RenderedPage:
         session = send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Runtime.enable", "Log.enable", "Page.enable"):
             send(method, session=session)
+        send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1600, "deviceScaleFactor": 1,
+                                                    "mobile": False}, session=session)
         send("Page.navigate", {"url": html.resolve().as_uri()}, session=session)
         while not any(e.get("method") == "Page.loadEventFired" for e in events):
             if time.monotonic() > deadline:
@@ -117,6 +133,9 @@ def render(html: Path, *, timeout: float = 60.0) -> RenderedPage:
             if seen["rendered"] == seen["charts"] or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        if screenshot is not None:
+            shot = send("Page.captureScreenshot", {"format": "png"}, session=session)
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
         ws.close()
         errors = []
         for e in events:
@@ -128,7 +147,8 @@ def render(html: Path, *, timeout: float = 60.0) -> RenderedPage:
                 errors.append(f"console.{params['type']}: {[a.get('value') for a in params.get('args', [])]}")
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 errors.append(f"log: {params['entry'].get('text')}")
-        return RenderedPage(seen["charts"], seen["rendered"], seen["titles"], seen["axis_titles"], errors)
+        return RenderedPage(seen["charts"], seen["rendered"], seen["titles"], seen["axis_titles"], errors,
+                            seen["text"], seen["tables"], seen["tables_before_summary"])
     finally:
         proc.terminate()
         try:

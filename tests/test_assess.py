@@ -6,6 +6,7 @@ emulator); the library-level tests read the same warehouse.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -111,13 +112,109 @@ def test_assess_run_exits_6_with_the_planted_defects_red(demo_runs: Any) -> None
         assert status[area] == "green", area
     assert status["change_tracking.businessunit"] == "amber"  # the emulator, like Dataverse, does not track it
     assert set(m["data_watermark"]) == PLANNED
-    found = m["results"]["planted_defects"]
+    # The emulator's answer key is the demo's, in its own file: never in the manifest or the customer report.
+    assert "planted_defects" not in m["results"]
+    assert "planted" not in (demo_runs.assess / "assess.html").read_text().lower()
+    found = json.loads((demo_runs.assess / "ground_truth.json").read_text())
     assert set(found) == set(demo_runs.planted)
     for name, row in found.items():
         assert row["planted"] == demo_runs.planted[name]["count"]
         assert row["matched"] == row["planted"], name  # every planted defect found
         if name != "duplicate_accounts":
             assert row["found"] == row["planted"], name  # and nothing else
+
+
+def test_evidence_workbook_lists_exactly_the_planted_records_with_links(demo_runs: Any) -> None:
+    from openpyxl import load_workbook
+
+    book = load_workbook(demo_runs.assess / "evidence.xlsx")
+    summary = book["Summary"]
+    assert summary.freeze_panes == "A2" and summary.auto_filter.ref
+    sheets = {str(r[0]): str(r[6]) for r in summary.iter_rows(min_row=2, values_only=True)}
+    planted = demo_runs.planted
+
+    def ids(check: str) -> list[str]:
+        ws = book[sheets[check]]
+        assert ws.freeze_panes == "A2" and ws.auto_filter.ref, check
+        head = [c.value for c in ws[1]]
+        assert head[:5] == ["record", "id", "table", "owner", "detail"], head
+        assert all(r[0] for r in ws.iter_rows(min_row=2, values_only=True)), f"{check}: a record without a name"
+        return sorted(str(r[1]) for r in ws.iter_rows(min_row=2, values_only=True))
+
+    for name in ("contacts_missing_email", "contacts_malformed_email", "stale_open_opportunities",
+                 "disabled_users_owning_records", "disabled_users_active_in_crm"):
+        area = "cross" if name.startswith("disabled") else "quality"
+        assert ids(f"{area}.{name}") == sorted(planted[name]["ids"]), name
+    orphans = planted["orphan_lookups"]
+    # One row per broken lookup: an opportunity whose account is gone breaks customerid and parentaccountid.
+    assert set(ids("quality.orphan_lookups")) == set(orphans["contact"]["ids"] + orphans["opportunity"]["ids"])
+    # Duplicates: the planted ones, plus the pair the generator drew by chance that the documented rule also
+    # names (test_duplicates_are_the_planted_ones_plus_...): the sheet lists exactly what the check found.
+    dups = ids("quality.duplicate_accounts")
+    assert set(planted["duplicate_accounts"]["ids"]) <= set(dups) and len(dups) == 9
+    ws = book[sheets["quality.contacts_missing_email"]]
+    link = ws.cell(row=2, column=6)
+    assert link.hyperlink is not None and "main.aspx?etn=contact&id=" in str(link.value)
+    assert "pagetype=entityrecord" in str(link.value)
+    users = book[sheets["cross.disabled_users_active_in_crm"]]
+    head = [c.value for c in users[1]]
+    assert "entra link" in head and "entra.microsoft.com" in str(users.cell(row=2, column=head.index("entra link") + 1).value)
+    csv_text = (demo_runs.assess / "evidence.csv").read_text()
+    assert all(i in csv_text for i in planted["contacts_missing_email"]["ids"])
+
+
+def test_the_report_is_also_a_pdf_of_several_pages(demo_runs: Any) -> None:
+    m = manifest(demo_runs.assess)
+    pdf = demo_runs.assess / "assess.pdf"
+    assert m["outputs"]["pdf"] == "assess.pdf" and pdf.is_file()
+    pages = len(re.findall(rb"/Type\s*/Page\b", pdf.read_bytes()))
+    assert pages > 1
+
+
+def test_without_chromium_the_run_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridgekit.runbooks.runner import _write_pdf
+
+    monkeypatch.setenv("BRIDGEKIT_CHROMIUM", str(tmp_path / "no-such-browser"))
+    html = tmp_path / "r.html"
+    html.write_text("<p>report</p>")
+    note = _write_pdf(html, tmp_path / "r.pdf")
+    assert note and "Chromium is not installed" in note and "\n" not in note
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_a_follow_up_assessment_reports_a_fixed_defect_as_resolved_or_better(
+        demo_runs: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follow-up visit: the tenant moved on (emulator mutate), one planted defect was fixed through the Web
+    API, the warehouse was synced again; ``-p compare_with <previous run>`` says what changed."""
+    import shutil
+
+    warehouse = tmp_path / "emulator.duckdb"
+    shutil.copy(demo_runs.warehouse, warehouse)  # the demo's warehouse stays as the other tests read it
+    config = tmp_path / "bridgekit.toml"
+    config.write_text(f'[profiles.emulator]\nauth = "emulator"\nwarehouse = "{warehouse}"\n')
+    monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
+    monkeypatch.delenv("BRIDGEKIT_PROFILE", raising=False)
+    fixed = demo_runs.planted["contacts_missing_email"]["ids"][0]
+    try:
+        emulator.admin("mutate", {"creates": 5, "updates": 5, "deletes": 0, "seed": 18})
+        resp = emulator.session().patch(f"{emulator.dataverse_url}/api/data/v9.2/contacts({fixed})",
+                                        json={"emailaddress1": "fixed.contact@example.com"},
+                                        headers={**emulator.headers("dataverse"), "If-Match": "*"}, timeout=30)
+        assert resp.status_code == 204, resp.text
+        bridgekit.connect("emulator").sync()
+        result = CliRunner().invoke(cli, ["run", "assess", "--path", str(RUNBOOKS), "--out", str(tmp_path / "runs"),
+                                          "-p", "calls", "2", "-p", "compare_with", str(demo_runs.assess)])
+    finally:
+        emulator.admin("reset", {"scale": "small", "seed": 42})
+    assert result.exit_code == ExitCode.CHECK_FAILED, result.output
+    run_dir = next((tmp_path / "runs").glob("*-assess"))
+    m = manifest(run_dir)
+    assert m["results"]["since_last_assessment"]["better"] + m["results"]["since_last_assessment"]["resolved"] >= 1
+    text = (run_dir / "assess.html").read_text()
+    since = text[text.index("Since the last assessment</h2>"):]
+    row = re.search(r"<tr>(?:(?!</tr>).)*Contacts without an email address(?:(?!</tr>).)*</tr>", since)
+    assert row and re.search(r">(better|resolved)<", row.group(0)), row
+    assert ">60<" in row.group(0) and ">59<" in row.group(0)  # records before and now
 
 
 def test_assessment_finds_the_planted_ids_exactly(assessed: Assessment, demo_runs: Any) -> None:

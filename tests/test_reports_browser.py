@@ -6,25 +6,36 @@ and the page must log no error. ``make test`` installs ``/usr/bin/chromium`` fir
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from runbook_support import render
 
-# Charts per report: sync (rows changed), assess (latency, growth, full sync, quality, ownership, summary),
+# Charts per report: sync (rows changed), assess (latency, growth, full sync, quality, ownership),
 # monitor (latency, headroom, freshness, error rate).
-EXPECTED = {"sync": 1, "assess": 6, "monitor": 4}
+EXPECTED = {"sync": 1, "assess": 5, "monitor": 4}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_chart_of_the_report_renders_offline_without_errors(name: str, demo_runs: Any,
-                                                                  monitor_run: Any) -> None:
+                                                                  monitor_run: Any, tmp_path: Path) -> None:
     run_dir = {"sync": demo_runs.sync, "assess": demo_runs.assess, "monitor": monitor_run.run_dir}[name]
     report = run_dir / f"{name}.html"
     assert report.is_file()
-    page = render(report)
+    shot = tmp_path / f"{name}-first-screen.png"  # kept with the test's artefacts (pytest's basetemp)
+    page = render(report, screenshot=shot)
+    assert shot.is_file() and shot.stat().st_size > 10_000
     assert page.errors == []
+    # Text meant for reading: no missing-value spellings, no raw floats.
+    assert not re.findall(r"\b(?:NaN|nan|None)\b", page.text)
+    assert not re.findall(r"\d+\.\d{5,}", page.text)
+    if name == "assess":
+        assert page.tables_before_summary == 0 and page.tables > 3  # the executive summary comes first
+        first = page.text[:3000]
+        assert first.index("Executive summary") < first.index("Top actions")
+        assert "Overall readiness" in first and "Status: failed" not in page.text
     assert page.charts == EXPECTED[name]
     assert page.rendered == page.charts
     assert all(page.titles), page.titles

@@ -9,7 +9,7 @@ import click
 
 from bridgekit.errors import ExitCode
 
-__all__ = ["COMMANDS", "demo", "runbooks_dir"]
+__all__ = ["COMMANDS", "demo", "ground_truth", "runbooks_dir", "summary_lines"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _ICON = {"green": "ok   ", "amber": "AMBER", "red": "RED  "}
@@ -27,7 +27,27 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary_lines(sync: Any, assess: Any) -> list[str]:
+def ground_truth(assess: Any, truth: dict[str, Any] | None) -> dict[str, Any]:
+    """The emulator's planted defects against what the assessment found, per defect (empty when unknown).
+
+    The answer key stays out of the customer's report: it is printed in the terminal and written to
+    ``ground_truth.json`` in the assess run's directory.
+    """
+    import json
+
+    from bridgekit.assess import checks_from_run, compare_with_planted
+
+    planted = (truth or {}).get("planted_defects")
+    if not planted or not (assess.run_dir / "manifest.json").is_file():
+        return {}
+    table = compare_with_planted(checks_from_run(assess.run_dir), planted)
+    out = {r["defect"]: {k: r[k] for k in ("check", "planted", "found", "matched", "missed", "extra")}
+           for r in table.to_dict("records")}
+    (assess.run_dir / "ground_truth.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def summary_lines(sync: Any, assess: Any, truth: dict[str, Any] | None = None) -> list[str]:
     """The one-screen summary of a demo: the two runs, the red and amber checks, the planted defects found."""
     sm, am = sync.manifest, assess.manifest
     res = sm.get("results", {})
@@ -49,9 +69,10 @@ def summary_lines(sync: Any, assess: Any) -> list[str]:
                 lines.append(_clip(f"  {_ICON[status]} {c['name']:<38} {c.get('detail', '')}", 118))
     if counts["green"]:
         lines.append(f"  ok    ... and {counts['green']} green checks (connectivity, TLS, change tracking, infrastructure)")
-    planted = am.get("results", {}).get("planted_defects") or {}
+    planted = ground_truth(assess, truth)
     if planted:
-        lines += ["", "planted defects (emulator ground truth) found by the assessment:",
+        lines += ["", f"planted defects (emulator ground truth, also in {assess.run_dir.name}/ground_truth.json) "
+                  "found by the assessment:",
                   f"  {'defect':<32} {'planted':>7} {'found':>6} {'matched':>8}"]
         for name, row in planted.items():
             lines.append(f"  {name:<32} {row.get('planted', 0):>7} {row.get('found', 0):>6} {row.get('matched', 0):>8}")
@@ -98,7 +119,11 @@ def demo(ctx: click.Context, out: Path, scale: str, timeout: float) -> None:
                          raise_on_failure=False)
     click.echo(f"    {assess.status} (exit {assess.exit_code}): {assess.run_dir}")
     click.echo("")
-    for line in summary_lines(sync, assess):
+    try:
+        truth = process.admin(info, "truth")
+    except Exception:  # the answer key is a bonus of the demo: without it the summary just omits it
+        truth = None
+    for line in summary_lines(sync, assess, truth):
         click.echo(line)
     click.echo("")
     click.echo(f"sync report:    {sync.report}")

@@ -52,6 +52,7 @@ from bridgekit.errors import (
 )
 from bridgekit.runbooks.secrets import find_secrets
 from bridgekit.record import RECORD_ENV, read_records
+from bridgekit.report import RUN_DIR_ENV
 
 __all__ = [
     "DEFAULT_OUT",
@@ -826,62 +827,166 @@ _REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {#- The report must render offline: no require.js or MathJax from a CDN (plotly.js is embedded). -#}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block extra_css -%}
+{{ super() }}
+<style>
+/* bridgekit report style: one reading width, print-ready (a section per page, page numbers). */
+body.jp-Notebook { max-width: 1100px; margin: 0 auto; padding: 0 24px;
+  font-family: "DejaVu Sans", Arial, Helvetica, sans-serif; }
+.jp-RenderedHTMLCommon { font-size: 14px; line-height: 1.45; }
+.jp-RenderedHTMLCommon table { table-layout: auto; }
+.jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { white-space: normal; }
+@page { size: A4; margin: 14mm 12mm 16mm 12mm;
+  @bottom-right { content: "Page " counter(page) " of " counter(pages); font-size: 9pt; color: #555; } }
+@media print {
+  body.jp-Notebook { max-width: none; padding: 0; }
+  .bk-page { break-before: page; }
+  h3, .bk-badge { break-after: avoid; }
+  tr, .plotly-graph-div { break-inside: avoid; }
+  .modebar-container { display: none; }
+}
+</style>
+{%- endblock extra_css -%}
 """
 # Plotly's HTML for each figure references MathJax on a CDN; figures draw without it, so drop the tag.
 _REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']https?://[^\"']*[\"'][^>]*>\s*</script>", re.I)
+#: A cell with this tag is for the runbook's user (what it needs, its exit codes), not for the report's reader.
+REPORT_HIDE_TAG = "report-hide"
 
 
-def _md_escape(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return html.escape(text).replace("|", "\\|").replace("\n", " ")
+def _outcome(manifest: Mapping[str, Any]) -> str:
+    """The run's outcome in words: a red check is a completed run with red findings, not a failure."""
+    code = int(manifest["exit_code"])
+    checks = manifest.get("checks") or []
+    red = sum(1 for c in checks if c.get("status") == "red")
+    if code == 0:
+        return "succeeded" + (f" ({len(checks)} checks, none red)" if checks else "")
+    if code == int(ExitCode.CHECK_FAILED) and (manifest.get("error") or {}).get("type") == "CheckFailed" \
+            and (manifest.get("error") or {}).get("cell_index") is None:
+        return (f"completed with {red} red finding{'s' if red != 1 else ''} (exit code {code} for schedulers: "
+                f"{_meaning(code)})")
+    return f"did not complete: exit code {code} ({_meaning(code)})"
 
 
-def _summary_markdown(manifest: Mapping[str, Any]) -> str:
-    icon = {"green": "🟢", "amber": "🟠", "red": "🔴"}
-    lines = [f"# {_md_escape(manifest.get('title') or manifest['runbook'])}", "",
-             f"**Status:** {manifest['status']} (exit code {manifest['exit_code']}: "
-             f"{_meaning(manifest['exit_code'])})  ",
-             f"**Profile:** {_md_escape(manifest['profile'])} · **Started:** {manifest['started_at']} · "
-             f"**Ended:** {manifest['ended_at']} · **bridgekit** {manifest['bridgekit_version']}", ""]
-    err = manifest.get("error")
-    if err:
-        lines += [f"**Error:** {_md_escape(err.get('message', ''))}", ""]
-    if manifest.get("checks"):
-        lines += ["| check | status | detail |", "|---|---|---|"]
-        lines += [f"| {_md_escape(c['name'])} | {icon.get(c['status'], '')} {c['status']} | {_md_escape(c['detail'])} |"
-                  for c in manifest["checks"]]
-        lines.append("")
-    if manifest.get("results"):
-        lines += ["| result | value |", "|---|---|"]
-        lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in manifest["results"].items()]
-        lines.append("")
-    if manifest.get("data_watermark"):
-        lines += ["| table | sync run | position | rows |", "|---|---|---|---|"]
-        lines += [f"| {_md_escape(t)} | {_md_escape(w['sync_run_id'])} | {_md_escape(w['position'])} | "
-                  f"{_md_escape(w['rows'])} |" for t, w in manifest["data_watermark"].items()]
-        lines.append("")
+def _run_record_html(manifest: Mapping[str, Any], *, document: bool) -> str:
+    """The report's last section: outcome, run metadata, parameters, data watermark (and, unless the
+    notebook is a document that reports its own findings, the checks and results it recorded)."""
+    from bridgekit import report
+
+    err = manifest.get("error") or {}
+    meta = [{"item": "outcome", "value": _outcome(manifest)},
+            {"item": "runbook", "value": f"{manifest['runbook']} (sha256 {str(manifest.get('runbook_sha256', ''))[:12]})"},
+            {"item": "profile", "value": manifest["profile"]},
+            {"item": "started", "value": manifest["started_at"]},
+            {"item": "ended", "value": manifest["ended_at"]},
+            {"item": "duration", "value": report.duration(manifest.get("duration_s"))},
+            {"item": "bridgekit", "value": manifest["bridgekit_version"]}]
+    if err and err.get("type") != "CheckFailed":
+        meta.append({"item": "error", "value": str(err.get("message", ""))})
+    parts = [report.table(meta, labels={"item": "", "value": ""}, formats={"value": "text"})]
     if manifest.get("parameters"):
-        lines += ["| parameter | value |", "|---|---|"]
-        lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in manifest["parameters"].items()]
-    return "\n".join(lines)
+        parts += [report.heading("Parameters", 3), report.table(
+            [{"parameter": k, "value": v} for k, v in manifest["parameters"].items()])]
+    if manifest.get("data_watermark"):
+        parts += [report.heading("Data watermark", 3), report.table(
+            [{"table": t, "sync_run": w.get("sync_run_id"), "delta_position": w.get("position"), "rows": w.get("rows")}
+             for t, w in manifest["data_watermark"].items()], formats={"sync_run": "text", "delta_position": "text"})]
+    if not document and manifest.get("checks"):
+        parts += [report.heading("Checks", 3), report.table(
+            [{"status": c["status"], "check": c["name"], "detail": c.get("detail", "")} for c in manifest["checks"]],
+            formats={"check": "text", "detail": "text"})]
+    if not document and manifest.get("results"):
+        parts += [report.heading("Results", 3), report.table(
+            [{"result": k, "value": v} for k, v in manifest["results"].items()])]
+    title = "Appendix: run record" if document else "Run record"
+    return str(report.section(title, *parts, anchor="run-record"))
+
+
+def _failure_banner(manifest: Mapping[str, Any]) -> str:
+    from bridgekit import report
+
+    err = manifest.get("error") or {}
+    return str(report.join(
+        '<div style="border:2px solid #c62828;background:#fde8e8;padding:8px 12px;margin:8px 0">',
+        f"<b>This run {html.escape(_outcome(manifest))}.</b> ",
+        html.escape(str(err.get("message", ""))), "</div>"))
+
+
+def _html_cell(text: str) -> Any:
+    import nbformat
+
+    return nbformat.v4.new_code_cell(source="", outputs=[  # type: ignore[no-untyped-call]
+        nbformat.v4.new_output("display_data", data={"text/html": text})])  # type: ignore[no-untyped-call]
+
+
+def _is_document(nb: Any) -> bool:
+    """A notebook whose metadata says ``"bridgekit": {"document": true}``: a deliverable (printed to PDF too)."""
+    return bool((nb.get("metadata", {}).get("bridgekit") or {}).get("document"))
 
 
 def _write_report(nb_path: Path, html_path: Path, manifest: Mapping[str, Any]) -> None:
-    """The executed notebook as HTML with code inputs hidden and a run summary on top, renderable offline."""
+    """The executed notebook as HTML: code inputs hidden, the runbook's own notes (``report-hide`` cells)
+    dropped, a banner on top when the run did not complete, the run record last; renderable offline."""
     import nbformat
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(nb_path), as_version=4)  # type: ignore[no-untyped-call]
-    summary = nbformat.v4.new_markdown_cell(_summary_markdown(manifest))  # type: ignore[no-untyped-call]
-    nb.cells.insert(0, summary)
+    document = _is_document(nb)
+    nb.cells = [c for c in nb.cells if REPORT_HIDE_TAG not in (c.get("metadata", {}).get("tags") or [])]
+    if int(manifest["exit_code"]) not in (0, int(ExitCode.CHECK_FAILED)) or \
+            (manifest.get("error") or {}).get("type") not in (None, "CheckFailed"):
+        nb.cells.insert(0, _html_cell(_failure_banner(manifest)))
+    nb.cells.append(_html_cell(_run_record_html(manifest, document=document)))
     exporter = HTMLExporter(  # type: ignore[no-untyped-call]
         template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True,
                             extra_loaders=[DictLoader({"bridgekit_report.html.j2": _REPORT_TEMPLATE})],
                             template_file="bridgekit_report.html.j2")
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": str(manifest["runbook"])}})
+    title = str(manifest.get("title") or manifest["runbook"])
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     html_path.write_text(_REMOTE_SCRIPT.sub("", body), encoding="utf-8")
+
+
+#: Where the report's PDF printer is looked for (the first that exists), unless ``$BRIDGEKIT_CHROMIUM`` names one.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    named = os.environ.get("BRIDGEKIT_CHROMIUM")
+    if named:
+        return named if Path(named).is_file() else shutil.which(named)
+    return next((found for n in CHROMIUM_NAMES if (found := shutil.which(n))), None)
+
+
+def _write_pdf(html_path: Path, pdf_path: Path, *, timeout: float = 180.0) -> str | None:
+    """Print the HTML report to PDF with headless Chromium (A4, a section per page, page numbers from the
+    report's ``@page`` rules). Returns None when written, else a one-line note saying why not."""
+    import shutil
+    import subprocess
+
+    exe = _chromium()
+    if exe is None:
+        return "no PDF: Chromium is not installed (apt-get install chromium, or set BRIDGEKIT_CHROMIUM)"
+    profile_dir = tempfile.mkdtemp(prefix="bk-pdf-")
+    args = [exe, "--headless=new", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-pdf-header-footer",
+            "--run-all-compositor-stages-before-draw", "--virtual-time-budget=20000",
+            f"--user-data-dir={profile_dir}", f"--print-to-pdf={pdf_path}", html_path.resolve().as_uri()]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.insert(1, "--no-sandbox")  # Chromium refuses to start its sandbox as root (containers, CI)
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no PDF: Chromium did not print the report ({type(exc).__name__})"
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    if proc.returncode != 0 or not pdf_path.is_file() or pdf_path.stat().st_size == 0:
+        pdf_path.unlink(missing_ok=True)
+        return f"no PDF: Chromium exited with status {proc.returncode}"
+    return None
 
 
 @functools.cache
@@ -1021,6 +1126,7 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
     record_file = run_dir / ".records.jsonl"
     record_file.touch(mode=0o600)
     env = {RECORD_ENV: str(record_file), "BRIDGEKIT_PROFILE": profile_name, "BRIDGEKIT_RUNBOOK": runbook.name,
+           RUN_DIR_ENV: str(run_dir),
            "PLOTLY_RENDERER": PLOTLY_RENDERER,
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     log.info("runbook %s: running into %s (profile %s)", runbook.name, run_dir, profile_name)
@@ -1080,14 +1186,31 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
         manifest["report_error"] = redact(f"{type(exc).__name__}: {exc}")[:500]
     _write_manifest(manifest_path, manifest)
 
-    findings = _scan([nb_path, html_path, manifest_path, kernel_log], literals)
+    # Files a runbook wrote beside its report (evidence CSV, JSON) are scanned too; a workbook holds the
+    # same rows as its CSV twin.
+    extra = sorted(p for p in run_dir.iterdir() if p.suffix in (".csv", ".json", ".txt") and p != manifest_path)
+    findings = _scan([nb_path, html_path, manifest_path, kernel_log, *extra], literals)
     if findings:
         _quarantine(manifest, findings, nb_path, html_path, literals)
+        for p in extra:
+            if _scan([p], literals):
+                p.write_text("Quarantined: see manifest.json.\n", encoding="utf-8")
+        for p in run_dir.glob("*.xlsx"):
+            p.unlink()  # built from the same rows as a CSV that held a secret: not kept
         if kernel_log.is_file():
             kernel_log.write_text("Quarantined: see manifest.json.\n", encoding="utf-8")
         if not _clean(manifest, literals):  # pragma: no cover - belt and braces: nothing recorded survives
             manifest["results"], manifest["checks"], manifest["data_watermark"] = {}, [], {}
         manifest["outputs"]["report"] = html_path.name
+        _write_manifest(manifest_path, manifest)
+    elif manifest["outputs"].get("report") and _is_document(_read_nb(nb_path) or {}):
+        # A deliverable is also printed to PDF, from the report that was just scanned.
+        pdf_path = run_dir / f"{runbook.name}.pdf"
+        note = _write_pdf(html_path, pdf_path)
+        manifest["outputs"]["pdf"] = None if note else pdf_path.name
+        if note:
+            manifest["pdf_note"] = note
+            log.warning("runbook %s: %s", runbook.name, note)
         _write_manifest(manifest_path, manifest)
 
     run_dir = _publish(run_dir)
