@@ -16,6 +16,7 @@
     ├── ResyncRequired                  a delta/change-tracking token is no longer valid: full reload needed
     ├── ChangeTrackingNotEnabled        the table does not have change tracking on
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
+    │   └── QueryError                  a query the warehouse refused: bad SQL, unknown table or column, a write
     ├── SyncError                       the sync engine could not complete (e.g. already running)
     │   └── UnknownTableError           a table asked for is not in the sync plan (a usage error)
     ├── InsufficientDataError           an analysis needs tables or rows the warehouse lacks
@@ -56,6 +57,7 @@ __all__ = [
     "MissingCredentialError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QueryError",
     "ResyncRequired",
     "RunbookError",
     "RunbookFailed",
@@ -95,9 +97,10 @@ class ExitCode(IntEnum):
 #: The one exit-code table: the README, ``bridgekit run --help`` and the runner's manifest show it from here.
 EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.OK: "success",
-    ExitCode.ERROR: "an unexpected error",
-    ExitCode.USAGE: "bad usage: unknown command, option or table, bad profile or bridgekit.toml, unknown or "
-                    "mistyped runbook parameter (nothing ran)",
+    ExitCode.ERROR: "an unexpected error, or a file or folder that cannot be read or written (the message names "
+                    "it)",
+    ExitCode.USAGE: "bad usage: unknown command, option, table or column, a query the warehouse refuses, bad "
+                    "profile or bridgekit.toml, unknown or mistyped runbook parameter (nothing ran)",
     ExitCode.AUTH: "authentication or authorisation failed (missing or wrong secret, unknown tenant, missing role "
                    "or consent)",
     ExitCode.TRANSIENT: "throttled out, or the service or identity provider did not answer: retry later; syncs "
@@ -314,6 +317,12 @@ class WarehouseError(BridgekitError):
     def __init__(self, message: str, *, hint: str | None = None, path: str | None = None) -> None:
         super().__init__(message, hint=hint, path=path)
         self.path = path
+
+
+class QueryError(WarehouseError):
+    """A query the warehouse refused: bad SQL, an unknown table or column, or a write (it is read-only)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class SyncError(BridgekitError):

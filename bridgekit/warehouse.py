@@ -52,7 +52,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from bridgekit.errors import SyncError, WarehouseError
+from bridgekit.errors import QueryError, SyncError, WarehouseError
 
 __all__ = [
     "BOOKKEEPING_SCHEMA",
@@ -405,8 +405,7 @@ class Warehouse:
             try:
                 return conn.execute(query, params).df()
             except duckdb.Error as exc:
-                raise WarehouseError(f"query failed: {exc}", path=str(self.path),
-                                     hint="list tables with: select * from duckdb_tables()") from exc
+                raise _query_error(exc, str(self.path)) from exc
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Like :meth:`sql` but returns an Arrow table."""
@@ -479,6 +478,22 @@ class Warehouse:
     def lock(self) -> SyncLock:
         """The one-sync-per-warehouse lock."""
         return SyncLock(self.lock_path)
+
+
+def _query_error(exc: Exception, path: str) -> QueryError:
+    """DuckDB's message on one line (its own suggestion is the useful part), with a hint only where one fits."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    # Drop DuckDB's echo of the query and its caret line; keep "Did you mean" and "Candidate bindings".
+    kept = [ln for ln in lines if ln and not ln.startswith("LINE ") and set(ln) != {"^"}]
+    message = " ".join(kept)
+    hint: str | None = None
+    if isinstance(exc, duckdb.CatalogException) and "Did you mean" not in message:
+        hint = "list the tables with: select schema_name, table_name from duckdb_tables()"
+    elif isinstance(exc, duckdb.BinderException) and "Candidate bindings" not in message:
+        hint = "list a table's columns with: describe <schema>.<table>"
+    elif "read-only" in message:
+        hint = "the warehouse is read-only here: `bridgekit sync` writes it; query it with SELECT"
+    return QueryError(f"query failed: {message}", path=path, hint=hint)
 
 
 class HeldReader:

@@ -50,6 +50,7 @@ from bridgekit.errors import (
     redact,
 )
 from bridgekit.runbooks.secrets import find_secrets
+from bridgekit.runbooks.shipped import default_dirs
 from bridgekit.record import RECORD_ENV, read_records
 
 __all__ = [
@@ -257,26 +258,34 @@ def load_runbook(path: str | Path) -> Runbook:
     return Runbook(p.stem, p, title, description, tuple(params), tuple(problems))
 
 
-def _runbook_dir(path: str | Path | None) -> Path:
-    return Path(path) if path is not None else Path(RUNBOOKS_DIR)
+def _runbook_dirs(path: str | Path | None) -> list[Path]:
+    return [Path(path)] if path is not None else default_dirs()
 
 
 def discover(path: str | Path | None = None) -> list[Runbook]:
-    """The runbooks in ``path`` (a directory, default ``./runbooks``, or one ``.ipynb`` file), by name.
+    """The runbooks in ``path`` (a directory or one ``.ipynb`` file), by name.
+
+    Without ``path``: ``./runbooks`` when there is one, then the runbooks and notebooks shipped with bridgekit
+    (a name found earlier hides the same name later).
 
     Raises:
         RunbookError: the directory does not exist.
     """
-    root = _runbook_dir(path)
-    if root.is_file():
-        return [load_runbook(root)]
-    if not root.is_dir():
-        raise RunbookError(f"no runbooks directory at {root}", hint="run from the project root or pass --path DIR")
-    return [load_runbook(p) for p in sorted(root.glob("*.ipynb")) if not p.name.startswith(".")]
+    found: dict[str, Runbook] = {}
+    for root in _runbook_dirs(path):
+        if root.is_file():
+            return [load_runbook(root)]
+        if not root.is_dir():
+            raise RunbookError(f"no runbooks directory at {root}",
+                               hint="pass --path the folder holding your runbooks (.ipynb files)")
+        for p in sorted(root.glob("*.ipynb")):
+            if not p.name.startswith(".") and p.stem not in found:
+                found[p.stem] = load_runbook(p)
+    return list(found.values())
 
 
 def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
-    """The runbook called ``name`` in ``path`` (default ``./runbooks``); ``name`` may also be a notebook path.
+    """The runbook called ``name`` in ``path`` (default: see :func:`discover`); ``name`` may also be a notebook path.
 
     Raises:
         RunbookError: no such runbook (the message lists the known ones).
@@ -284,13 +293,15 @@ def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
     direct = Path(name)
     if name.endswith(".ipynb") and direct.is_file():
         return load_runbook(direct)
-    root = _runbook_dir(path)
-    candidate = (root if root.is_file() else root / f"{name}.ipynb")
-    if candidate.is_file() and candidate.stem == name:
-        return load_runbook(candidate)
-    known = ", ".join(r.name for r in discover(root)) if root.is_dir() else ""
-    raise RunbookError(f"unknown runbook '{name}'" + (f" in {root}" if root else ""), runbook=name,
-                       hint=f"known runbooks: {known}" if known else "pass --path DIR to say where runbooks are")
+    roots = _runbook_dirs(path)
+    for root in roots:
+        candidate = (root if root.is_file() else root / f"{name}.ipynb")
+        if candidate.is_file() and candidate.stem == name:
+            return load_runbook(candidate)
+    known = ", ".join(r.name for r in discover(path)) if all(r.exists() for r in roots) else ""
+    where = f" in {path}" if path is not None else ""
+    raise RunbookError(f"unknown runbook '{name}'{where}", runbook=name,
+                       hint=f"known runbooks: {known}" if known else "pass --path the folder holding your runbooks")
 
 
 # --------------------------------------------------------------------------------------------------
