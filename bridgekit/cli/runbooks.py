@@ -61,18 +61,22 @@ _DECL_WIDTH = 36
 
 
 def _parameter_lines(rb: Any, width: int) -> list[str]:
+    """``decl  # help`` per parameter, the comments in one column and wrapped to ``width`` (less the indent)."""
     if not rb.parameters:
         return ["(no parameters)"]
     decls = [p.describe().split("  # ")[0] for p in rb.parameters]
     column = max((len(d) for d in decls if len(d) <= _DECL_WIDTH), default=0)
+    room = max(width - 4 - column - 4, 30)
     lines = []
     for p, decl in zip(rb.parameters, decls, strict=True):
         if not p.help:
             lines.append(decl)
-        elif len(decl) <= column:
-            lines.append(f"{decl:<{column}}  # {p.help}")
-        else:
-            lines += [decl, f"{'':<{column}}  # {p.help}"]
+            continue
+        if len(decl) > column:
+            lines.append(decl)
+            decl = ""
+        for i, part in enumerate(textwrap.wrap(p.help, room)):
+            lines.append(f"{decl if i == 0 else '':<{column}}  {'#' if i == 0 else ' '} {part}")
     return lines
 
 
