@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   start the local tenant emulator, sync it, run the assessment, print the report path"
-	@echo "make test   lint (ruff, mypy --strict) and the whole test suite against the emulator"
+	@echo "make test   lint (ruff, mypy --strict), the whole test suite against the emulator, and package-test"
 	@echo "           (installs Debian's chromium first when missing and run as root: reports are checked in it)"
+	@echo "make package-test  the built wheel in a fresh core-only environment runs assess and win_probability"
 	@echo "make lab    JupyterLab on the repository: notebooks/ and runbooks/ (LAB_ARGS=... passes options)"
 	@echo "make bench  benchmarks (figures go to BENCHMARKS.md)"
 
