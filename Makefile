@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test lint unit browser lab bench clean
+.PHONY: help venv git-filter demo test lint unit browser package-test lab bench clean
 
 help:
 	@echo "make demo   start the local tenant emulator, sync it, run the assessment, print the report path"
-	@echo "make test   lint (ruff, mypy --strict) and the whole test suite against the emulator"
+	@echo "make test   lint (ruff, mypy --strict), the whole test suite against the emulator, and package-test"
 	@echo "           (installs Debian's chromium first when missing and run as root: reports are checked in it)"
-	@echo "make lab    JupyterLab on notebooks/ and runbooks/"
+	@echo "make package-test  the built wheel in a fresh core-only environment runs assess and win_probability"
+	@echo "make lab    JupyterLab on the repository: notebooks/ and runbooks/ (LAB_ARGS=... passes options)"
 	@echo "make bench  benchmarks (figures go to BENCHMARKS.md)"
 
 $(STAMP): pyproject.toml
@@ -22,8 +23,20 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,lab]'
 	@$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (bridgekit)" >/dev/null
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/nbstripout --install --attributes .gitattributes; fi
+	@$(MAKE) --no-print-directory git-filter
 	@touch $(STAMP)
+
+# nbstripout as the git filter for notebooks (.gitattributes names it), keeping cell ids: without --keep-id it
+# renumbers them and git reports every committed notebook as modified. Set here rather than with
+# `nbstripout --install`, which cannot pass --keep-id to the filter.
+NBSTRIPOUT = "$(abspath $(BIN))/python" -m nbstripout
+git-filter:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git config filter.nbstripout.clean '$(NBSTRIPOUT) --keep-id' && \
+		git config filter.nbstripout.smudge cat && \
+		git config filter.nbstripout.required true && \
+		git config diff.ipynb.textconv '$(NBSTRIPOUT) -t'; \
+	fi
 
 venv: $(STAMP)
 
@@ -51,10 +64,16 @@ browser:
 		echo "warning: /usr/bin/chromium is missing: install Debian's chromium (apt-get install -y chromium) or the report test fails" >&2; \
 	fi
 
-test: lint browser unit
+# The wheel as an ops host installs it: core dependencies only, run from outside the repository (.ci/package-test).
+package-test:
+	@PYTHON=$(PYTHON) .ci/package-test
 
+test: lint browser unit package-test
+
+# The repository root, so notebooks/ and runbooks/ both show; Jupyter refuses root without --allow-root.
+LAB_ARGS ?=
 lab: $(STAMP)
-	@$(BIN)/jupyter lab --notebook-dir=. notebooks/
+	@$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 bench: $(STAMP)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -102,9 +102,10 @@ class ExitCode(IntEnum):
 #: The one exit-code table: the README, ``bridgekit run --help`` and the runner's manifest show it from here.
 EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.OK: "success",
-    ExitCode.ERROR: "an unexpected error",
-    ExitCode.USAGE: "bad usage: unknown command, option or table, bad profile or bridgekit.toml, unknown or "
-                    "mistyped runbook parameter (nothing ran)",
+    ExitCode.ERROR: "an unexpected error, or a file or folder that cannot be read or written (the message names "
+                    "it)",
+    ExitCode.USAGE: "bad usage: unknown command, option, table or column, a query the warehouse refuses, bad "
+                    "profile or bridgekit.toml, unknown or mistyped runbook parameter (nothing ran)",
     ExitCode.AUTH: "authentication or authorisation failed (missing or wrong secret, unknown tenant, missing role "
                    "or consent)",
     ExitCode.TRANSIENT: "throttled out, or the service or identity provider did not answer: retry later; syncs "

@@ -308,21 +308,6 @@ def confine(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("SET enable_external_access = false")
 
 
-def _query_error(exc: duckdb.Error, path: Path) -> QueryError:
-    """A failed user query in one line, DuckDB's own words first, with a hint only where one helps."""
-    # DuckDB's message up to the echo of the query ("LINE 1: ..."): the error and its "Did you mean ...?".
-    text = " ".join(line.strip() for line in str(exc).split("\nLINE ")[0].strip().splitlines() if line.strip())
-    if isinstance(exc, duckdb.PermissionException) or "by configuration" in text or "external access" in text:
-        return QueryError("refused: queries read the warehouse only (no files, other databases or extensions)",
-                          path=str(path), hint="to write tables to files use `bridgekit export`")
-    if "read-only" in text.lower() or "read only" in text.lower():
-        return QueryError(f"refused: the warehouse is read-only here ({text})", path=str(path),
-                          hint="its tables change through `bridgekit sync`")
-    hint = ("list tables with: select * from duckdb_tables()"
-            if isinstance(exc, duckdb.CatalogException) and "Table" in text and "Did you mean" not in text else None)
-    return QueryError(f"query failed: {text}", path=str(path), hint=hint)
-
-
 # -- the lock ---------------------------------------------------------------------------------------------
 
 
@@ -491,7 +476,7 @@ class Warehouse:
             except duckdb.Error as exc:
                 if _is_damage(exc):
                     raise _open_error(self.path, exc, writing=False) from None
-                raise _query_error(exc, self.path) from exc
+                raise _query_error(exc, str(self.path)) from exc
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Like :meth:`sql` but returns an Arrow table."""
@@ -502,7 +487,7 @@ class Warehouse:
             except duckdb.Error as exc:
                 if _is_damage(exc):
                     raise _open_error(self.path, exc, writing=False) from None
-                raise _query_error(exc, self.path) from exc
+                raise _query_error(exc, str(self.path)) from exc
             return result
 
     def held_reader(self, hold_s: float = 1.0) -> HeldReader:
@@ -566,6 +551,25 @@ class Warehouse:
     def lock(self) -> SyncLock:
         """The one-sync-per-warehouse lock."""
         return SyncLock(self.lock_path)
+
+
+def _query_error(exc: Exception, path: str) -> QueryError:
+    """DuckDB's message on one line (its own suggestion is the useful part), with a hint only where one fits."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    # Drop DuckDB's echo of the query and its caret line; keep "Did you mean" and "Candidate bindings".
+    kept = [ln for ln in lines if ln and not ln.startswith("LINE ") and set(ln) != {"^"}]
+    message = " ".join(kept)
+    if isinstance(exc, duckdb.PermissionException) or "by configuration" in message or "external access" in message:
+        return QueryError("refused: queries read the warehouse only (no files, other databases or extensions)",
+                          path=path, hint="to write tables to files use `bridgekit export`")
+    hint: str | None = None
+    if isinstance(exc, duckdb.CatalogException) and "Did you mean" not in message:
+        hint = "list the tables with: select schema_name, table_name from duckdb_tables()"
+    elif isinstance(exc, duckdb.BinderException) and "Candidate bindings" not in message:
+        hint = "list a table's columns with: describe <schema>.<table>"
+    elif "read-only" in message:
+        hint = "the warehouse is read-only here: `bridgekit sync` writes it; query it with SELECT"
+    return QueryError(f"query failed: {message}", path=path, hint=hint)
 
 
 class HeldReader:

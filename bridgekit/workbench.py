@@ -12,12 +12,13 @@ if TYPE_CHECKING:  # the clients, DuckDB and Arrow load on first use, so `import
     import pandas as pd
 
     from bridgekit.dataverse import DataverseClient
+    from bridgekit.emulator.process import EmulatorInfo
     from bridgekit.graph import GraphClient
     from bridgekit.sources import Source
     from bridgekit.sync import SyncEngine, SyncReport
     from bridgekit.warehouse import Warehouse
 
-__all__ = ["Workbench"]
+__all__ = ["Workbench", "resolve_runtime", "with_emulator"]
 
 
 def resolve_runtime(profile: Profile) -> Profile:
@@ -29,7 +30,11 @@ def resolve_runtime(profile: Profile) -> Profile:
         return profile  # a real tenant, or an emulator profile that is already resolved
     from bridgekit.emulator.process import ensure_running
 
-    info = ensure_running(home=profile.emulator_home)
+    return with_emulator(profile, ensure_running(home=profile.emulator_home))
+
+
+def with_emulator(profile: Profile, info: EmulatorInfo) -> Profile:
+    """``profile`` with the values of the running emulator ``info`` (each sourced to the running emulator)."""
     src = EMULATOR_RUNTIME_SOURCE
     values: dict[str, Any] = {
         "auth": "certificate",

@@ -63,7 +63,7 @@ def all_bytes_under(root: Path) -> str:
 def test_runbooks_lists_parameters_with_types_defaults_and_help() -> None:
     result = CliRunner().invoke(cli, ["runbooks", "--path", str(RB)])
     assert result.exit_code == 0, result.output
-    assert "good  (" in result.output and "raises  (" in result.output
+    assert "\n  good\n" in result.output and "\n  raises\n" in result.output
     assert "days: int = 30" in result.output and "# look-back window in days" in result.output
     assert 'since: str = "2024-01-01"' in result.output
     listed = json.loads(CliRunner().invoke(cli, ["runbooks", "--path", str(RB), "--json"]).output)

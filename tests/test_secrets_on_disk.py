@@ -171,4 +171,4 @@ def test_sql_errors_keep_duckdbs_suggestion_and_hint_only_where_it_helps(warehou
     assert "nosuchcolumn" in err[0] and len(err) == 1
     assert main(["sql", "delete from bridgekit.sync_runs"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("error: refused: the warehouse is read-only") and "bridgekit sync" in err[1]
+    assert err[0].startswith("error: query failed: ") and "read-only" in err[0] and "bridgekit sync" in err[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -59,12 +60,28 @@ def _interrupted(exc: BaseException) -> int:
     return int(code)
 
 
+def _path_hint(exc: OSError) -> str:
+    """What to do about a file or folder that cannot be read or written, by the reason the system gave."""
+    if isinstance(exc, FileNotFoundError):
+        return "the path or a folder above it does not exist and cannot be created there: choose another path"
+    if isinstance(exc, NotADirectoryError):
+        return "a file stands where a folder is needed: name a folder (it is created when missing)"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder stands where a file is needed: name a file"
+    if isinstance(exc, PermissionError):
+        return "you may not write or read there: choose a path you own, or change its permissions"
+    if isinstance(exc, FileExistsError):
+        return "remove it or choose another path"
+    return "check the path, the free space and the permissions, then run the command again"
+
+
 class BridgekitGroup(click.Group):
     """The root group: the one place where an error becomes its message and documented exit code.
 
     A bridgekit error prints ``error:`` and ``hint:`` lines and exits with its class's code (README, "Exit
-    codes"); a file the user named that cannot be read or written is one line too (``-vv`` shows the
-    traceback). Mapped here, in the group, so the CLI behaves the same however it is invoked.
+    codes"); a file the user named that cannot be read or written is two such lines too, and anything else
+    unexpected is one line and exit 1. ``-v`` shows the traceback instead. Mapped here, in the group, so the CLI
+    behaves the same however it is invoked.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -72,18 +89,30 @@ class BridgekitGroup(click.Group):
             return super().invoke(ctx)
         except BridgekitError as exc:
             ctx.exit(_fail(exc.message, exc.hint, exit_code_for(exc)))
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except BrokenPipeError:
+            # The reader went away (`bridgekit sql ... | head`): nothing more to say, and nowhere to say it.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (stays open: Python flushes stdout at exit)
+            ctx.exit(0)
         except OSError as exc:
-            if (ctx.obj or {}).get("verbose", 0) >= 2:
+            if (ctx.obj or {}).get("verbose", 0) >= 1:
                 raise
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-            ctx.exit(_fail(f"{exc.strerror or exc}{where}", "check the path and its permissions", ExitCode.ERROR))
+            ctx.exit(_fail(f"{exc.strerror or exc}{where}", _path_hint(exc), ExitCode.ERROR))
+        except Exception as exc:
+            if (ctx.obj or {}).get("verbose", 0) >= 1:
+                raise
+            ctx.exit(_fail(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0],
+                           "run the command again with -v to see the traceback, and report it", ExitCode.ERROR))
 
 
 @click.group(cls=BridgekitGroup, context_settings=CONTEXT_SETTINGS)
 @click.option("--profile", "-P", "profile", metavar="NAME", envvar=None,
               help="Profile to use (default: $BRIDGEKIT_PROFILE, then default_profile in bridgekit.toml, "
                    "then the built-in 'emulator').")
-@click.option("--verbose", "-v", count=True, help="More logging (-v INFO, -vv DEBUG).")
+@click.option("--verbose", "-v", count=True,
+              help="More logging (-v INFO and tracebacks on errors, -vv DEBUG); default: warnings only.")
 @click.version_option(__version__, "--version", prog_name="bridgekit")
 @click.pass_context
 def cli(ctx: click.Context, profile: str | None, verbose: int) -> None:

@@ -33,11 +33,33 @@ def profiles_list(ctx: click.Context) -> None:
 def profiles_show(ctx: click.Context, name: str | None) -> None:
     """Show a profile's resolved values and where each came from (NAME defaults to the profile in use)."""
     prof = load_profile(name or ctx.obj.get("profile"))
-    click.echo(f"profile: {prof.name}")
     rows = prof.describe()
+    note = ""
+    if prof.auth == "emulator":
+        # The emulator's tenant, app, URLs and CA exist only once it runs: show them when it does.
+        from bridgekit.emulator.process import status
+        from bridgekit.workbench import with_emulator
+
+        info = status(prof.emulator_home)
+        if info is not None:
+            # Its values, with the profile's own auth row ("emulator" says where they come from).
+            own = dict((key, (key, value, source)) for key, value, source in rows)
+            rows = [own["auth"] if row[0] == "auth" else row for row in with_emulator(prof, info).describe()]
+        else:
+            rows = [row for row in rows if row[0] not in _EMULATOR_RUNTIME_KEYS]
+            note = ("the emulator is not running: its tenant, client id, URLs and CA are filled in when it starts "
+                    "(bridgekit emulator start, or any command that needs it)")
+    click.echo(f"profile: {prof.name}")
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:
         click.echo(f"  {key:<{width}}  {value}    [{source}]")
+    if note:
+        click.echo(note)
+
+
+# What a running emulator fills in: the public cloud's defaults for them would be wrong for an emulator profile.
+_EMULATOR_RUNTIME_KEYS = ("tenant_id", "client_id", "certificate_path", "dataverse_url", "graph_url",
+                          "authority_host", "ca_bundle")
 
 
 COMMANDS: list[click.Command] = [profiles]

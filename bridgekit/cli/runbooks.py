@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +20,87 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 @click.command("runbooks", context_settings=_CONTEXT)
 @click.option("--path", "path", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Where runbooks are (a directory or one .ipynb; default ./runbooks).")
+              help="Where runbooks are (a directory or one .ipynb; default ./runbooks when there is one, "
+                   "then the runbooks and notebooks shipped with bridgekit).")
 @click.option("--json", "as_json", is_flag=True, help="Print the runbooks and their parameters as JSON.")
-def runbooks(path: Path | None, as_json: bool) -> None:
+@click.option("--copy-to", "copy_to", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Copy the shipped runbooks and notebooks into DIR to customise them (existing files are kept); "
+                   "a copy in ./runbooks runs instead of the shipped one.")
+def runbooks(path: Path | None, as_json: bool, copy_to: Path | None) -> None:
     """List runbooks with their parameters (type, default, help) from each tagged `parameters` cell."""
     from bridgekit.runbooks.runner import discover
 
+    if copy_to is not None:
+        _copy_out(copy_to)
+        return
     found = discover(path)
     if as_json:
         click.echo(json.dumps([rb.to_dict() for rb in found], indent=2, default=str))
         return
     if not found:
-        click.echo(f"no runbooks in {path or 'runbooks'}")
+        click.echo(f"no runbooks in {path}")
         return
+    width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+    folder = None
     for rb in found:
-        heading = f"{rb.name}  ({rb.path})"
-        click.echo(heading)
-        if rb.title or rb.description:
-            click.echo("  " + " - ".join(t for t in (rb.title, rb.description) if t))
-        if not rb.parameters:
-            click.echo("  (no parameters)")
-        decls = [p.describe().split("  # ")[0] for p in rb.parameters]
-        width = max((len(d) for d in decls), default=0)
-        for p, decl in zip(rb.parameters, decls, strict=True):
-            extra = f"  # {p.help}" if p.help else ""
-            click.echo(f"  {decl:<{width}}{extra}")
+        if rb.path.parent != folder:
+            folder = rb.path.parent
+            click.echo(f"{_where(folder)}:")
+        click.echo(f"  {rb.name}")
+        about = " - ".join(t for t in (rb.title, rb.description) if t)
+        for line in textwrap.wrap(about, width=width - 4, max_lines=3, placeholder=" ..."):
+            click.echo(f"    {line}")
+        for line in _parameter_lines(rb, width):
+            click.echo(f"    {line}")
         for problem in rb.problems:
-            click.echo(f"  ! {problem}")
+            click.echo(f"    ! {problem}")
+
+
+# A declaration wider than this puts its help comment on the next line instead of pushing every comment right.
+_DECL_WIDTH = 36
+
+
+def _parameter_lines(rb: Any, width: int) -> list[str]:
+    """``decl  # help`` per parameter, the comments in one column and wrapped to ``width`` (less the indent)."""
+    if not rb.parameters:
+        return ["(no parameters)"]
+    decls = [p.describe().split("  # ")[0] for p in rb.parameters]
+    column = max((len(d) for d in decls if len(d) <= _DECL_WIDTH), default=0)
+    room = max(width - 4 - column - 4, 30)
+    lines = []
+    for p, decl in zip(rb.parameters, decls, strict=True):
+        if not p.help:
+            lines.append(decl)
+            continue
+        if len(decl) > column:
+            lines.append(decl)
+            decl = ""
+        for i, part in enumerate(textwrap.wrap(p.help, room)):
+            lines.append(f"{decl if i == 0 else '':<{column}}  {'#' if i == 0 else ' '} {part}")
+    return lines
+
+
+def _where(folder: Path) -> str:
+    """A folder as the user would name it: relative to here when below it; the shipped ones say so."""
+    from bridgekit.runbooks.shipped import shipped_dirs
+
+    shipped = any(folder.resolve() == d.resolve() for d in shipped_dirs())
+    try:
+        shown = str(folder.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        shown = str(folder)
+    return f"{shown} (shipped with bridgekit)" if shipped else shown
+
+
+def _copy_out(dest: Path) -> None:
+    from bridgekit.runbooks.shipped import copy_shipped
+
+    done = copy_shipped(dest)
+    click.echo(f"copied {len(done.written)} runbooks and notebooks to {dest}"
+               + (f"; kept {len(done.kept)} already there ({', '.join(p.name for p in done.kept)})"
+                  if done.kept else ""))
+    click.echo(f"run one with: bridgekit run assess --path {dest}"
+               + ("" if dest == Path("runbooks") else "  (a copy in ./runbooks runs without --path)"))
 
 
 def _load_file(path: Path) -> dict[str, Any]:
@@ -77,7 +133,7 @@ def _load_file(path: Path) -> dict[str, Any]:
 @click.option("--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Deadline for the whole run; past it the run stops with exit code 7.")
 @click.option("--path", "path", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Where runbooks are (default ./runbooks).")
+              help="Where runbooks are (default ./runbooks when there is one, then the shipped ones).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's manifest as JSON instead of a summary.")
 @click.pass_context
 def run(ctx: click.Context, name: str, params: tuple[tuple[str, str], ...], params_file: Path | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "export", "sql", "sync"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+_MAX_COLWIDTH = 40
 
 
 def _workbench(ctx: click.Context, profile: str | None) -> Workbench:
@@ -94,11 +96,11 @@ def sql(query: str, profile: str | None, fmt: str, max_rows: int) -> None:
     elif fmt == "json":
         click.echo(json.dumps(json.loads(df.to_json(orient="records", date_format="iso")), indent=1, default=str))
     else:
-        import pandas as pd
-
-        with pd.option_context("display.max_rows", max_rows or None, "display.max_columns", None,
-                               "display.width", 200):
-            click.echo(df.to_string(index=False, max_rows=max_rows or None))
+        # Long values are cut and wide results wrap into column blocks that fit the terminal (--format csv or
+        # json gives every value whole).
+        width = shutil.get_terminal_size((120, 24)).columns
+        click.echo(df.to_string(index=False, max_rows=max_rows or None, max_colwidth=_MAX_COLWIDTH,
+                                line_width=width))
 
 
 @click.command(context_settings=_CONTEXT)

@@ -140,11 +140,27 @@ def reset_cmd(home: str | None, scale: str | None, seed: int | None) -> None:
 @click.option("--updates", default=0, show_default=True, type=int, help="Records to update.")
 @click.option("--deletes", default=0, show_default=True, type=int, help="Records to delete.")
 @click.option("--seed", default=None, type=int, help="Seed for choosing what changes (default: random).")
-def mutate_cmd(home: str | None, creates: int, updates: int, deletes: int, seed: int | None) -> None:
-    """Simulate live activity: create, update and delete records across Dataverse and Graph."""
+@click.option("--json", "as_json", is_flag=True, help="Print every id created, updated and deleted, as JSON.")
+def mutate_cmd(home: str | None, creates: int, updates: int, deletes: int, seed: int | None, as_json: bool) -> None:
+    """Simulate live activity: create, update and delete records across Dataverse and Graph.
+
+    Prints one summary line (records per change and the tables touched); --json prints the ids.
+    """
     result = admin(_running(home), "mutate", {"creates": creates, "updates": updates, "deletes": deletes,
-                                               "seed": seed})
-    click.echo(json.dumps(result["result"], indent=2))
+                                               "seed": seed})["result"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(mutation_summary(result))
+
+
+def mutation_summary(result: dict[str, Any]) -> str:
+    """One line: the changes made, the records and tables they touched, and the new change version."""
+    counts = result.get("counts") or {}
+    tables = sorted({t for verb in ("created", "updated", "deleted") for t in (result.get(verb) or {})})
+    return (f"{counts.get('creates', 0)} created, {counts.get('updates', 0)} updated, {counts.get('deletes', 0)} "
+            f"deleted: {counts.get('records', 0)} records in {len(tables)} tables; change version "
+            f"{result.get('version')} (the ids: --json)")
 
 
 @emulator.command("faults")

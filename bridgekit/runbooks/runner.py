@@ -41,7 +41,6 @@ from typing import IO, Any
 
 from bridgekit.errors import (
     EXIT_CODES,
-    BridgekitError,
     ExitCode,
     RunbookError,
     RunbookFailed,
@@ -50,9 +49,10 @@ from bridgekit.errors import (
     redact,
     shown,
 )
-from bridgekit.runbooks.secrets import find_secrets
 from bridgekit.record import RECORD_ENV, read_records
 from bridgekit.report import RUN_DIR_ENV
+from bridgekit.runbooks.secrets import find_secrets
+from bridgekit.runbooks.shipped import default_dirs
 
 __all__ = [
     "DEFAULT_OUT",
@@ -259,26 +259,34 @@ def load_runbook(path: str | Path) -> Runbook:
     return Runbook(p.stem, p, title, description, tuple(params), tuple(problems))
 
 
-def _runbook_dir(path: str | Path | None) -> Path:
-    return Path(path) if path is not None else Path(RUNBOOKS_DIR)
+def _runbook_dirs(path: str | Path | None) -> list[Path]:
+    return [Path(path)] if path is not None else default_dirs()
 
 
 def discover(path: str | Path | None = None) -> list[Runbook]:
-    """The runbooks in ``path`` (a directory, default ``./runbooks``, or one ``.ipynb`` file), by name.
+    """The runbooks in ``path`` (a directory or one ``.ipynb`` file), by name.
+
+    Without ``path``: ``./runbooks`` when there is one, then the runbooks and notebooks shipped with bridgekit
+    (a name found earlier hides the same name later).
 
     Raises:
         RunbookError: the directory does not exist.
     """
-    root = _runbook_dir(path)
-    if root.is_file():
-        return [load_runbook(root)]
-    if not root.is_dir():
-        raise RunbookError(f"no runbooks directory at {root}", hint="run from the project root or pass --path DIR")
-    return [load_runbook(p) for p in sorted(root.glob("*.ipynb")) if not p.name.startswith(".")]
+    found: dict[str, Runbook] = {}
+    for root in _runbook_dirs(path):
+        if root.is_file():
+            return [load_runbook(root)]
+        if not root.is_dir():
+            raise RunbookError(f"no runbooks directory at {root}",
+                               hint="pass --path the folder holding your runbooks (.ipynb files)")
+        for p in sorted(root.glob("*.ipynb")):
+            if not p.name.startswith(".") and p.stem not in found:
+                found[p.stem] = load_runbook(p)
+    return list(found.values())
 
 
 def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
-    """The runbook called ``name`` in ``path`` (default ``./runbooks``); ``name`` may also be a notebook path.
+    """The runbook called ``name`` in ``path`` (default: see :func:`discover`); ``name`` may also be a notebook path.
 
     Raises:
         RunbookError: no such runbook (the message lists the known ones).
@@ -286,13 +294,15 @@ def find_runbook(name: str, path: str | Path | None = None) -> Runbook:
     direct = Path(name)
     if name.endswith(".ipynb") and direct.is_file():
         return load_runbook(direct)
-    root = _runbook_dir(path)
-    candidate = (root if root.is_file() else root / f"{name}.ipynb")
-    if candidate.is_file() and candidate.stem == name:
-        return load_runbook(candidate)
-    known = ", ".join(r.name for r in discover(root)) if root.is_dir() else ""
-    raise RunbookError(f"unknown runbook '{shown(name)}'" + (f" in {root}" if root else ""), runbook=shown(name),
-                       hint=f"known runbooks: {known}" if known else "pass --path DIR to say where runbooks are")
+    roots = _runbook_dirs(path)
+    for root in roots:
+        candidate = (root if root.is_file() else root / f"{name}.ipynb")
+        if candidate.is_file() and candidate.stem == name:
+            return load_runbook(candidate)
+    known = ", ".join(r.name for r in discover(path)) if all(r.exists() for r in roots) else ""
+    where = f" in {path}" if path is not None else ""
+    raise RunbookError(f"unknown runbook '{shown(name)}'{where}", runbook=shown(name),
+                       hint=f"known runbooks: {known}" if known else "pass --path the folder holding your runbooks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -978,7 +988,7 @@ def _write_pdf(html_path: Path, pdf_path: Path, *, timeout: float = 180.0) -> st
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.insert(1, "--no-sandbox")  # Chromium refuses to start its sandbox as root (containers, CI)
     try:
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"no PDF: Chromium did not print the report ({type(exc).__name__})"
     finally:
