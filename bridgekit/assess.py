@@ -57,6 +57,8 @@ from bridgekit.checks import (
     worst,
 )
 from bridgekit.errors import NotFoundError
+from bridgekit.integration import PLANTED_CHECKS as INTEGRATION_CHECKS
+from bridgekit.integration import assess_integration
 
 __all__ = [
     "EMAIL_PATTERN",
@@ -764,6 +766,13 @@ class Assessment:
                           yaxis_title="records owned (count)")
         return self._add("cross", Section("Cross-system consistency", checks, owned, fig))
 
+    # -- integration layer -----------------------------------------------------------------------------
+
+    def integration(self, **options: Any) -> Section:
+        """Plug-in steps, service endpoints, flows, system jobs, roles and settings, with a map of the integration
+        surface; options and yardsticks in :func:`bridgekit.integration.assess_integration`."""
+        return self._add("integration", assess_integration(self, **options))
+
     # -- infrastructure -----------------------------------------------------------------------------
 
     def infrastructure(self, *, users: int, bandwidth_mbps_per_1000_users: float,
@@ -891,6 +900,7 @@ PLANTED_CHECKS = {
     "stale_open_opportunities": "quality.stale_open_opportunities",
     "disabled_users_owning_records": "cross.disabled_users_owning_records",
     "disabled_users_active_in_crm": "cross.disabled_users_active_in_crm",
+    **INTEGRATION_CHECKS,
 }
 
 

@@ -1,7 +1,7 @@
 """The architecture as a test: each layer of bridgekit imports only from the layers below it.
 
 errors <- catalog <- config <- the seams (odata <- http <- auth) <- clients (dataverse, graph) <- warehouse <- sources
-<- sync <- workbench <- record <- checks <- features (assess, monitor, migration, analytics) <- runbooks <- cli.
+<- sync <- workbench <- record <- checks <- integration <- features (assess, monitor, migration, analytics) <- runbooks <- cli.
 The emulator is an independent implementation: it imports nothing of the client side but ``errors``.
 """
 
@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"workbench"},
     {"record"},
     {"checks"},
+    {"integration"},
     {"assess", "monitor", "migration", "analytics"},
     {"runbooks"},
     {"cli"},
