@@ -59,6 +59,8 @@ from bridgekit.checks import (
     worst,
 )
 from bridgekit.errors import NotFoundError
+from bridgekit.integration import PLANTED_CHECKS as INTEGRATION_CHECKS
+from bridgekit.integration import assess_integration
 
 __all__ = [
     "EMAIL_PATTERN",
@@ -799,6 +801,13 @@ class Assessment:
         report.style_figure(fig)
         return self._add("cross", Section("Cross-system consistency", checks, owned, fig))
 
+    # -- integration layer -----------------------------------------------------------------------------
+
+    def integration(self, **options: Any) -> Section:
+        """Plug-in steps, service endpoints, flows, system jobs, roles and settings, with a map of the integration
+        surface; options and yardsticks in :func:`bridgekit.integration.assess_integration`."""
+        return self._add("integration", assess_integration(self, **options))
+
     # -- infrastructure -----------------------------------------------------------------------------
 
     def infrastructure(self, *, users: int, bandwidth_mbps_per_1000_users: float,
@@ -1031,6 +1040,7 @@ PLANTED_CHECKS = {
     "stale_open_opportunities": "quality.stale_open_opportunities",
     "disabled_users_owning_records": "cross.disabled_users_owning_records",
     "disabled_users_active_in_crm": "cross.disabled_users_active_in_crm",
+    **INTEGRATION_CHECKS,
 }
 
 
@@ -1139,7 +1149,7 @@ _RATING = {"red": ("Not ready", "findings rated red must be resolved before go-l
            "amber": ("Ready with conditions", "no red findings; the amber ones need a plan"),
            "green": ("Ready", "every check passed")}
 _AREA_ORDER = ("connectivity", "identity", "change_tracking", "volumes", "full_sync", "quality", "cross",
-               "infrastructure")
+               "integration", "infrastructure")
 EVIDENCE_XLSX = "evidence.xlsx"
 EVIDENCE_CSV = "evidence.csv"
 
@@ -1404,6 +1414,10 @@ class AssessmentReport:
             {"area": "Cross-system consistency", "yardstick": "Entra ID account state against Dataverse users and "
              "record ownership; contacts against mail and meetings in the last "
              f"{s.get('cross', {}).get('inactive_days', '-')} days"},
+            {"area": "Integration surface", "yardstick": "each check's yardstick and its Microsoft source are in its "
+             "finding: synchronous steps and unfiltered triggers on high-volume tables, endpoints over http or "
+             "with keys in URLs, failing or piling-up system jobs, flows owned by disabled users, least privilege, "
+             "auditing and change-tracking retention"},
             {"area": "Infrastructure", "yardstick": "50 KB/s per user; 2 vCores / 8 GB minimum and 4 / 16 "
              "recommended per environment; RPO at most 15 minutes, RTO at most 4 hours"},
         ]

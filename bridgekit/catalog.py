@@ -25,6 +25,7 @@ __all__ = [
     "GRAPH_BATCH_LIMIT",
     "GRAPH_MAILBOX_CONCURRENCY",
     "GRAPH_RESOURCES",
+    "PLATFORM_TABLES",
     "GraphResource",
     "graph_max_top",
 ]
@@ -42,6 +43,16 @@ DATAVERSE_REQUESTS_PER_WINDOW = 6000
 DATAVERSE_WINDOW_S = 300.0
 #: Combined execution time per user in the same window (1,200 s per 300 s).
 DATAVERSE_EXECUTION_S_PER_WINDOW = 1200.0
+
+#: The ``platform`` group of the sync plan: the Dataverse tables that hold the integration layer (plug-in steps,
+#: service endpoints, flows, system jobs, trace logs, connection references, environment variables, security roles,
+#: organization settings). Off by default (``platform = true`` under ``[profiles.X.sync]``); the assessment's
+#: integration area reads them (docs/integration-surface.md).
+PLATFORM_TABLES: tuple[str, ...] = (
+    "solution", "pluginassembly", "plugintype", "sdkmessage", "sdkmessagefilter", "sdkmessageprocessingstep",
+    "serviceendpoint", "workflow", "connectionreference", "environmentvariabledefinition",
+    "environmentvariablevalue", "asyncoperation", "plugintracelog", "role", "systemuserroles", "organization",
+)
 
 # -- Microsoft Graph (protocols.md §2) ------------------------------------------------------------------------
 

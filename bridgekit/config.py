@@ -23,6 +23,7 @@ from bridgekit.catalog import (
     DATAVERSE_MAX_PAGE,
     DEFAULT_GRAPH_RESOURCES,
     GRAPH_RESOURCES,
+    PLATFORM_TABLES,
 )
 from bridgekit.errors import ConfigError, shown
 
@@ -65,7 +66,7 @@ _PROFILE_KEYS = {
     "dataverse_url", "graph_url", "authority_host", "ca_bundle", "warehouse", "sync", "max_concurrency",
     "emulator_home",
 }
-_SYNC_KEYS = {"dataverse", "graph", "page_size", "partitions"}
+_SYNC_KEYS = {"dataverse", "graph", "page_size", "partitions", "platform"}
 _TOP_KEYS = {"default_profile", "profiles"}
 _REQUIRED = {
     "client_secret": ("tenant_id", "client_id", "client_secret_env"),
@@ -85,6 +86,9 @@ class SyncPlan:
     page_size: int = DATAVERSE_MAX_PAGE
     #: Range partitions of a large table's full load; None: automatic (see :meth:`partitions_for`).
     partitions: int | None = None
+    #: The ``platform`` group (plug-in steps, endpoints, flows, system jobs, ...: :data:`PLATFORM_TABLES`) is in
+    #: ``dataverse`` too; off by default so the default sync stays as fast.
+    platform: bool = False
 
     def partitions_for(self, profile: Profile, concurrency: int) -> int:
         """The partitions a full load uses: the configured number, else ``concurrency`` against a
@@ -339,4 +343,13 @@ def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:
                               profile=name, hint="the number of concurrent range reads of a large table's "
                                                  "full load, e.g. partitions = 4")
         plan = replace(plan, partitions=parts)
+    if "platform" in table:
+        on = table["platform"]
+        if not isinstance(on, bool):
+            raise ConfigError(f"sync.platform in {where} must be true or false", key="platform", path=src,
+                              profile=name, hint="platform = true adds the platform tables (plug-in steps, service "
+                                                 "endpoints, flows, system jobs, ...) to the sync plan")
+        if on:
+            extra = tuple(t for t in PLATFORM_TABLES if t not in plan.dataverse)
+            plan = replace(plan, platform=True, dataverse=plan.dataverse + extra)
     return plan

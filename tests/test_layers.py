@@ -1,7 +1,7 @@
 """The architecture as a test: each layer of bridgekit imports only from the layers below it.
 
 errors <- catalog <- config <- the seams (odata <- http <- auth) <- clients (dataverse, graph) <- warehouse <- sources
-<- sync <- workbench <- record <- report <- checks <- features (assess, monitor, migration, analytics) <- runbooks <- cli.
+<- sync <- workbench <- record <- report <- checks <- integration <- features (assess, monitor, migration, analytics) <- runbooks <- cli.
 The emulator is an independent implementation: it imports nothing of the client side but ``errors``.
 """
 
@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"record"},
     {"report"},
     {"checks"},
+    {"integration"},
     {"assess", "monitor", "migration", "analytics"},
     {"runbooks"},
     {"cli"},

@@ -115,16 +115,22 @@ class _Admin:
         body = await self._body(request)
         scale = str(body.get("scale") or self.ctx.store.get_meta("emulator.scale") or "small")
         seed = int(body.get("seed", self.ctx.store.get_meta("emulator.seed") or self.ctx.seed))
+        # False: the same company with a clean integration layer (no planted integration defects).
+        defects = body.get("integration_defects", True)
+        if not isinstance(defects, bool):
+            raise ValueError("integration_defects must be true or false")
         async with self._reset_lock:
             started = time.monotonic()
             try:
-                result = await asyncio.to_thread(regenerate, self.ctx, synth, scale=scale, seed=seed)
+                result = await asyncio.to_thread(regenerate, self.ctx, synth, scale=scale, seed=seed,
+                                                 integration_defects=defects)
             except ValueError:
                 raise  # a bad scale or seed: 400 from the guard
             except Exception as exc:
                 log.exception("reset failed")
                 return _json({"error": f"regenerating the data failed: {type(exc).__name__}: {exc}"}, 500)
-        return _json({"scale": scale, "seed": seed, "seconds": round(time.monotonic() - started, 3),
+        return _json({"scale": scale, "seed": seed, "integration_defects": defects,
+                      "seconds": round(time.monotonic() - started, 3),
                       "result": _jsonable(result), "collections": self.ctx.store.collections()})
 
     async def mutate(self, request: Request) -> Response:
@@ -218,12 +224,12 @@ def _has_route(request: Request, prefix: str) -> bool:
     return any(isinstance(r, Mount) and r.path == prefix for r in getattr(app, "routes", []))
 
 
-def regenerate(ctx: EmulatorContext, synth: Any, *, scale: str, seed: int) -> Any:
+def regenerate(ctx: EmulatorContext, synth: Any, *, scale: str, seed: int, integration_defects: bool = True) -> Any:
     """Regenerate the synthetic company, then restore what a data reset must not lose (app registrations)."""
     log.info("generating synthetic data: scale=%s seed=%s", scale, seed)
     started = time.monotonic()
     try:
-        result = synth.generate(ctx.store, seed=seed, scale=scale)
+        result = synth.generate(ctx.store, seed=seed, scale=scale, integration_defects=integration_defects)
     finally:
         # generate() drops all meta first, app registrations included: write them back even if it failed.
         ctx.save_apps()

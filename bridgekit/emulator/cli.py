@@ -123,9 +123,11 @@ def serve_cmd(home: str | None, port: int | None, scale: str, seed: int, log_lev
 @_home_option
 @click.option("--scale", default=None, help="Size of the regenerated company (default: the current one).")
 @click.option("--seed", default=None, type=int, help="Seed for the regenerated company (default: the current one).")
-def reset_cmd(home: str | None, scale: str | None, seed: int | None) -> None:
+@click.option("--clean-integration", is_flag=True,
+              help="Plant no integration-layer defects (a clean tenant for the assessment's integration area).")
+def reset_cmd(home: str | None, scale: str | None, seed: int | None, clean_integration: bool) -> None:
     """Throw away all data and regenerate the synthetic company (delta tokens become invalid)."""
-    body: dict[str, Any] = {}
+    body: dict[str, Any] = {"integration_defects": not clean_integration}
     if scale:
         body["scale"] = scale
     if seed is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 __all__ = [
-    "ACTIVITY_TYPES", "GRAPH_RESOURCES", "INDUSTRY", "REGARDING_TARGETS", "TABLES", "Column", "GraphResource",
+    "ACTIVITY_TYPES", "GRAPH_RESOURCES", "INDUSTRY", "PLATFORM_TABLES", "REGARDING_TARGETS", "TABLES", "Column", "GraphResource",
     "OptionSet", "Table", "table_by_set",
 ]
 
@@ -383,6 +383,8 @@ _SYSTEMUSER = Table(
         _s("internalemailaddress", "Primary Email", 100),
         # The Entra ID object id of the user: the join key to Graph /users.
         Column("azureactivedirectoryobjectid", "Uniqueidentifier", "Azure AD Object ID"),
+        # Set for application users (an app registration acting in Dataverse), null for people.
+        Column("applicationid", "Uniqueidentifier", "Application ID"),
         _bool("isdisabled", "Status", "Enabled", "Disabled"),
         _bool("islicensed", "User Licensed"),
         _pick("accessmode", "Access Mode", {
@@ -543,10 +545,399 @@ _ACTIVITYPOINTER = Table(
     ),
 )
 
+# -- the platform tables: the integration layer as data ---------------------------------------------
+# Columns and option values follow the table/entity references on learn.microsoft.com (power-apps/developer/
+# data-platform/reference/entities/<table>); docs/integration-surface.md lists the facts and their sources.
+# Dataverse does not offer change tracking on these system tables, so none is tracked here.
+
+
+def _ppick(table: str, name: str, display: str, options: dict[int, str]) -> Column:
+    return _pick(name, display, options, set_name=f"{table}_{name}")
+
+
+def _managed() -> Column:
+    return _bool("ismanaged", "Is Managed", "Unmanaged", "Managed")
+
+
+def _uid(name: str, display: str) -> Column:
+    return Column(name, "Uniqueidentifier", display)
+
+
+_SOLUTION = Table(
+    "solution", "solutions", "solutionid", "friendlyname", display="Solution", display_collection="Solutions",
+    object_type_code=7100, ownership="OrganizationOwned", change_tracking=False,
+    description="A solution which contains CRM customizations.",
+    columns=(
+        _pk("solutionid"),
+        _s("uniquename", "Name", 65, required=True),
+        _s("friendlyname", "Display Name", 256, required=True),
+        _s("version", "Version", 256, required=True),
+        _bool("ismanaged", "Package Type", "Unmanaged", "Managed"),
+        _bool("isvisible", "Is Visible Outside Platform"),
+        _dt("installedon", "Installed On", read_only=True),
+        _memo("description", "Description"),
+        *_system(owner=False),
+    ),
+)
+
+_PLUGINASSEMBLY = Table(
+    "pluginassembly", "pluginassemblies", "pluginassemblyid", "name", display="Plug-in Assembly",
+    display_collection="Plug-in Assemblies", object_type_code=4605, ownership="OrganizationOwned",
+    change_tracking=False, description="Assembly that contains one or more plug-in types.",
+    columns=(
+        _pk("pluginassemblyid"),
+        _s("name", "Name", 256),
+        _s("version", "Version", 48),
+        _s("publickeytoken", "Public Key Token", 32),
+        _ppick("pluginassembly", "isolationmode", "Isolation Mode", {1: "None", 2: "Sandbox", 3: "External"}),
+        _ppick("pluginassembly", "sourcetype", "Source Type", {0: "Database", 1: "Disk", 2: "Normal",
+                                                              3: "AzureWebApp", 4: "File Store"}),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        *_system(owner=False),
+    ),
+)
+
+_PLUGINTYPE = Table(
+    "plugintype", "plugintypes", "plugintypeid", "name", display="Plug-in Type", display_collection="Plug-in Types",
+    object_type_code=4602, ownership="OrganizationOwned", change_tracking=False,
+    description="Type that inherits from the IPlugin interface and is contained within a plug-in assembly.",
+    columns=(
+        _pk("plugintypeid"),
+        _s("name", "Name", 256),
+        _s("typename", "Type Name", 256),
+        _s("friendlyname", "Display Name", 256),
+        _s("assemblyname", "Assembly Name", 100),
+        _lookup("pluginassemblyid", "Plugin Assembly", "pluginassembly"),
+        _bool("isworkflowactivity", "Is Workflow Activity"),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        *_system(owner=False),
+    ),
+)
+
+_SDKMESSAGE = Table(
+    "sdkmessage", "sdkmessages", "sdkmessageid", "name", display="Sdk Message", display_collection="Sdk Messages",
+    object_type_code=4606, ownership="OrganizationOwned", change_tracking=False,
+    description="Message that is supported by the SDK.",
+    columns=(
+        _pk("sdkmessageid"),
+        _s("name", "Name", 256),
+        _s("categoryname", "Category Name", 25),
+        _bool("isprivate", "Is Private"),
+        *_system(owner=False),
+    ),
+)
+
+_SDKMESSAGEFILTER = Table(
+    "sdkmessagefilter", "sdkmessagefilters", "sdkmessagefilterid", "name", display="Sdk Message Filter",
+    display_collection="Sdk Message Filters", object_type_code=4607, ownership="OrganizationOwned",
+    change_tracking=False, description="Filter that defines which SDK messages are valid for each type of entity.",
+    columns=(
+        _pk("sdkmessagefilterid"),
+        _s("name", "Name", 256),
+        _lookup("sdkmessageid", "SDK Message ID", "sdkmessage"),
+        Column("primaryobjecttypecode", "EntityName", "Primary Object Type Code"),
+        Column("secondaryobjecttypecode", "EntityName", "Secondary Object Type Code"),
+        _bool("iscustomprocessingstepallowed", "Custom Processing Step Allowed"),
+        *_system(owner=False),
+    ),
+)
+
+_SDKMESSAGEPROCESSINGSTEP = Table(
+    "sdkmessageprocessingstep", "sdkmessageprocessingsteps", "sdkmessageprocessingstepid", "name",
+    display="Sdk Message Processing Step", display_collection="Sdk Message Processing Steps", object_type_code=4608,
+    ownership="OrganizationOwned", change_tracking=False,
+    description="Stage in the execution pipeline that a plug-in is to execute.",
+    columns=(
+        _pk("sdkmessageprocessingstepid"),
+        _s("name", "Name", 256),
+        _memo("description", "Description", 256),
+        _lookup("sdkmessageid", "SDK Message", "sdkmessage"),
+        _lookup("sdkmessagefilterid", "Sdk Message Filter", "sdkmessagefilter"),
+        # The event handler is a plug-in type or a service endpoint (polymorphic lookup).
+        _lookup("eventhandler", "Event Handler", "plugintype", "serviceendpoint"),
+        _lookup("plugintypeid", "Plug-In Type", "plugintype"),
+        _ppick("sdkmessageprocessingstep", "mode", "Execution Mode", {0: "Synchronous", 1: "Asynchronous"}),
+        _ppick("sdkmessageprocessingstep", "stage", "Execution Stage", {
+            5: "Initial Pre-operation (For internal use only)", 10: "Pre-validation",
+            15: "Internal Pre-operation Before External Plugins (For internal use only)", 20: "Pre-operation",
+            25: "Internal Pre-operation After External Plugins (For internal use only)", 30: "Main Operation",
+            35: "Internal Post-operation Before External Plugins (For internal use only)", 40: "Post-operation",
+            45: "Internal Post-operation After External Plugins (For internal use only)",
+            50: "Post-operation (Deprecated)", 55: "Final Post-operation (For internal use only)",
+            80: "Pre-Commit stage fired before transaction commit (For internal use only)",
+            90: "Post-Commit stage fired after transaction commit (For internal use only)"}),
+        _int("rank", "Execution Order"),
+        _s("filteringattributes", "Filtering Attributes", 100000),
+        _ppick("sdkmessageprocessingstep", "supporteddeployment", "Deployment",
+               {0: "Server Only", 1: "Microsoft Dynamics 365 Client for Outlook Only", 2: "Both"}),
+        _bool("asyncautodelete", "Asynchronous Automatic Delete"),
+        _s("configuration", "Configuration", 100000),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        _state("sdkmessageprocessingstep", {0: ("Enabled", 1), 1: ("Disabled", 2)}),
+        _status("sdkmessageprocessingstep", {1: ("Enabled", 0), 2: ("Disabled", 1)}),
+        *_system(owner=False),
+    ),
+)
+
+_SERVICEENDPOINT = Table(
+    "serviceendpoint", "serviceendpoints", "serviceendpointid", "name", display="Service Endpoint",
+    display_collection="Service Endpoints", object_type_code=4618, ownership="OrganizationOwned",
+    change_tracking=False, description="Service endpoint that can be contacted.",
+    columns=(
+        _pk("serviceendpointid"),
+        _s("name", "Name", 256),
+        _memo("description", "Description"),
+        _ppick("serviceendpoint", "contract", "Contract", {
+            1: "OneWay", 2: "Queue", 3: "Rest", 4: "TwoWay", 5: "Topic", 6: "Queue_Persistent", 7: "EventHub",
+            8: "Webhook", 9: "EventGrid", 10: "ManagedDataLake", 11: "Container Storage"}),
+        _ppick("serviceendpoint", "connectionmode", "Connection Mode", {1: "Normal", 2: "Federated"}),
+        _ppick("serviceendpoint", "authtype", "Specifies mode of authentication with SB", {
+            1: "ACS", 2: "SAS Key", 3: "SAS Token", 4: "Webhook Key", 5: "Http Header", 6: "Http Query String",
+            7: "Connection String", 8: "Access Key"}),
+        _ppick("serviceendpoint", "messageformat", "Content type of the message", {
+            1: ".NETBinary", 2: "Json", 3: "XML"}),
+        _ppick("serviceendpoint", "userclaim", "User Information Sent to Service",
+               {1: "None", 2: "UserId", 3: "UserInfo"}),
+        _s("url", "Url Address", 2000),
+        _s("namespaceaddress", "Namespace Address", 255),
+        _s("path", "Path", 160),
+        _s("solutionnamespace", "Solution Namespace", 160),
+        _s("saskeyname", "SASKeyName", 256),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        *_system(owner=False),
+    ),
+)
+
+_WORKFLOW = Table(
+    "workflow", "workflows", "workflowid", "name", display="Process", display_collection="Processes",
+    object_type_code=4703, change_tracking=False,
+    description="Set of logical rules that define the steps necessary to automate a specific business process, task, "
+                "or set of actions to be performed.",
+    columns=(
+        _pk("workflowid"),
+        _s("name", "Process Name", 100, required=True),
+        _memo("description", "Description"),
+        _ppick("workflow", "category", "Category", {
+            0: "Workflow", 1: "Dialog", 2: "Business Rule", 3: "Action", 4: "Business Process Flow",
+            5: "Modern Flow", 6: "Desktop Flow", 7: "AI Flow"}),
+        _ppick("workflow", "type", "Type", {1: "Definition", 2: "Activation", 3: "Template"}),
+        _ppick("workflow", "mode", "Run As", {0: "Background", 1: "Real-time"}),
+        _ppick("workflow", "scope", "Scope", {1: "User", 2: "Business Unit", 3: "Parent: Child Business Units",
+                                              4: "Organization"}),
+        Column("primaryentity", "EntityName", "Primary Entity"),
+        _bool("triggeroncreate", "Trigger On Create"),
+        _bool("triggerondelete", "Trigger On Delete"),
+        _s("triggeronupdateattributelist", "Attributes", 1073741823),
+        Column("clientdata", "Memo", "Client Data", max_length=1073741823),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        _state("workflow", {0: ("Draft", 1), 1: ("Activated", 2), 2: ("Suspended", 3)}),
+        _status("workflow", {1: ("Draft", 0), 2: ("Activated", 1), 3: ("Company DLP Violation", 2)}),
+        *_system(),
+    ),
+)
+
+_CONNECTIONREFERENCE = Table(
+    "connectionreference", "connectionreferences", "connectionreferenceid", "connectionreferencedisplayname",
+    display="Connection Reference", display_collection="Connection References", object_type_code=10125,
+    change_tracking=False, description="A reference to a connection used by flows and apps in a solution.",
+    columns=(
+        _pk("connectionreferenceid"),
+        _s("connectionreferencedisplayname", "Display Name", 100, required=True),
+        _s("connectionreferencelogicalname", "Connection Reference Logical Name", 100),
+        _s("connectorid", "Connector ID", 1000),
+        _s("connectionid", "Connection ID", 100),
+        _memo("description", "Description"),
+        _managed(),
+        _state("connectionreference", _ACTIVE_INACTIVE_STATE),
+        _status("connectionreference", _ACTIVE_INACTIVE_STATUS),
+        *_system(),
+    ),
+)
+
+_ENVIRONMENTVARIABLEDEFINITION = Table(
+    "environmentvariabledefinition", "environmentvariabledefinitions", "environmentvariabledefinitionid",
+    "schemaname", display="Environment Variable Definition", display_collection="Environment Variable Definitions",
+    object_type_code=380, change_tracking=False, description="Contains information about the settable variable: "
+    "its type, default value, and etc.",
+    columns=(
+        _pk("environmentvariabledefinitionid"),
+        _s("schemaname", "Schema Name", 100, required=True),
+        _s("displayname", "Display Name", 100),
+        _ppick("environmentvariabledefinition", "type", "Type", {
+            100000000: "String", 100000001: "Number", 100000002: "Boolean", 100000003: "JSON",
+            100000004: "Data source", 100000005: "Secret"}),
+        _memo("defaultvalue", "Default Value"),
+        _bool("isrequired", "Is Required"),
+        _managed(),
+        _state("environmentvariabledefinition", _ACTIVE_INACTIVE_STATE),
+        _status("environmentvariabledefinition", _ACTIVE_INACTIVE_STATUS),
+        *_system(),
+    ),
+)
+
+_ENVIRONMENTVARIABLEVALUE = Table(
+    "environmentvariablevalue", "environmentvariablevalues", "environmentvariablevalueid", "schemaname",
+    display="Environment Variable Value", display_collection="Environment Variable Values", object_type_code=381,
+    change_tracking=False, description="Holds the value for the associated EnvironmentVariableDefinition entity.",
+    columns=(
+        _pk("environmentvariablevalueid"),
+        _s("schemaname", "Schema Name", 100),
+        _memo("value", "Value"),
+        _lookup("environmentvariabledefinitionid", "Environment Variable Definition", "environmentvariabledefinition"),
+        _managed(),
+        _state("environmentvariablevalue", _ACTIVE_INACTIVE_STATE),
+        _status("environmentvariablevalue", _ACTIVE_INACTIVE_STATUS),
+        *_system(),
+    ),
+)
+
+_ASYNCOPERATION = Table(
+    "asyncoperation", "asyncoperations", "asyncoperationid", "name", display="System Job",
+    display_collection="System Jobs", object_type_code=4700, change_tracking=False,
+    description="Process whose execution can proceed independently or in the background.",
+    columns=(
+        _pk("asyncoperationid"),
+        _s("name", "System Job Name", 256),
+        _ppick("asyncoperation", "operationtype", "System Job Type", {
+            1: "System Event", 2: "Bulk Email", 3: "Import File Parse", 4: "Transform Parse Data", 5: "Import",
+            6: "Activity Propagation", 7: "Duplicate Detection Rule Publish", 8: "Bulk Duplicate Detection",
+            9: "SQM Data Collection", 10: "Workflow", 11: "Quick Campaign", 12: "Matchcode Update",
+            13: "Bulk Delete", 14: "Deletion Service", 15: "Index Management", 16: "Collect Organization Statistics",
+            17: "Import Subprocess", 18: "Calculate Organization Storage Size", 19: "Collect Organization Database Statistics",
+            20: "Collection Organization Size Statistics", 21: "Database Tuning", 22: "Calculate Organization Maximum Storage Size",
+            23: "Bulk Delete Subprocess", 24: "Update Statistic Intervals", 25: "Organization Full Text Catalog Index",
+            26: "Database log backup", 27: "Update Contract States", 28: "DBCC SHRINKDATABASE maintenance job",
+            29: "DBCC SHRINKFILE maintenance job", 30: "Reindex all indices maintenance job",
+            31: "Storage Limit Notification", 32: "Cleanup inactive workflow assemblies", 35: "Recurring Series Expansion",
+            38: "Import Sample Data", 40: "Goal Roll Up", 41: "Audit Partition Creation",
+            42: "Check For Language Pack Updates", 43: "Provision Language Pack", 44: "Update Organization Database",
+            45: "Update Solution", 46: "Regenerate Entity Row Count Snapshot Data",
+            47: "Regenerate Read Share Snapshot Data", 49: "Post to Yammer", 50: "Outgoing Activity",
+            51: "Incoming Email Processing", 52: "Mailbox Test Access", 53: "Encryption Health Check",
+            54: "Execute Async Request", 56: "Update Entitlement States", 57: "Calculate Rollup Field",
+            58: "Mass Calculate Rollup Field", 59: "Import Translation", 62: "Convert Date And Time Behavior",
+            63: "EntityKey Index Creation", 65: "Update Knowledge Article States", 68: "Resource Booking Sync",
+            69: "Relationship Assistant Cards", 71: "Cleanup Solution Components", 72: "App Module Metadata Operation",
+            73: "ALM Anomaly Detection Operation", 75: "Flow Notification", 76: "Ribbon Client Metadata Operation",
+            79: "Callback Registration Expander Operation", 90: "CascadeAssign", 91: "CascadeDelete",
+            92: "Event Expander Operation", 93: "Import Solution Metadata", 94: "Bulk Delete File Attachment",
+            95: "Refresh Business Unit for Records Owned By Principal", 96: "Revoke Inherited Access",
+            100: "Create Or Refresh Virtual Entity", 201: "Provision language for user",
+            12801: "Cascade Grant or Revoke Access Version Tracking Async Operation",
+            190690091: "AI Builder Training Events", 190690092: "AI Builder Prediction Events"}),
+        _state("asyncoperation", {0: ("Ready", 0), 1: ("Suspended", 10), 2: ("Locked", 20), 3: ("Completed", 30)}),
+        _status("asyncoperation", {0: ("Waiting For Resources", 0), 10: ("Waiting", 1), 20: ("In Progress", 2),
+                                   21: ("Pausing", 2), 22: ("Canceling", 2), 30: ("Succeeded", 3),
+                                   31: ("Failed", 3), 32: ("Canceled", 3)}),
+        _s("messagename", "Message Name", 160),
+        Column("primaryentitytype", "EntityName", "Entity Type"),
+        _lookup("owningextensionid", "Owning Extension", "sdkmessageprocessingstep"),
+        _lookup("workflowactivationid", "Process", "workflow"),
+        _lookup("regardingobjectid", "Regarding", "account", "contact", "opportunity", "lead"),
+        _memo("message", "Message", 1073741823),
+        _memo("friendlymessage", "Friendly message", 1073741823),
+        _int("errorcode", "Error Code"),
+        _int("retrycount", "Retry Count"),
+        _int("depth", "Depth"),
+        _dt("startedon", "Started On", read_only=True),
+        _dt("completedon", "Completed On", read_only=True),
+        _dt("postponeuntil", "Postpone Until"),
+        *_system(),
+    ),
+)
+
+_PLUGINTRACELOG = Table(
+    "plugintracelog", "plugintracelogs", "plugintracelogid", "typename", display="Plug-in Trace Log",
+    display_collection="Plug-in Trace Logs", object_type_code=4619, ownership="OrganizationOwned",
+    change_tracking=False, description="Trace and exception information generated by plug-ins and custom workflow "
+    "activities.",
+    columns=(
+        _pk("plugintracelogid"),
+        _s("typename", "Type Name", 1024),
+        _s("messagename", "Message Name", 1024),
+        _s("primaryentity", "Primary Entity", 1024),
+        _ppick("plugintracelog", "mode", "Execution Mode", {0: "Synchronous", 1: "Asynchronous"}),
+        _ppick("plugintracelog", "operationtype", "Operation Type", {0: "Unknown", 1: "Plug-in",
+                                                                    2: "Workflow Activity"}),
+        _uid("pluginstepid", "Plug-in Step Id"),
+        _uid("correlationid", "Correlation Id"),
+        _int("depth", "Depth"),
+        _int("performanceexecutionduration", "Execution duration (ms)"),
+        _dt("performanceexecutionstarttime", "Execution start time"),
+        _memo("exceptiondetails", "Exception Details", 10240),
+        _memo("messageblock", "Message Block", 10240),
+        *_system(owner=False),
+    ),
+)
+
+_ROLE = Table(
+    "role", "roles", "roleid", "name", display="Security Role", display_collection="Security Roles",
+    object_type_code=1036, ownership="BusinessOwned", change_tracking=False,
+    description="Grouping of security privileges. Users are assigned roles that authorize their access to the "
+    "Microsoft CRM system.",
+    columns=(
+        _pk("roleid"),
+        _s("name", "Name", 100, required=True),
+        _lookup("businessunitid", "Business Unit", "businessunit"),
+        _uid("roletemplateid", "Role Template"),
+        _bool("iscustomizable", "Customizable"),
+        _uid("solutionid", "Solution"),
+        _managed(),
+        *_system(owner=False),
+    ),
+)
+
+_SYSTEMUSERROLES = Table(
+    "systemuserroles", "systemuserrolescollection", "systemuserroleid", "systemuserroleid",
+    display="System User Roles", display_collection="System User Roles", object_type_code=15,
+    ownership="None", change_tracking=False, description="Relationship between users and security roles.",
+    columns=(
+        _pk("systemuserroleid"),
+        _uid("systemuserid", "System User"),
+        _uid("roleid", "Role"),
+        Column("versionnumber", "BigInt", "Version Number", read_only=True),
+    ),
+)
+
+_ORGANIZATION = Table(
+    "organization", "organizations", "organizationid", "name", display="Organization",
+    display_collection="Organizations", object_type_code=1019, ownership="None", change_tracking=False,
+    description="Top level of the Microsoft Dynamics 365 business hierarchy.",
+    columns=(
+        _pk("organizationid"),
+        _s("name", "Organization Name", 160, read_only=True),
+        _bool("isauditenabled", "Is Auditing Enabled"),
+        _bool("isuseraccessauditenabled", "Is User Access Auditing Enabled"),
+        _bool("isreadauditenabled", "Is Read Auditing Enabled"),
+        _int("auditretentionperiodv2", "Audit Retention Period Settings"),
+        _ppick("organization", "plugintracelogsetting", "Plug-in Trace Log Setting",
+               {0: "Off", 1: "Exception", 2: "All"}),
+        _int("expirechangetrackingindays", "Days to Expire Change Tracking Deleted Records"),
+        _int("expiresubscriptionsindays", "Days to Expire Subscriptions"),
+        _lookup("basecurrencyid", "Currency", "transactioncurrency"),
+        *_system(owner=False),
+    ),
+)
+
+#: The platform tables (the integration layer), served like any table; bridgekit syncs them as its ``platform`` group.
+PLATFORM_TABLES = (
+    "solution", "pluginassembly", "plugintype", "sdkmessage", "sdkmessagefilter", "sdkmessageprocessingstep",
+    "serviceendpoint", "workflow", "connectionreference", "environmentvariabledefinition",
+    "environmentvariablevalue", "asyncoperation", "plugintracelog", "role", "systemuserroles", "organization",
+)
+
 #: Every table the emulator serves, by logical name.
 TABLES: dict[str, Table] = {t.logical_name: t for t in (
     _ACCOUNT, _CONTACT, _LEAD, _OPPORTUNITY, _SYSTEMUSER, _TEAM, _BUSINESSUNIT, _TRANSACTIONCURRENCY,
     _ACTIVITYPOINTER, _EMAIL, _APPOINTMENT, _PHONECALL, _TASK,
+    _SOLUTION, _PLUGINASSEMBLY, _PLUGINTYPE, _SDKMESSAGE, _SDKMESSAGEFILTER, _SDKMESSAGEPROCESSINGSTEP,
+    _SERVICEENDPOINT, _WORKFLOW, _CONNECTIONREFERENCE, _ENVIRONMENTVARIABLEDEFINITION, _ENVIRONMENTVARIABLEVALUE,
+    _ASYNCOPERATION, _PLUGINTRACELOG, _ROLE, _SYSTEMUSERROLES, _ORGANIZATION,
 )}
 
 # Graph page sizes: protocols.md §2.1 (users/groups default 100, max 999; messages default 10, max 1000).

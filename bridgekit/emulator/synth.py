@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from bridgekit.emulator.platform import generate_platform
 from bridgekit.emulator.schema import ACTIVITY_TYPES, GRAPH_RESOURCES, INDUSTRY, TABLES, Table
 from bridgekit.emulator.store import Store
 
@@ -1393,7 +1394,7 @@ class _Gen:
 
 
 def generate(store: Store, *, seed: int = 42, scale: str | dict[str, int] = "small",
-             anchor: dt.date | str | None = None) -> dict[str, Any]:
+             anchor: dt.date | str | None = None, integration_defects: bool = True) -> dict[str, Any]:
     """Replace the store's content with the synthetic company and return the record counts.
 
     Everything (collections, tombstones, meta) except the row-version counter is dropped first, so callers
@@ -1406,6 +1407,8 @@ def generate(store: Store, *, seed: int = 42, scale: str | dict[str, int] = "sma
             rows), or a dict of counts (keys of :data:`PRESETS`) laid over ``small``.
         anchor: the "today" of the data (a date or ISO string); history runs three years back from it.
             Defaults to the current UTC date.
+        integration_defects: plant the integration-layer defects (False: a clean integration layer, see
+            :mod:`bridgekit.emulator.platform`); the business data is the same either way.
 
     Returns:
         ``{"collections": {name: count}, "dataverse_rows", "graph_records", "total", "seed", "scale",
@@ -1426,7 +1429,7 @@ def generate(store: Store, *, seed: int = 42, scale: str | dict[str, int] = "sma
         day = anchor
     store.drop_all()
     with store.deferred_indexes():
-        result = _generate_all(store, seed, scale, counts, day, started)
+        result = _generate_all(store, seed, scale, counts, day, started, integration_defects)
     # Lookups that live activity follows when a contact is deleted (cascade and "remove link").
     for coll, col in LOOKUP_INDEXES:
         store.ensure_index(coll, col.strip("_"), [col])
@@ -1435,20 +1438,20 @@ def generate(store: Store, *, seed: int = 42, scale: str | dict[str, int] = "sma
 
 
 def _generate_all(store: Store, seed: int, scale: str | dict[str, int], counts: dict[str, int], day: dt.date,
-                  started: float) -> dict[str, Any]:
+                  started: float, integration_defects: bool = True) -> dict[str, Any]:
     # Millions of small long-lived objects make the cyclic GC rescan the heap over and over; nothing
     # here creates reference cycles, so pause it for the run.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _generate(store, seed, scale, counts, day, started)
+        return _generate(store, seed, scale, counts, day, started, integration_defects)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _generate(store: Store, seed: int, scale: str | dict[str, int], counts: dict[str, int], day: dt.date,
-              started: float) -> dict[str, Any]:
+              started: float, integration_defects: bool = True) -> dict[str, Any]:
     for coll in [*TABLES, *(f"graph.{r}" for r in GRAPH_RESOURCES)]:
         store.ensure_collection(coll)
     g = _Gen(store, seed, counts, day)
@@ -1463,6 +1466,7 @@ def _generate(store: Store, seed: int, scale: str | dict[str, int], counts: dict
         g.graph_mail()
         g.graph_calendar()
         g.graph_contacts()
+        generate_platform(g, defects=integration_defects)
     except BaseException:
         g.writer.stop()
         raise
