@@ -1011,6 +1011,17 @@ class Assessment:
                 {**{k: v for k, v in r.items() if k != "email"}, "detail": f"{r['email']}: no mail or meeting"}
                 for r in self._records("contact", by_id["cross.contacts_without_engagement"].ids,
                                        {"email": "r.emailaddress1"})]
+        for c in self.checks:
+            if c.id.startswith("integration.") and c.id in by_id:
+                # Components, not business records: their evidence rows come from the check, one per id.
+                details = {str(e["id"]): e for e in c.measures.get("evidence", []) if isinstance(e, Mapping)
+                           and "id" in e}
+                out[c.id] = [{"record": str((details.get(i) or {}).get("name") or (details.get(i) or {}).get("step")
+                                            or i),
+                              "id": i, "table": (details.get(i) or {}).get("table"),
+                              "detail": "; ".join(f"{k}: {report.cell(v)}" for k, v in (details.get(i) or {}).items()
+                                                  if k not in ("id", "name", "table")) or c.finding}
+                             for i in c.ids]
         order = ("record", "id", "table", "owner", "detail", "link", "entra_link", "original_id")
         return {k: [{c: r.get(c) for c in order if c in r} for r in v] for k, v in out.items()}
 
