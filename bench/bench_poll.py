@@ -68,6 +68,8 @@ def main() -> None:
                 secs = time.perf_counter() - t
                 after = _counts(wb)
                 assert rep.ok, rep.render()
+                slow = sorted(rep.tables, key=lambda t: -t.duration_s)[:4]
+                print("<!-- " + ", ".join(f"{t.table} {t.duration_s:.2f}s ({t.fetched})" for t in slow) + " -->")
                 print(f"| {latency} | {name} | {secs:.2f} | {after['dataverse'] - before['dataverse']} | "
                       f"{after['graph'] - before['graph']} | {after['items'] - before['items']} | "
                       f"{rep.fetched:,} |", flush=True)

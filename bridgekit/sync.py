@@ -70,7 +70,7 @@ from bridgekit.sources.base import (
     as_split,
     to_arrow,
 )
-from bridgekit.warehouse import RunRecord, StageState, Staging, Warehouse
+from bridgekit.warehouse import RunRecord, StagedPage, StageState, Staging, Warehouse
 
 __all__ = [
     "SyncEngine",
@@ -839,14 +839,20 @@ class SyncEngine:
             answers = self._round(source, [c for _, c in todo])
             error: BaseException | None = None
             following: list[tuple[int, str]] = []
+            done: list[StagedPage] = []
             for (part, _cursor), answer in zip(todo, answers, strict=True):
                 if isinstance(answer, BaseException):
                     error = error or answer
                     continue
-                # Every page that came back is checkpointed, even when another partition failed.
-                self._write(staging, state, part, answer, bar)
+                done.append(StagedPage(part, to_arrow(state.spec, answer.rows) if len(answer.rows) else None,
+                                       answer.deletes, answer.versions, answer.next, answer.token, answer.reset))
                 if answer.next is not None:
                     following.append((part, answer.next))
+            # Every page that came back is checkpointed, even when another partition failed: the round in
+            # one transaction.
+            if done:
+                staging.write_pages(state, done)
+                bar.update(sum((p.rows.num_rows if p.rows is not None else 0) + len(p.deletes) for p in done))
             if error is not None:
                 raise error
             todo = following

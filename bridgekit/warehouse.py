@@ -63,6 +63,7 @@ __all__ = [
     "MergeCounts",
     "RunRecord",
     "StageState",
+    "StagedPage",
     "Staging",
     "SyncLock",
     "TableSpec",
@@ -699,6 +700,19 @@ _STAGING_DDL = (
 )
 
 
+@dataclass
+class StagedPage:
+    """One page for :meth:`Staging.write_pages` (the arguments of :meth:`Staging.write_page`)."""
+
+    part: int
+    rows: pa.Table | None
+    deletes: Sequence[str]
+    versions: Sequence[str | None] | pa.Array | None
+    next_cursor: str | None
+    token: str | None = None
+    reset: Mapping[str, str] | None = None
+
+
 class Staging:
     """The staging file of one sync process: checkpointed pages and positions, and the merge.
 
@@ -829,50 +843,63 @@ class Staging:
                 at the merge, the slice's rows staged before this page and those merged before that no
                 later page brings again are dropped.
         """
-        spec = state.spec
-        st = _stage_table(spec.id)
-        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
+        self.write_pages(state, [StagedPage(part, rows, deletes, versions, next_cursor, token, reset)])
+
+    def write_pages(self, state: StageState, pages: Sequence[StagedPage]) -> None:
+        """Stage several pages (a round over many partitions) and the positions reached in one transaction:
+        one checkpoint, not one per partition (a poll of hundreds of mailboxes paid a commit for each)."""
+        saved = (state.pages, state.fetched, dict(state.cursors), dict(state.part_tokens))
         self.conn.execute("BEGIN")
         try:
-            if reset:
-                unknown = set(reset) - {c.name for c in spec.columns}
-                if unknown:
-                    raise SyncError(f"{spec.id}: a reset names columns the table does not have: {sorted(unknown)}",
-                                    table=spec.id)
-                self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_version, _bk_op, _bk_seq) VALUES "
-                                  f"(?, ?, {_OP_RESET}, ?)", [f"{_RESET_KEY}{seq0 - 1}",
-                                                              json.dumps(dict(reset), sort_keys=True), seq0 - 1])
-            if rows is not None and rows.num_rows:
-                # The sequence is built here, not with row_number(): a page may repeat a key (Graph
-                # delta replays) and the later occurrence must win.
-                version = versions if isinstance(versions, pa.Array) else pa.array(
-                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
-                batch = rows.append_column("_bk_version", version)
-                batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
-                self.conn.register("_bk_page", batch)
-                casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
-                self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
-                                  "FROM _bk_page p")
-                self.conn.unregister("_bk_page")
-            if deletes:
-                key = next(c for c in spec.columns if c.name == spec.key)
-                # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
-                first = seq0 + (1 << 19)
-                dels = pa.table({"k": pa.array(list(deletes), pa.string()),
-                                 "s": pa.array(range(first, first + len(deletes)), pa.int64())})
-                self.conn.register("_bk_dels", dels)
-                self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
-                                  f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
-                self.conn.unregister("_bk_dels")
-            n = (rows.num_rows if rows is not None else 0) + len(deletes)
-            self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
-                              "AND part = ?", [next_cursor, token, spec.id, part])
-            self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
-                              [n, spec.id])
+            for page in pages:
+                self._stage(state, page)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
+            state.pages, state.fetched, state.cursors, state.part_tokens = saved
             raise
+
+    def _stage(self, state: StageState, page: StagedPage) -> None:
+        part, rows, deletes, versions, next_cursor, token, reset = (
+            page.part, page.rows, page.deletes, page.versions, page.next_cursor, page.token, page.reset)
+        spec = state.spec
+        st = _stage_table(spec.id)
+        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
+        if reset:
+            unknown = set(reset) - {c.name for c in spec.columns}
+            if unknown:
+                raise SyncError(f"{spec.id}: a reset names columns the table does not have: {sorted(unknown)}",
+                                table=spec.id)
+            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_version, _bk_op, _bk_seq) VALUES "
+                              f"(?, ?, {_OP_RESET}, ?)", [f"{_RESET_KEY}{seq0 - 1}",
+                                                          json.dumps(dict(reset), sort_keys=True), seq0 - 1])
+        if rows is not None and rows.num_rows:
+            # The sequence is built here, not with row_number(): a page may repeat a key (Graph
+            # delta replays) and the later occurrence must win.
+            version = versions if isinstance(versions, pa.Array) else pa.array(
+                list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
+            batch = rows.append_column("_bk_version", version)
+            batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
+            self.conn.register("_bk_page", batch)
+            casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
+            self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
+                              "FROM _bk_page p")
+            self.conn.unregister("_bk_page")
+        if deletes:
+            key = next(c for c in spec.columns if c.name == spec.key)
+            # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
+            first = seq0 + (1 << 19)
+            dels = pa.table({"k": pa.array(list(deletes), pa.string()),
+                             "s": pa.array(range(first, first + len(deletes)), pa.int64())})
+            self.conn.register("_bk_dels", dels)
+            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
+                              f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
+            self.conn.unregister("_bk_dels")
+        n = (rows.num_rows if rows is not None else 0) + len(deletes)
+        self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
+                          "AND part = ?", [next_cursor, token, spec.id, part])
+        self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
+                          [n, spec.id])
         state.pages += 1
         state.fetched += n
         state.cursors[part] = next_cursor
