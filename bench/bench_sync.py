@@ -8,14 +8,16 @@ Each scenario starts a private emulator (temporary home, free port) and prints m
    checkpoints, merge), each in a fresh process, alternating, best of ``--repeats``. Target: <= 1.15x.
 2. **Peak memory.** Peak RSS of a full sync at ``medium`` (~100k rows) and at ``--scale``.
    Target: < 400 MB and within 20% of each other.
-3. **Delta latency.** A ``sync --watch --interval 0.2`` process mirrors the Dataverse plan plus Graph
-   users and groups; ``bridgekit emulator mutate`` (the admin endpoint) makes 10,000 changes (creates,
+3. **Delta latency** (a matrix: ``--delta-scales`` x ``--latency``). A ``sync --watch --interval 0.2``
+   process mirrors the default plan (the Dataverse plan plus Graph users, groups, messages and events;
+   ``--graph`` narrows it); at each injected latency ``bridgekit emulator mutate`` (the admin endpoint) makes 10,000 changes (creates,
    updates and deletes) in one transaction; the clock runs until every change in the synced collections
    is visible: created and updated rows written by a sync run that *started after* the mutation committed
    (a conservative rule: it never credits a run that might have missed the change), deleted rows gone.
    Target: < 2 s, aim < 0.5 s.
 
-Usage: ``.venv/bin/python bench/bench_sync.py [--scale large] [--repeats 2] [--changes 10000] [--skip-full]``
+Usage: ``.venv/bin/python bench/bench_sync.py [--scale large] [--repeats 2] [--changes 10000] [--skip-full]
+[--skip-delta] [--delta-scales medium,large] [--latency 0,50,150] [--graph users,groups,messages,events]``
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridgekit.config import DEFAULT_DATAVERSE_TABLES  # noqa: E402
+from bridgekit.config import DEFAULT_DATAVERSE_TABLES, DEFAULT_GRAPH_RESOURCES  # noqa: E402
 from bridgekit.emulator import process  # noqa: E402
 
 _PLAIN = textwrap.dedent("""
@@ -152,51 +154,64 @@ def memory(scale: str, large_rss: int | None) -> None:
     print(f"\n{scale} / medium: **{big / small:.2f}x** (target: both < 400 MB and within 20%)\n")
 
 
-def delta(changes: int) -> None:
-    """Scenario 3: 10,000 mutate changes until visible under --watch."""
+def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tuple[int, ...] = (0,),
+          graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES) -> None:
+    """Scenario 3: 10,000 mutate changes until visible under --watch, per scale and injected latency."""
 
     from bridgekit.emulator.schema import TABLES
 
-    graph = ("users", "groups")
-    with Emulator("medium") as emu:
-        wh = emu.home / "watch.duckdb"
-        proc = subprocess.Popen([sys.executable, "-c", _WATCH, str(wh), ",".join(DEFAULT_DATAVERSE_TABLES),
-                                 ",".join(graph), "0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        try:
-            _wait_for_first_run(wh, len(DEFAULT_DATAVERSE_TABLES) + len(graph))
-            n_create, n_delete = changes // 5, changes // 10
-            t0 = time.time()
-            result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
-                                            "deletes": n_delete, "seed": 7})["result"]
-            answered = time.time()
-            # The emulator's own commit time (same machine, same clock): the admin call answers later, after
-            # serialising every changed id, and a watcher may already be merging by then.
-            t_committed = float(result["committed_at"])
-            checks = _visibility_checks(result, TABLES, graph)
-            total = sum(len(v) for v in result["created"].values()) + sum(
-                len(v) for v in result["updated"].values()) + sum(len(v) for v in result["deleted"].values())
-            in_plan = sum(len(ids) for _t, _pk, ids, _kind in checks)
-            latency = None
-            while time.time() - t0 < 120:
-                if _all_visible(wh, checks, t_committed):
-                    latency = time.time() - t_committed
-                    break
-                time.sleep(0.02)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    print("## Delta latency (`bridgekit sync --watch --interval 0.2`, medium scale)\n")
-    print(f"`bridgekit emulator mutate` made {total:,} changes ({n_create:,} creates, "
-          f"{changes - n_create - n_delete:,} updates, {n_delete:,} deletes requested; cascades included) in one "
-          f"transaction ({answered - t0:.2f} s through the admin endpoint, which answered "
-          f"{answered - t_committed:.2f} s after the commit); {in_plan:,} of them are in the "
-          f"synced tables (the Dataverse plan plus Graph users and groups; mailbox items and activitypointer are "
-          f"not in this plan).\n")
-    shown = f"**{latency:.2f} s**" if latency is not None else "**not within 120 s**"
-    print(f"All of them visible in the warehouse {shown} after the mutation committed, by the emulator's "
-          f"clock (target < 2 s, aim < 0.5 s; includes up to one 0.2 s poll interval, and the rest of a run "
-          f"that was already under way when the mutation committed)\n")
+    rows: list[str] = []
+    notes: list[str] = []
+    for scale in scales:
+        with Emulator(scale) as emu:
+            wh = emu.home / "watch.duckdb"
+            proc = subprocess.Popen([sys.executable, "-c", _WATCH, str(wh), ",".join(DEFAULT_DATAVERSE_TABLES),
+                                     ",".join(graph), "0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+            try:
+                _wait_for_first_run(wh, len(DEFAULT_DATAVERSE_TABLES) + len(graph))
+                for i, latency in enumerate(latencies):
+                    _admin(emu, "faults", {"clear": True, "latency_ms": latency})
+                    time.sleep(2.0)  # a poll or two at this latency before the clock starts
+                    n_create, n_delete = changes // 5, changes // 10
+                    t0 = time.time()
+                    result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
+                                                    "deletes": n_delete, "seed": 7 + i})["result"]
+                    answered = time.time()
+                    # The emulator's own commit time (same machine, same clock): the admin call answers later,
+                    # after serialising every changed id, and a watcher may already be merging by then.
+                    t_committed = float(result["committed_at"])
+                    checks = _visibility_checks(result, TABLES, graph)
+                    total = sum(len(v) for v in result["created"].values()) + sum(
+                        len(v) for v in result["updated"].values()) + sum(len(v) for v in result["deleted"].values())
+                    in_plan = sum(len(ids) for _t, _pk, ids, _kind in checks)
+                    latency_s = None
+                    while time.time() - t0 < 120:
+                        if _all_visible(wh, checks, t_committed):
+                            latency_s = time.time() - t_committed
+                            break
+                        time.sleep(0.02)
+                    shown = f"**{latency_s:.2f}**" if latency_s is not None else "**not within 120 s**"
+                    rows.append(f"| {scale} | {latency} | {total:,} | {in_plan:,} | {shown} |")
+                    notes.append(f"{scale}, {latency} ms: mutate answered {answered - t_committed:.2f} s after "
+                                 f"its commit ({answered - t0:.2f} s through the admin endpoint)")
+                    print(rows[-1], file=sys.stderr, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                _admin(emu, "faults", {"clear": True})
+    plan = "the Dataverse plan plus Graph " + ", ".join(graph)
+    print(f"## Delta latency (`bridgekit sync --watch --interval 0.2`: {plan})\n")
+    print(f"Each cell: `bridgekit emulator mutate` makes {changes:,} changes ({changes // 5:,} creates, "
+          f"{changes - changes // 5 - changes // 10:,} updates, {changes // 10:,} deletes requested; cascades "
+          "included) in one transaction, at the injected latency (every Dataverse and Graph call, `emulator "
+          "faults --latency-ms`); the clock runs from the emulator's commit until every change in the synced "
+          "tables is visible (created and updated rows written by a run that started after the commit, deleted "
+          "rows gone). Target < 2 s, aim < 0.5 s; includes up to one 0.2 s poll interval and the rest of a poll "
+          "already under way at the commit.\n")
+    print("| scale | latency ms | changes | in the synced tables | visible after (s) |\n|---|---:|---:|---:|---:|")
+    print("\n".join(rows) + "\n")
+    print("<!-- " + "; ".join(notes) + " -->\n")
 
 
 def _admin(emu: Emulator, path: str, body: dict[str, object]) -> dict:
@@ -272,12 +287,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--changes", type=int, default=10000)
     ap.add_argument("--skip-full", action="store_true", help="only the delta scenario")
+    ap.add_argument("--skip-delta", action="store_true", help="only the full-sync and memory scenarios")
+    ap.add_argument("--delta-scales", default="medium", help="scales of the delta matrix (comma-separated)")
+    ap.add_argument("--latency", default="0", help="injected latencies of the delta matrix, ms (comma-separated)")
+    ap.add_argument("--graph", default=",".join(DEFAULT_GRAPH_RESOURCES),
+                    help="Graph resources the watcher mirrors (default: the default plan's)")
     args = ap.parse_args()
     rss = None
     if not args.skip_full:
         rss = full_vs_plain(args.scale, args.repeats)
         memory(args.scale, rss)
-    delta(args.changes)
+    if not args.skip_delta:
+        delta(args.changes, scales=tuple(args.delta_scales.split(",")),
+              latencies=tuple(int(x) for x in args.latency.split(",")), graph=tuple(args.graph.split(",")))
 
 
 if __name__ == "__main__":

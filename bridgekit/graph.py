@@ -12,7 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -20,7 +24,7 @@ from urllib.parse import quote
 import requests
 
 from bridgekit.auth import TokenProvider, resource_scope
-from bridgekit.catalog import GRAPH_BATCH_LIMIT, graph_max_top
+from bridgekit.catalog import GRAPH_BATCH_LIMIT, GRAPH_MAILBOX_CONCURRENCY, graph_max_top
 from bridgekit.config import Profile
 from bridgekit.errors import ApiError, BridgekitError, ResyncRequired, TransientError
 from bridgekit.http import ServiceSession, build_session, error_from_response, parse_retry_after
@@ -33,6 +37,7 @@ __all__ = [
     "GraphRequest",
     "GraphResponse",
     "Removed",
+    "mailbox_of",
     "max_page_size",
 ]
 
@@ -43,6 +48,53 @@ BATCH_LIMIT = GRAPH_BATCH_LIMIT
 #: The largest ``$top`` Graph accepts for the collection at a path (None when unknown).
 max_page_size = graph_max_top
 _RESYNC_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
+# A request that reads or writes one user's mailbox (Outlook's limits are per app and mailbox).
+_MAILBOX = re.compile(r"^/?(?:v1\.0/)?users/([^/?]+)/(?:messages|mailFolders|events|calendarView|calendar|calendars|"
+                      r"contacts|contactFolders)\b", re.IGNORECASE)
+
+
+def mailbox_of(url: str) -> str | None:
+    """The mailbox (user id or UPN, lower case) a Graph request addresses, None for directory requests."""
+    m = _MAILBOX.match(url)
+    return m.group(1).lower() if m else None
+
+
+class _MailboxSlots:
+    """Outlook allows 4 concurrent requests per app and mailbox (throttling-limits, "Outlook service
+    limits"): every batch item of this client holds one of its mailbox's slots while its batch is out."""
+
+    def __init__(self, per_mailbox: int = GRAPH_MAILBOX_CONCURRENCY) -> None:
+        self.per_mailbox = per_mailbox
+        self.cond = threading.Condition()
+        self.busy: dict[str, int] = {}
+
+    def pick(self, queue: deque[GraphRequest], limit: int) -> list[GraphRequest]:
+        """Take up to ``limit`` requests off ``queue`` whose mailbox has a free slot (call with ``cond`` held)."""
+        chunk: list[GraphRequest] = []
+        skipped: list[GraphRequest] = []
+        while queue and len(chunk) < limit:
+            req = queue.popleft()
+            box = mailbox_of(req.url)
+            if box is not None and self.busy.get(box, 0) >= self.per_mailbox:
+                skipped.append(req)
+                continue
+            if box is not None:
+                self.busy[box] = self.busy.get(box, 0) + 1
+            chunk.append(req)
+        queue.extendleft(reversed(skipped))
+        return chunk
+
+    def release(self, chunk: Sequence[GraphRequest]) -> None:
+        with self.cond:
+            for req in chunk:
+                box = mailbox_of(req.url)
+                if box is not None:
+                    left = self.busy.get(box, 1) - 1
+                    if left > 0:
+                        self.busy[box] = left
+                    else:
+                        self.busy.pop(box, None)
+            self.cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -126,6 +178,12 @@ class GraphClient:
             provider = tokens or TokenProvider(profile)
             session = build_session(profile, "graph", auth=provider.bearer(resource_scope(profile.graph_url)))
         self.session = session
+        self._slots = _MailboxSlots()
+        #: Batches one :meth:`batch` call keeps in flight (each holds one of the session's concurrency slots).
+        self.batches_in_flight = session.governor.max_concurrency
+        #: Requests sent as ``$batch`` items so far (the session counts each ``$batch`` once).
+        self.batch_items = 0
+        self._count_lock = threading.Lock()
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -223,22 +281,17 @@ class GraphClient:
                 err = error_from_response(response, "graph")
                 raise ResyncRequired(f"Graph reset the sync state (410 Gone): {err.message}",
                                      service_code=getattr(err, "service_code", None) or "resyncRequired")
-            body = response.json()
-            page = DeltaPage(next_link=body.get("@odata.nextLink"), delta_link=body.get("@odata.deltaLink"))
-            for item in body.get("value", []):
-                removed = item.get("@removed")
-                if isinstance(removed, Mapping):
-                    page.removed.append(Removed(id=str(item.get("id")), reason=str(removed.get("reason", "deleted"))))
-                else:
-                    page.items.append(item)
+            page = _delta_page(response.json())
             yield page
             next_url = page.next_link
 
     # -- JSON $batch --------------------------------------------------------------------------------
 
     def batch(self, requests_: Iterable[GraphRequest], *, max_rounds: int = 6) -> list[GraphResponse]:
-        """Run requests through ``$batch`` (20 per call); return responses in input order.
+        """Run requests through ``$batch`` (20 per call, several calls in flight); return responses in input order.
 
+        Up to :attr:`batches_in_flight` batches are out at once, and no mailbox ever has more than 4 of
+        this client's requests in flight (Outlook's limit per app and mailbox), whichever call sent them.
         Sub-requests answered 429 (each is throttled on its own, json-batching.md), 503/504 for reads, and
         requests that failed only because such a dependency failed (424), are sent again after the
         longest ``Retry-After`` seen, up to ``max_rounds`` rounds.
@@ -253,13 +306,11 @@ class GraphClient:
         for round_no in range(1, max_rounds + 1):
             again: list[GraphRequest] = []
             wait = 0.0
-            for start in range(0, len(pending), BATCH_LIMIT):
-                chunk = pending[start:start + BATCH_LIMIT]
-                for resp in self._send_batch(chunk, results):
-                    results[resp.id] = resp
-                    if round_no < max_rounds and self._retryable(resp, by_id[resp.id], results, by_id):
-                        again.append(by_id[resp.id])
-                        wait = max(wait, parse_retry_after(resp.headers.get("retry-after")) or 0.0)
+            for resp in self._send_all(pending, results):
+                results[resp.id] = resp
+                if round_no < max_rounds and self._retryable(resp, by_id[resp.id], results, by_id):
+                    again.append(by_id[resp.id])
+                    wait = max(wait, parse_retry_after(resp.headers.get("retry-after")) or 0.0)
             if not again:
                 break
             log.debug("Graph $batch round %d: re-sending %d requests", round_no, len(again))
@@ -270,6 +321,85 @@ class GraphClient:
             order = {r.id: i for i, r in enumerate(reqs)}
             pending = sorted(again, key=lambda r: order[r.id])
         return [results[r.id] for r in reqs]
+
+    def _send_all(self, pending: Sequence[GraphRequest], done: Mapping[str, GraphResponse]) -> list[GraphResponse]:
+        """Send ``pending`` in batches of up to 20, several in flight, within each mailbox's slots."""
+        if any(r.depends_on for r in pending):
+            # Dependencies order requests across chunks: keep them in sequence, in input order.
+            out: list[GraphResponse] = []
+            for start in range(0, len(pending), BATCH_LIMIT):
+                out += self._send_batch(pending[start:start + BATCH_LIMIT], {**done, **{r.id: r for r in out}})
+            return out
+        queue: deque[GraphRequest] = deque(pending)
+        answered: list[GraphResponse] = []
+        failed: list[BaseException] = []
+        slots = self._slots
+
+        def worker() -> None:
+            while not failed:
+                with slots.cond:
+                    chunk: list[GraphRequest] = []
+                    while queue and not failed:
+                        chunk = slots.pick(queue, BATCH_LIMIT)
+                        if chunk:
+                            break
+                        slots.cond.wait(0.05)  # every pending request's mailbox is busy: wait for a release
+                    if not chunk:
+                        return
+                try:
+                    got = self._send_batch(chunk, done)
+                except BaseException as exc:
+                    failed.append(exc)
+                    raise
+                finally:
+                    slots.release(chunk)
+                with self._count_lock:
+                    answered.extend(got)
+
+        workers = max(1, min(self.batches_in_flight, -(-len(pending) // BATCH_LIMIT)))
+        if workers == 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-batch") as pool:
+                futures = [pool.submit(worker) for _ in range(workers)]
+                for f in futures:
+                    f.exception()
+        if failed:
+            raise failed[0]
+        return answered
+
+    def delta_batch(self, urls: Sequence[str]) -> list[DeltaPage | BridgekitError]:
+        """One page of each delta round at ``urls`` (first-request URLs, next links or delta links), through
+        ``$batch``: what :meth:`delta_changes` yields first for each, or the error that answered it.
+
+        An item answered 410 Gone or ``syncStateNotFound``/``resyncRequired`` comes back as
+        :class:`~bridgekit.errors.ResyncRequired` for that round alone; throttled items (429) and 503/504
+        are sent again after their ``Retry-After`` (see :meth:`batch`).
+        """
+        reqs = [GraphRequest(str(i), "GET", self._relative(u)) for i, u in enumerate(urls)]
+        with self._count_lock:
+            self.batch_items += len(reqs)
+        out: list[DeltaPage | BridgekitError] = []
+        for resp in self.batch(reqs):
+            if resp.ok and isinstance(resp.body, Mapping):
+                out.append(_delta_page(resp.body))
+                continue
+            err = resp.error or ApiError(f"Graph $batch item answered {resp.status}", status=resp.status,
+                                         service="graph")
+            code = (getattr(err, "service_code", None) or "").lower()
+            if resp.status == 410 or code in _RESYNC_CODES:
+                why = "reset the sync state (410 Gone)" if resp.status == 410 else "no longer accepts the delta token"
+                out.append(ResyncRequired(f"Graph {why}: {err.message}", service_code=getattr(
+                    err, "service_code", None) or "resyncRequired"))
+            else:
+                out.append(err)
+        return out
+
+    def _relative(self, url: str) -> str:
+        """A link the service gave (absolute) as a batch item's URL, relative to the version root."""
+        full = self.session.url(url)  # refuses links to another host, as a direct request would
+        root = self.session.base_url
+        return "/" + (full[len(root):] if full.startswith(root) else full.lstrip("/"))
 
     @staticmethod
     def _retryable(resp: GraphResponse, req: GraphRequest, results: Mapping[str, GraphResponse],
@@ -320,6 +450,17 @@ class GraphClient:
                 resp.error = _sub_error(resp, r, response)
             out.append(resp)
         return out
+
+
+def _delta_page(body: Mapping[str, Any]) -> DeltaPage:
+    page = DeltaPage(next_link=body.get("@odata.nextLink"), delta_link=body.get("@odata.deltaLink"))
+    for item in body.get("value", []):
+        removed = item.get("@removed")
+        if isinstance(removed, Mapping):
+            page.removed.append(Removed(id=str(item.get("id")), reason=str(removed.get("reason", "deleted"))))
+        else:
+            page.items.append(item)
+    return page
 
 
 def _sub_error(resp: GraphResponse, req: GraphRequest, outer: requests.Response) -> BridgekitError:

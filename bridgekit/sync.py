@@ -60,8 +60,17 @@ from bridgekit.errors import (
     exit_code_for,
     shown,
 )
-from bridgekit.sources.base import Page, RawPage, Source, SourceFactory, as_split, to_arrow
-from bridgekit.warehouse import RunRecord, StageState, Staging, Warehouse
+from bridgekit.sources.base import (
+    BatchSource,
+    Page,
+    RawPage,
+    Source,
+    SourceFactory,
+    as_batch,
+    as_split,
+    to_arrow,
+)
+from bridgekit.warehouse import RunRecord, StagedPage, StageState, Staging, Warehouse
 
 __all__ = [
     "SyncEngine",
@@ -333,6 +342,27 @@ class _Progress:
             self.bar.close()
 
 
+@dataclass
+class _Round:
+    """A delta's first positions and the first page at each: one page (or its error), or a batch source's list."""
+
+    cursors: list[str]
+    answers: Page | BaseException | list[Page | BaseException] | None
+
+
+def _first_round(source: Source, token: str) -> _Round:
+    cursors = source.delta_start(token)  # an error here is the job's: the normal path reports it
+    batch = as_batch(source)
+    if batch is not None and len(cursors) > 1:
+        return _Round(cursors, batch.pages(cursors))
+    if len(cursors) != 1:
+        return _Round(cursors, None)
+    try:
+        return _Round(cursors, source.page(cursors[0]))
+    except Exception as exc:
+        return _Round(cursors, exc)
+
+
 class SyncEngine:
     """Runs syncs of one warehouse from a set of sources.
 
@@ -369,7 +399,7 @@ class SyncEngine:
         self._sources: dict[str, Source] = {}
         self._tokens: dict[str, str | None] | None = None
         self._estimates: dict[str, int | None] = {}
-        self._prefetched: dict[tuple[str, str], Future[Page]] = {}
+        self._jobs: dict[str, Future[_Round]] = {}  # table -> its prefetched first round (see _prefetching)
         self._digests: dict[str, str] = {}  # untracked tables: digest of the reload last merged
         self._merged_stages: dict[str, str | None] = {}  # table -> stage id of its last merge (at start)
 
@@ -510,12 +540,13 @@ class SyncEngine:
 
     @contextlib.contextmanager
     def _prefetching(self, staging: Staging, selection: list[str], *, full: bool) -> Iterator[None]:
-        """Ask every table for its first delta page at once, before the tables are staged one by one.
+        """Start every table's delta at once, before the tables are staged one by one.
 
-        A delta run is mostly one small page per table; fetched one after the other, the round trips
-        add up (a poll of 14 tables waited ~0.5 s on them). Only the first page of a table with one
-        delta link is prefetched, and only when nothing is staged for it (no resume pending), so the
-        checkpoint order is unchanged: the page is still written by the staging thread, in order.
+        A delta run is mostly one small page per table (or per mailbox); fetched one after the other, the
+        round trips add up. For each table with a delta link and nothing staged (no resume pending), one
+        job finds the delta's first positions (for mailboxes: the users and their folders) and fetches
+        the first page at each (a batch source's round at once): all tables' jobs run together. The
+        checkpoint order is unchanged: the pages are still written by the staging thread, in order.
         """
         if full or self._tokens is None:
             yield
@@ -526,23 +557,20 @@ class SyncEngine:
             if not token or staging.get(table) is not None:
                 continue
             source = self.source(table)
-            if not source.tracked:
-                continue
-            cursors = source.delta_start(token)
-            if len(cursors) == 1:
-                wanted.append((table, source, cursors[0]))
+            if source.tracked:
+                wanted.append((table, source, token))
         if len(wanted) < 2:
             yield
             return
-        with ThreadPoolExecutor(max_workers=min(len(wanted), self.concurrency),
-                                thread_name_prefix="bk-prefetch") as pool:
-            self._prefetched = {(t, c): pool.submit(src.page, c) for t, src, c in wanted}
+        # One thread per table: the services' sessions bound what is in flight (their governors' slots).
+        with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="bk-prefetch") as pool:
+            self._jobs = {t: pool.submit(_first_round, src, token) for t, src, token in wanted}
             try:
                 yield
             finally:
-                for future in self._prefetched.values():
+                for future in self._jobs.values():
                     future.cancel()
-                self._prefetched = {}
+                self._jobs = {}
 
     def _same_as_merged(self, state: StageState) -> bool:
         """True when a watcher's poll fetched nothing new for the table: an empty delta, or a table without
@@ -552,27 +580,66 @@ class SyncEngine:
             return state.fetched == 0
         return state.digest is not None and self._digests.get(state.table) == state.digest
 
-    def _unchanged(self, table: str) -> bool:
-        """True when the table's prefetched delta page says nothing changed (the page is consumed)."""
-        key = next((k for k in self._prefetched if k[0] == table), None)
-        if key is None:
-            return False
+    def _job(self, table: str) -> _Round | None:
+        """The table's prefetched first round (None when there is none, or it is used up)."""
+        future = self._jobs.get(table)
+        if future is None:
+            return None
         try:
-            page = self._prefetched[key].result()
+            return future.result()
+        except BaseException:
+            self._jobs.pop(table, None)
+            raise
+
+    def _unchanged(self, table: str) -> bool:
+        """True when the table's prefetched first round says nothing changed (the round is consumed)."""
+        try:
+            job = self._job(table)
         except Exception:
-            return False  # the normal path takes the same future and reports (or handles) its error
-        if len(page.rows) or page.deletes or page.next is not None:
+            return False  # the normal path finds the positions again and reports (or handles) the error
+        if job is None:
             return False
-        self._prefetched.pop(key, None)
+        answers = job.answers if isinstance(job.answers, list) else [job.answers]
+        for page in answers:
+            if not isinstance(page, Page) or len(page.rows) or page.deletes or page.next is not None \
+                    or page.reset is not None:
+                return False
+        self._jobs.pop(table, None)
         return True
 
+    def _starts(self, source: Source, token: str) -> list[str]:
+        """The delta's first positions: those the prefetch found, else the source's."""
+        job = self._job(source.table)
+        return list(job.cursors) if job is not None else source.delta_start(token)
+
     def _has_prefetched(self, source: Source, cursor: str) -> bool:
-        return (source.table, cursor) in self._prefetched
+        job = self._jobs.get(source.table)
+        if job is None or job.exception() is not None:  # waits for the job
+            return False
+        got = job.result()
+        return got.cursors == [cursor] and isinstance(got.answers, Page | BaseException)
 
     def _page(self, source: Source, cursor: str) -> Page:
         """The page at ``cursor``: the prefetched one when there is one (its error, if it failed)."""
-        future = self._prefetched.pop((source.table, cursor), None)
-        return future.result() if future is not None else source.page(cursor)
+        job = self._jobs.get(source.table)
+        if job is not None:
+            got = job.result()
+            if got.cursors == [cursor] and isinstance(got.answers, Page | BaseException):
+                self._jobs.pop(source.table, None)
+                if isinstance(got.answers, BaseException):
+                    raise got.answers
+                return got.answers
+        return source.page(cursor)
+
+    def _round(self, source: BatchSource, cursors: list[str]) -> list[Page | BaseException]:
+        """The pages at ``cursors``: the prefetched first round when it asked for exactly these."""
+        job = self._jobs.get(source.table)
+        if job is not None:
+            got = job.result()
+            if got.cursors == cursors and isinstance(got.answers, list):
+                self._jobs.pop(source.table, None)
+                return got.answers
+        return source.pages(cursors)
 
     def _fetch(self, staging: Staging, table: str, *, run_id: str, full: bool, report: TableReport) -> StageState | None:
         """Fetch one table into staging (resuming, full, or delta) and return its fetched state.
@@ -609,7 +676,7 @@ class SyncEngine:
                 state = self._begin_full(staging, source, run_id, resynced=False)
             else:
                 state = staging.begin(source.spec(), run_id=run_id, mode="delta",
-                                      cursors=source.delta_start(token), base_token=token)
+                                      cursors=self._starts(source, token), base_token=token)
                 state.position_at = _now()
         resyncs = 0
         no_link = False
@@ -686,7 +753,8 @@ class SyncEngine:
 
     def _write(self, staging: Staging, state: StageState, part: int, page: Page, bar: _Progress) -> None:
         batch = to_arrow(state.spec, page.rows) if len(page.rows) else None
-        staging.write_page(state, part, batch, page.deletes, page.versions, page.next, token=page.token)
+        staging.write_page(state, part, batch, page.deletes, page.versions, page.next, token=page.token,
+                           reset=page.reset)
         bar.update(len(page.rows) + len(page.deletes))
 
     def _fetch_parts(self, staging: Staging, source: Source, state: StageState) -> None:
@@ -698,6 +766,10 @@ class SyncEngine:
             bar.update(state.fetched)
         try:
             if not todo:
+                return
+            batch = as_batch(source)
+            if batch is not None and len(todo) > 1 and state.mode == "delta":
+                self._fetch_rounds(staging, batch, state, todo, bar)
                 return
             # Even one partition goes through a fetcher thread: it fetches the next page while this thread
             # shapes and checkpoints the current one. A bounded queue keeps memory flat: fetchers wait
@@ -754,3 +826,33 @@ class SyncEngine:
                     raise error
         finally:
             bar.close()
+
+    def _fetch_rounds(self, staging: Staging, source: BatchSource, state: StageState, todo: list[tuple[int, str]],
+                      bar: _Progress) -> None:
+        """A delta of many partitions (mailboxes): each round asks every unfinished partition for its next page
+        at once (the source batches them), then checkpoints the pages in partition order.
+
+        Full loads keep the per-partition fetchers: their pages are large, and a round of them at once
+        would hold them all in memory.
+        """
+        while todo:
+            answers = self._round(source, [c for _, c in todo])
+            error: BaseException | None = None
+            following: list[tuple[int, str]] = []
+            done: list[StagedPage] = []
+            for (part, _cursor), answer in zip(todo, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    error = error or answer
+                    continue
+                done.append(StagedPage(part, to_arrow(state.spec, answer.rows) if len(answer.rows) else None,
+                                       answer.deletes, answer.versions, answer.next, answer.token, answer.reset))
+                if answer.next is not None:
+                    following.append((part, answer.next))
+            # Every page that came back is checkpointed, even when another partition failed: the round in
+            # one transaction.
+            if done:
+                staging.write_pages(state, done)
+                bar.update(sum((p.rows.num_rows if p.rows is not None else 0) + len(p.deletes) for p in done))
+            if error is not None:
+                raise error
+            todo = following

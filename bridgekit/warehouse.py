@@ -63,6 +63,7 @@ __all__ = [
     "MergeCounts",
     "RunRecord",
     "StageState",
+    "StagedPage",
     "Staging",
     "SyncLock",
     "TableSpec",
@@ -77,6 +78,10 @@ BOOKKEEPING_SCHEMA = "bridgekit"
 LOCK_TIMEOUT_S = 60.0
 _STAGE_ALIAS = "__bk_warehouse"  # never a file stem, which DuckDB uses to name the main catalog
 _OP_UPSERT, _OP_DELETE = 0, 1
+# A slice of the table read afresh from here on (see Staging.write_page's reset): the row carries the slice's
+# columns as JSON in _bk_version and a key of its own that no real row has.
+_OP_RESET = 2
+_RESET_KEY = "\x00reset "
 
 
 def quote(name: str) -> str:
@@ -699,6 +704,19 @@ _STAGING_DDL = (
 )
 
 
+@dataclass
+class StagedPage:
+    """One page for :meth:`Staging.write_pages` (the arguments of :meth:`Staging.write_page`)."""
+
+    part: int
+    rows: pa.Table | None
+    deletes: Sequence[str]
+    versions: Sequence[str | None] | pa.Array | None
+    next_cursor: str | None
+    token: str | None = None
+    reset: Mapping[str, str] | None = None
+
+
 class Staging:
     """The staging file of one sync process: checkpointed pages and positions, and the merge.
 
@@ -814,7 +832,7 @@ class Staging:
 
     def write_page(self, state: StageState, part: int, rows: pa.Table | None, deletes: Sequence[str],
                    versions: Sequence[str | None] | pa.Array | None, next_cursor: str | None, *,
-                   token: str | None = None) -> None:
+                   token: str | None = None, reset: Mapping[str, str] | None = None) -> None:
         """Stage one page and the position reached, atomically (the checkpoint).
 
         Args:
@@ -825,43 +843,67 @@ class Staging:
             versions: Each upserted row's version string (or None).
             next_cursor: The partition's next position, None when the partition is finished.
             token: The partition's delta link, when this page carried it.
+            reset: Columns and values of a slice of the table (one mailbox) read afresh from this page on:
+                at the merge, the slice's rows staged before this page and those merged before that no
+                later page brings again are dropped.
         """
-        spec = state.spec
-        st = _stage_table(spec.id)
-        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
+        self.write_pages(state, [StagedPage(part, rows, deletes, versions, next_cursor, token, reset)])
+
+    def write_pages(self, state: StageState, pages: Sequence[StagedPage]) -> None:
+        """Stage several pages (a round over many partitions) and the positions reached in one transaction:
+        one checkpoint, not one per partition (a poll of hundreds of mailboxes paid a commit for each)."""
+        saved = (state.pages, state.fetched, dict(state.cursors), dict(state.part_tokens))
         self.conn.execute("BEGIN")
         try:
-            if rows is not None and rows.num_rows:
-                # The sequence is built here, not with row_number(): a page may repeat a key (Graph
-                # delta replays) and the later occurrence must win.
-                version = versions if isinstance(versions, pa.Array) else pa.array(
-                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
-                batch = rows.append_column("_bk_version", version)
-                batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
-                self.conn.register("_bk_page", batch)
-                casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
-                self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
-                                  "FROM _bk_page p")
-                self.conn.unregister("_bk_page")
-            if deletes:
-                key = next(c for c in spec.columns if c.name == spec.key)
-                # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
-                first = seq0 + (1 << 19)
-                dels = pa.table({"k": pa.array(list(deletes), pa.string()),
-                                 "s": pa.array(range(first, first + len(deletes)), pa.int64())})
-                self.conn.register("_bk_dels", dels)
-                self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
-                                  f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
-                self.conn.unregister("_bk_dels")
-            n = (rows.num_rows if rows is not None else 0) + len(deletes)
-            self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
-                              "AND part = ?", [next_cursor, token, spec.id, part])
-            self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
-                              [n, spec.id])
+            for page in pages:
+                self._stage(state, page)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
+            state.pages, state.fetched, state.cursors, state.part_tokens = saved
             raise
+
+    def _stage(self, state: StageState, page: StagedPage) -> None:
+        part, rows, deletes, versions, next_cursor, token, reset = (
+            page.part, page.rows, page.deletes, page.versions, page.next_cursor, page.token, page.reset)
+        spec = state.spec
+        st = _stage_table(spec.id)
+        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
+        if reset:
+            unknown = set(reset) - {c.name for c in spec.columns}
+            if unknown:
+                raise SyncError(f"{spec.id}: a reset names columns the table does not have: {sorted(unknown)}",
+                                table=spec.id)
+            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_version, _bk_op, _bk_seq) VALUES "
+                              f"(?, ?, {_OP_RESET}, ?)", [f"{_RESET_KEY}{seq0 - 1}",
+                                                          json.dumps(dict(reset), sort_keys=True), seq0 - 1])
+        if rows is not None and rows.num_rows:
+            # The sequence is built here, not with row_number(): a page may repeat a key (Graph
+            # delta replays) and the later occurrence must win.
+            version = versions if isinstance(versions, pa.Array) else pa.array(
+                list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
+            batch = rows.append_column("_bk_version", version)
+            batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
+            self.conn.register("_bk_page", batch)
+            casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
+            self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
+                              "FROM _bk_page p")
+            self.conn.unregister("_bk_page")
+        if deletes:
+            key = next(c for c in spec.columns if c.name == spec.key)
+            # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
+            first = seq0 + (1 << 19)
+            dels = pa.table({"k": pa.array(list(deletes), pa.string()),
+                             "s": pa.array(range(first, first + len(deletes)), pa.int64())})
+            self.conn.register("_bk_dels", dels)
+            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
+                              f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
+            self.conn.unregister("_bk_dels")
+        n = (rows.num_rows if rows is not None else 0) + len(deletes)
+        self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
+                          "AND part = ?", [next_cursor, token, spec.id, part])
+        self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
+                          [n, spec.id])
         state.pages += 1
         state.fetched += n
         state.cursors[part] = next_cursor
@@ -996,11 +1038,23 @@ class Staging:
             "AND table_name = ? ORDER BY column_index", [_STAGE_ALIAS, spec.schema, spec.name]).fetchall()
         return {n: t for n, t in rows} if rows else None
 
+    def _resets(self, st: str) -> list[tuple[int, dict[str, str]]]:
+        """The slices read afresh in a staged table: (sequence of the reset, columns and values)."""
+        rows = self.conn.execute(f"SELECT _bk_seq, _bk_version FROM {st} WHERE _bk_op = {_OP_RESET} "
+                                 "ORDER BY _bk_seq").fetchall()
+        return [(int(seq), json.loads(text)) for seq, text in rows]
+
     def _apply(self, state: StageState, *, run_id: str, now: datetime) -> MergeCounts:
         spec = state.spec
         target = f"{_STAGE_ALIAS}.{quote(spec.schema)}.{quote(spec.name)}"
         k = quote(spec.key)
         st = _stage_table(spec.id)
+        resets = self._resets(st)
+        if resets:
+            # Rows of a slice staged before its reset are void: the slice was read again after them.
+            void = " OR ".join(f"(_bk_op = {_OP_UPSERT} AND _bk_seq < {seq} AND " + " AND ".join(
+                f"{quote(col)} = '{_sql_string(val)}'" for col, val in cols.items()) + ")" for seq, cols in resets)
+            st = f"(SELECT * FROM {st} WHERE NOT ({void}))"
         last = f"QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY _bk_seq DESC) = 1"
         if state.mode == "full":
             # A full load stages each key once, except keys the catch-up delta (or a Graph replay) staged
@@ -1044,6 +1098,13 @@ class Staging:
                 self.conn.execute(f"CREATE TABLE {target} ({cols})")
                 old = {col.name: col.type for col in (*spec.columns, *META_COLUMNS)}
             self._evolve(target, old, spec)
+            for _seq, piece in resets:
+                # What was merged of a slice read afresh goes, unless this run brings it again.
+                cond = " AND ".join(f"{quote(col)} = '{_sql_string(val)}'" for col, val in piece.items())
+                c.deleted += _scalar(self.conn, f"SELECT count(*) FROM {target} WHERE {cond} AND {k} NOT IN "
+                                     f"(SELECT {k} FROM {st} WHERE _bk_op = {_OP_UPSERT})")
+                self.conn.execute(f"DELETE FROM {target} WHERE {cond} AND {k} NOT IN "
+                                  f"(SELECT {k} FROM {st} WHERE _bk_op = {_OP_UPSERT})")
             row = self.conn.execute(
                 f"SELECT count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NULL), "
                 f"count(*) FILTER (WHERE n._bk_op = {_OP_UPSERT} AND o.{k} IS NOT NULL), "

@@ -191,13 +191,13 @@ _KILLABLE = textwrap.dedent("""
     from bridgekit import warehouse
     from bridgekit.cli.main import main
     marker, table, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    write_page = warehouse.Staging.write_page
+    write_pages = warehouse.Staging.write_pages  # write_page goes through it too
     def checkpoint(self, state, *args, **kw):
-        write_page(self, state, *args, **kw)
+        write_pages(self, state, *args, **kw)
         if state.table == table and state.pages >= pages:
             open(marker, "w").write("staged")  # the checkpoint is committed: kill here
             time.sleep(600)
-    warehouse.Staging.write_page = checkpoint
+    warehouse.Staging.write_pages = checkpoint
     sys.exit(main(sys.argv[4:]))
 """)
 

@@ -297,12 +297,13 @@ def _row_hash(values: list[Any]) -> str:
     return hashlib.sha256(json.dumps([_norm(v) for v in values], default=str, sort_keys=True).encode()).hexdigest()
 
 
-def _compare(emulator: Any, wh: Warehouse) -> None:
-    """Every synced table equals the emulator's store: same keys and the same per-row hash of all columns."""
+def _compare(emulator: Any, wh: Warehouse, names: tuple[str, ...] | None = None) -> None:
+    """Every synced table (or those in ``names``) equals the emulator's store: same keys and the same per-row
+    hash of all columns."""
     from bridgekit.emulator.schema import TABLES
 
     con = _store(emulator)
-    for name in (*DV_TABLES, *(f"graph.{g}" for g in GRAPH_TABLES)):
+    for name in names or (*DV_TABLES, *(f"graph.{g}" for g in GRAPH_TABLES)):
         schema, table = ("graph", name[6:]) if name.startswith("graph.") else ("dataverse", name)
         meta = wh.sql("select column_name, data_type from duckdb_columns() where schema_name = ? and table_name = ? "
                       "order by column_index", [schema, table])

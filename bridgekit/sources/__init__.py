@@ -11,17 +11,19 @@ A new Graph resource is an entry in :data:`bridgekit.catalog.GRAPH_RESOURCES`; a
 from __future__ import annotations
 
 from bridgekit.sources.base import (
+           BatchSource,
            FullPlan,
            Page,
            RawPage,
            Source,
            SourceFactory,
            SplitSource,
+           as_batch,
            as_split,
            to_arrow,
 )
 from bridgekit.sources.dataverse import DataverseSource
 from bridgekit.sources.graph import GraphSource
 
-__all__ = ["DataverseSource", "FullPlan", "GraphSource", "Page", "RawPage", "Source", "SourceFactory",
-           "SplitSource", "as_split", "to_arrow"]
+__all__ = ["BatchSource", "DataverseSource", "FullPlan", "GraphSource", "Page", "RawPage", "Source",
+           "SourceFactory", "SplitSource", "as_batch", "as_split", "to_arrow"]

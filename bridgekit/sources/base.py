@@ -11,7 +11,8 @@ import pyarrow as pa
 from bridgekit.errors import SyncError
 from bridgekit.warehouse import TableSpec, carrier
 
-__all__ = ["FullPlan", "Page", "RawPage", "Source", "SourceFactory", "SplitSource", "as_split", "to_arrow"]
+__all__ = ["BatchSource", "FullPlan", "Page", "RawPage", "Source", "SourceFactory", "SplitSource", "as_batch", "as_split",
+           "to_arrow"]
 
 
 @dataclass
@@ -25,6 +26,10 @@ class Page:
         versions: Each row's version string (``_bk_version``), as a list or an Arrow string array, or None.
         next: The position to fetch the next page of this partition from; None at its end.
         token: The delta link, on the last page of a tracked read (of this partition).
+        reset: Columns and values naming a slice of the table (``{"user_id": ...}``: one mailbox) whose rows
+            this partition now reads afresh: rows of the slice staged before this page, or merged before,
+            are dropped unless a page from here on brings them again (a mailbox whose delta link the
+            service no longer accepts, read again from its first page; a mailbox no longer synced).
     """
 
     rows: list[dict[str, Any]] | pa.Table = field(default_factory=list)
@@ -32,6 +37,7 @@ class Page:
     versions: list[str | None] | pa.Array | None = None
     next: str | None = None
     token: str | None = None
+    reset: dict[str, str] | None = None
 
 
 @dataclass
@@ -116,7 +122,26 @@ class SplitSource(Source, Protocol):
         ...
 
 
+class BatchSource(Source, Protocol):
+    """A source that fetches the pages at many positions in one go (Graph mailboxes through ``$batch``).
+
+    A delta run of a table with many partitions then costs a few round trips per round, not one per
+    partition.
+    """
+
+    def pages(self, cursors: list[str]) -> list[Page | BaseException]:
+        """The page at each of ``cursors`` (in order), or the error that answered it."""
+        ...
+
+
 SourceFactory = Callable[[str], Source]
+
+
+def as_batch(source: Source) -> BatchSource | None:
+    """``source`` as a :class:`BatchSource` when it fetches many positions in one go."""
+    if callable(getattr(source, "pages", None)):
+        return cast(BatchSource, source)
+    return None
 
 
 def as_split(source: Source) -> SplitSource | None:

@@ -6,16 +6,25 @@ What each resource's table holds (columns, scope, select) is its :class:`bridgek
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pyarrow as pa
 
 from bridgekit.catalog import EVENTS_WINDOW, GRAPH_RESOURCES
 from bridgekit.errors import ResyncRequired, SyncError
-from bridgekit.graph import GraphClient
+from bridgekit.graph import DeltaPage, GraphClient, GraphRequest
 from bridgekit.sources.base import FullPlan, Page
 from bridgekit.warehouse import TableSpec, carrier
 
-__all__ = ["GraphSource"]
+__all__ = ["FOLDER_REFRESH_S", "GraphSource"]
+
+log = logging.getLogger("bridgekit.sync")
+
+#: How often a long-running source lists its users' mail folders again (new users' folders: at once).
+FOLDER_REFRESH_S = 60.0
+# The position of a mailbox no longer synced: its next (and last) page drops its rows.
+GONE = "-"
 
 
 class GraphSource:
@@ -24,7 +33,10 @@ class GraphSource:
     Directory resources (users, groups) have one delta; mailbox resources have one per scope (a user's
     mail folder, calendar or contacts), each a partition of the full load and of every delta, and the
     table's token is the JSON object ``{scope: deltaLink}``. Mailboxes of users created after the first
-    load join at their next delta run (an initial round); the positions are ``<scope> <link>``.
+    load join at their next delta run (an initial round); those of users gone stop being synced and their
+    rows are dropped; the positions are ``<scope> <link>``. Mailbox pages are fetched many at once through
+    JSON ``$batch`` (:meth:`pages`), and a mailbox whose delta link the service no longer accepts is read
+    again alone, its rows replaced (:attr:`Page.reset`), while the others go on.
     """
 
     def __init__(self, client: GraphClient, name: str) -> None:
@@ -36,6 +48,8 @@ class GraphSource:
         self.table = f"graph.{name}"
         self.res = GRAPH_RESOURCES[name]
         self._spec: TableSpec | None = None
+        self._folders: dict[str, list[str]] = {}  # user id -> mail folder ids, as last listed
+        self._folders_at = 0.0
 
     @property
     def tracked(self) -> bool:
@@ -68,11 +82,30 @@ class GraphSource:
         users = [str(u["id"]) for page in self.client.users(select=["id"]) for u in page.value]
         if self.res.per_user != "folders":
             return users
-        scopes = []
-        for uid in users:
-            for page in self.client.pages(f"users/{uid}/mailFolders", select=["id"]):
-                scopes += [f"{uid}/{f['id']}" for f in page.value]
-        return scopes
+        now = time.monotonic()
+        # A mailbox's folders are listed again at most every FOLDER_REFRESH_S (new users at once): listing
+        # them is a request per user, which a poll would otherwise pay every time. A folder created
+        # meanwhile joins at the next listing with an initial round (nothing in it is missed).
+        if now - self._folders_at > FOLDER_REFRESH_S:
+            stale, self._folders_at = users, now
+        else:
+            stale = [u for u in users if u not in self._folders]
+        if stale:
+            reqs = [GraphRequest(str(i), "GET", f"/users/{uid}/mailFolders?$select=id&$top=1000")
+                    for i, uid in enumerate(stale)]
+            for uid, resp in zip(stale, self.client.batch(reqs), strict=True):
+                if resp.status == 404:
+                    self._folders[uid] = []  # the user (or the mailbox) is gone since the listing
+                    continue
+                if not resp.ok or not isinstance(resp.body, dict):
+                    raise resp.error or SyncError(f"{self.table}: listing the mail folders of a user failed "
+                                                  f"({resp.status})", table=self.table)
+                folders = [str(f["id"]) for f in resp.body.get("value", [])]
+                if resp.body.get("@odata.nextLink"):
+                    folders += [str(f["id"]) for page in self.client.pages(resp.body["@odata.nextLink"])
+                                for f in page.value]
+                self._folders[uid] = folders
+        return [f"{uid}/{f}" for uid in users for f in self._folders.get(uid, [])]
 
     def plan_full(self, partitions: int) -> FullPlan:
         return FullPlan([f"{scope} {self._initial(scope)}" for scope in self._scopes()])
@@ -80,24 +113,81 @@ class GraphSource:
     def delta_start(self, token: str) -> list[str]:
 
         links: dict[str, str] = json.loads(token) if token.startswith("{") else {"": token}
-        cursors = [f"{scope} {link}" for scope, link in links.items()]
-        if self.res.per_user is not None:
-            # New mailboxes join with an initial round (everything in them is new).
-            cursors += [f"{scope} {self._initial(scope)}" for scope in self._scopes() if scope not in links]
+        if self.res.per_user is None:
+            return [f"{scope} {link}" for scope, link in links.items()]
+        scopes = self._scopes()
+        listed = set(scopes)
+        # Mailboxes no longer listed (their user left, or the folder is gone) stop being synced: their rows go.
+        cursors = [f"{scope} {link if scope in listed else GONE}" for scope, link in links.items()]
+        # New mailboxes join with an initial round (everything in them is new).
+        cursors += [f"{scope} {self._initial(scope)}" for scope in scopes if scope not in links]
         return cursors
 
     def join_tokens(self, tokens: list[str]) -> str:
 
         links = dict(t.split(" ", 1) for t in tokens)
-        return links.get("", "") if self.res.per_user is None else json.dumps(links, sort_keys=True)
+        if self.res.per_user is None:
+            return links.get("", "")
+        return json.dumps({s: link for s, link in links.items() if link != GONE}, sort_keys=True)
+
+    def _reset(self, scope: str) -> dict[str, str]:
+        user, _, folder = scope.partition("/")
+        return {"user_id": user, "parentFolderId": folder} if folder else {"user_id": user}
 
     def page(self, cursor: str) -> Page:
         scope, _, url = cursor.partition(" ")
+        if url == GONE:
+            return Page(token=f"{scope} {GONE}", reset=self._reset(scope))
         try:
             page = next(iter(self.client.delta_changes(url)))
         except ResyncRequired as exc:
             exc.table = self.table
             raise
+        return self._shape(scope, page)
+
+    def pages(self, cursors: list[str]) -> list[Page | BaseException]:
+        """The page at each cursor, mailboxes through ``$batch``; a mailbox whose link the service no longer
+        accepts (410, ``syncStateNotFound``) is read again from its first page, the others go on."""
+        if self.res.per_user is None:
+            out: list[Page | BaseException] = []
+            for cursor in cursors:
+                try:
+                    out.append(self.page(cursor))
+                except Exception as exc:
+                    out.append(exc)
+            return out
+        split = [c.partition(" ") for c in cursors]
+        results: list[Page | BaseException | None] = [None] * len(cursors)
+        asked = [i for i, (_, _, url) in enumerate(split) if url != GONE]
+        for i, (scope, _, url) in enumerate(split):
+            if url == GONE:
+                results[i] = Page(token=f"{scope} {GONE}", reset=self._reset(scope))
+        got = self.client.delta_batch([split[i][2] for i in asked]) if asked else []
+        again = []
+        for i, answer in zip(asked, got, strict=True):
+            if isinstance(answer, ResyncRequired):
+                again.append(i)
+            elif isinstance(answer, BaseException):
+                results[i] = answer
+            else:
+                results[i] = self._shape(split[i][0], answer)
+        if again:
+            fresh = self.client.delta_batch([self._initial(split[i][0]) for i in again])
+            for i, answer in zip(again, fresh, strict=True):
+                scope = split[i][0]
+                if isinstance(answer, BaseException):
+                    if isinstance(answer, ResyncRequired):
+                        answer.table = self.table
+                    results[i] = answer
+                    continue
+                log.warning("%s: the delta link of mailbox %s is no longer valid; reading it again", self.table,
+                            scope)
+                page = self._shape(scope, answer)
+                page.reset = self._reset(scope)
+                results[i] = page
+        return [r if r is not None else SyncError("no answer", table=self.table) for r in results]
+
+    def _shape(self, scope: str, page: DeltaPage) -> Page:
         items = page.items
         if self.res.per_user is not None:
             user = scope.split("/", 1)[0]

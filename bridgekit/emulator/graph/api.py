@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from bridgekit.emulator.context import GRAPH_APP_ID, EmulatorContext, RoleMissing, TokenRejected
-from bridgekit.emulator.faults import graph_error_body
+from bridgekit.emulator.faults import _MAILBOX, graph_error_body
 from bridgekit.emulator.graph.query import (
     DIRECTORY,
     OUTLOOK,
@@ -318,8 +318,9 @@ class GraphService:
         self.store.ensure_index("graph.events", "owner", ["@emu.user"])
         self.store.ensure_index("graph.contacts", "owner", ["@emu.user"])
         self.store.ensure_index("graph.users", "upn", ["userPrincipalName"])
-        #: Per-item throttling for $batch: an error response (a 429 with Retry-After) for an item, or None.
-        self.item_fault: Callable[[GraphRequest, dict[str, Any]], GraphResponse | None] | None = None
+        #: Per-item throttling for $batch: an error response (a 429 with Retry-After) for an item, or None;
+        #: ``done`` is called when an admitted item has been answered.
+        self.item_fault: _ItemThrottle | None = None
 
     # -- entry points ------------------------------------------------------------------------------
     @property
@@ -1243,11 +1244,15 @@ class GraphService:
         sub.query = dict(parse_qsl(parts.query, keep_blank_values=True))
         if path == "$batch":
             return GraphResponse(400, _error_body(sub, "BadRequest", "A batch cannot contain another batch."))
-        if self.item_fault is not None:
-            faulted = self.item_fault(sub, claims)
-            if faulted is not None:
-                return faulted
-        return self.handle(sub)
+        if self.item_fault is None:
+            return self.handle(sub)
+        faulted = self.item_fault(sub, claims)
+        if faulted is not None:
+            return faulted
+        try:
+            return self.handle(sub)
+        finally:
+            self.item_fault.done(sub, claims)
 
 
 # -- HTTP adapter -----------------------------------------------------------------------------------------
@@ -1271,6 +1276,28 @@ class _ItemThrottle:
         except RuntimeError:  # not called from a worker thread (direct use of GraphService)
             return self._check(sub, claims)
 
+    def done(self, sub: GraphRequest, claims: dict[str, Any]) -> None:
+        """Release the mailbox slot an admitted item held."""
+        try:
+            anyio.from_thread.run_sync(self._release, sub, claims)
+        except RuntimeError:
+            self._release(sub, claims)
+
+    def _mailbox(self, sub: GraphRequest, claims: dict[str, Any]) -> tuple[str, str] | None:
+        m = _MAILBOX.match("/graph/v1.0/" + sub.path.strip("/"))
+        return (str(claims.get("azp") or claims.get("appid")), m.group(1).lower()) if m else None
+
+    def _release(self, sub: GraphRequest, claims: dict[str, Any]) -> None:
+        limiter = getattr(self.ctx, "limiter", None)
+        box = self._mailbox(sub, claims)
+        if limiter is None or box is None:
+            return
+        left = limiter.mailboxes.get(box, 1) - 1
+        if left > 0:
+            limiter.mailboxes[box] = left
+        else:
+            limiter.mailboxes.pop(box, None)
+
     def _check(self, sub: GraphRequest, claims: dict[str, Any]) -> GraphResponse | None:
         f = self.ctx.faults
         if "graph" in f.services and f.throttle_rate:
@@ -1286,6 +1313,14 @@ class _ItemThrottle:
             if len(caller.starts) >= self.ctx.settings.graph_requests_per_window:
                 return self._too_many(sub, max(1, math.ceil(caller.starts[0] + window - now)))
             caller.starts.append(now)
+        # Outlook's 4 concurrent requests per app and mailbox count batch items too: Graph runs at most 4
+        # items of one batch against a mailbox at a time, but other requests in flight to that mailbox
+        # (other batches, direct calls) share the limit (throttling-limits, "Outlook service limits").
+        box = self._mailbox(sub, claims)
+        if limiter is not None and box is not None:
+            if limiter.mailboxes.get(box, 0) >= self.ctx.settings.graph_mailbox_concurrency:
+                return self._too_many(sub, 1)
+            limiter.mailboxes[box] = limiter.mailboxes.get(box, 0) + 1
         return None
 
     @staticmethod
