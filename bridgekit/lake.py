@@ -82,7 +82,7 @@ class Lake:
         if t.endpoint:  # Azurite or a sovereign cloud
             opts["azure_storage_endpoint"] = t.endpoint
             if t.endpoint.startswith("http://"):
-                opts["azure_storage_allow_http"] = "true"
+                opts["allow_http"] = "true"  # Azurite on loopback speaks plain http
         if t.account_name:
             opts["azure_storage_account_name"] = t.account_name
         if t.auth == "key":

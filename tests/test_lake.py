@@ -24,21 +24,30 @@ TABLES = ("dataverse.account", "dataverse.contact", "graph.users")
 
 @pytest.fixture()
 def lake_profile(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A profile whose lake is a local path."""
     config = tmp_path / "bridgekit.toml"
     config.write_text(textwrap.dedent(f"""
         [profiles.lakeside]
         auth = "emulator"
         warehouse = "{tmp_path / 'w.duckdb'}"
         sync = {{ dataverse = ["account", "contact"], graph = ["users"] }}
-
-        [profiles.lakeside.lake]
-        url = "{tmp_path / 'lake'}"
-        optimize_every = 0
-        retention_hours = 0
-    """))
+    """) + f'\n[profiles.lakeside.lake]\nurl = "{tmp_path / "lake"}"\noptimize_every = 0\nretention_hours = 0\n')
     monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
     monkeypatch.setenv("BRIDGEKIT_PROFILE", "lakeside")
     return tmp_path
+
+
+def _lake() -> Any:
+    from bridgekit.lake import Lake
+
+    target = load_profile("lakeside").lake
+    assert target is not None
+    return Lake(target)
+
+
+def _delta(table: str) -> DeltaTable:
+    lake = _lake()
+    return DeltaTable(lake.table_uri(table), storage_options=lake.storage_options())
 
 
 def _sorted(table: pa.Table, key: str) -> list[dict[str, Any]]:
@@ -58,7 +67,7 @@ def _assert_lake_equals_warehouse(root: Path) -> None:
                                for c, t in cols)
             key = key or cols[0][0]
             expected = conn.sql(f'SELECT {select} FROM {schema}."{name}"').to_arrow_table()
-        delta = DeltaTable(str(root / "lake" / schema / name))
+        delta = _delta(table)
         got = delta.to_pyarrow_table()
         assert got.num_rows == expected.num_rows == len(set(got.column(key).to_pylist())), table  # no duplicate
         assert _sorted(got.select(expected.column_names), key) == _sorted(expected, key), table
@@ -82,10 +91,10 @@ def test_every_sync_keeps_the_lake_equal_to_the_warehouse(lake_profile: Path, em
         emulator.admin("mutate", {"creates": 40, "updates": 120, "deletes": 25, "seed": seed})
         assert main(["sync", "--quiet"]) == 0
         _assert_lake_equals_warehouse(lake_profile)
-    versions = {t: DeltaTable(str(lake_profile / "lake" / t.replace(".", "/"))).version() for t in TABLES}
+    versions = {t: _delta(t).version() for t in TABLES}
     assert max(versions.values()) <= 2  # one commit per table per run that changed it, never more
     assert main(["sync", "--quiet"]) == 0  # nothing changed: no new commit
-    assert {t: DeltaTable(str(lake_profile / "lake" / t.replace(".", "/"))).version() for t in TABLES} == versions
+    assert {t: _delta(t).version() for t in TABLES} == versions
 
 
 _KILL_BEFORE_PUBLISH = """
@@ -121,20 +130,16 @@ def test_optimize_compacts_small_files_vacuums_old_ones_and_keeps_the_rows(lake_
     for seed in (31, 32, 33):
         emulator.admin("mutate", {"creates": 10, "updates": 30, "deletes": 5, "seed": seed})
         assert main(["sync", "--quiet"]) == 0
-    lake = lake_profile / "lake"
+    def active() -> int:
+        return sum(len(_delta(t).file_uris()) for t in TABLES)
 
-    def files() -> tuple[int, int]:
-        on_disk = len(list(lake.rglob("*.parquet")))
-        active = sum(len(DeltaTable(str(lake / t.replace(".", "/"))).file_uris()) for t in TABLES)
-        return on_disk, active
-
-    before = files()
+    before_on_disk = len(list((lake_profile / "lake").rglob("*.parquet")))
+    before = active()
     capsys.readouterr()
     assert main(["lake", "optimize"]) == 0
     out = capsys.readouterr().out
-    after = files()
-    # every table compacts to as few files as its rows need; files no version needs (retention 0) are gone
-    assert after[1] <= before[1] and after[0] < before[0]
+    # every table compacted to as few files as its rows need; files no version needs (retention 0) removed
+    assert active() <= before and len(list((lake_profile / "lake").rglob("*.parquet"))) < before_on_disk
     assert all(f"{t}:" in out for t in TABLES)
     _assert_lake_equals_warehouse(lake_profile)
 
