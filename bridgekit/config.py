@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_GRAPH_RESOURCES",
     "EMULATOR_PROFILE",
     "EMULATOR_RUNTIME_SOURCE",
+    "LakeTarget",
     "Profile",
     "SyncPlan",
     "config_paths",
@@ -64,8 +65,11 @@ _SECRET_KEYS = {
 _PROFILE_KEYS = {
     "tenant_id", "client_id", "auth", "client_secret_env", "certificate_path", "certificate_password_env",
     "dataverse_url", "graph_url", "authority_host", "ca_bundle", "warehouse", "sync", "max_concurrency",
-    "emulator_home",
+    "emulator_home", "lake",
 }
+_LAKE_KEYS = {"url", "auth", "account_name", "account_key_env", "sas_token_env", "endpoint", "optimize_every",
+              "retention_hours"}
+_LAKE_AUTH = ("none", "key", "sas", "profile")
 _SYNC_KEYS = {"dataverse", "graph", "page_size", "partitions", "platform"}
 _TOP_KEYS = {"default_profile", "profiles"}
 _REQUIRED = {
@@ -100,6 +104,31 @@ class SyncPlan:
 
 
 @dataclass(frozen=True)
+class LakeTarget:
+    """Where a profile's Delta Lake copy lives (``[profiles.X.lake]``), and how to reach it.
+
+    ``url`` is a local path or ``abfss://<container>@<account>.dfs.core.windows.net/<path>`` (Azure Data Lake
+    Storage Gen2). Credentials are named, never held: ``account_key_env`` or ``sas_token_env`` name
+    environment variables; ``auth = "profile"`` uses the profile's own identity (an Entra token for Azure
+    Storage). ``endpoint`` points at Azurite or a sovereign cloud's blob endpoint.
+    """
+
+    url: str
+    auth: str = "none"  # none (a local path) | key | sas | profile
+    account_name: str | None = None
+    account_key_env: str | None = None
+    sas_token_env: str | None = None
+    endpoint: str | None = None
+    optimize_every: int = 100  # commits per table between compactions (0: only `bridgekit lake optimize`)
+    retention_hours: int = 168  # files no version younger than this needs are vacuumed (7 days)
+
+    @property
+    def is_local(self) -> bool:
+        """True for a path on this machine (no object store)."""
+        return "://" not in self.url or self.url.startswith("file://")
+
+
+@dataclass(frozen=True)
 class Profile:
     """A resolved profile. ``sources`` says where each value came from (file path, env, built-in).
 
@@ -121,6 +150,7 @@ class Profile:
     max_concurrency: int = 8
     emulator_home: str | None = None
     sync: SyncPlan = field(default_factory=SyncPlan)
+    lake: LakeTarget | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -156,6 +186,9 @@ class Profile:
         rows.append(("warehouse_path", str(self.warehouse_path), self.sources.get("warehouse", "default")))
         rows.append(("sync.dataverse", ",".join(self.sync.dataverse), self.sources.get("sync", "default")))
         rows.append(("sync.graph", ",".join(self.sync.graph), self.sources.get("sync", "default")))
+        if self.lake is not None:
+            rows.append(("lake.url", self.lake.url, self.sources.get("lake", "default")))
+            rows.append(("lake.auth", self.lake.auth, self.sources.get("lake", "default")))
         return rows
 
 
@@ -273,7 +306,7 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
         if key not in _PROFILE_KEYS:
             raise ConfigError(f"unknown key '{key}' in {where}", key=key, path=src, profile=name,
                               hint=f"valid keys: {', '.join(sorted(_PROFILE_KEYS))}")
-        if key not in ("sync", "max_concurrency") and not isinstance(value, str):
+        if key not in ("sync", "max_concurrency", "lake") and not isinstance(value, str):
             raise ConfigError(f"'{key}' in {where} must be a string", key=key, path=src, profile=name,
                               hint=f'write it as {key} = "..."')
     auth = table.get("auth", "client_secret")
@@ -297,7 +330,9 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
                           key="client_secret_env", path=src, profile=name,
                           hint='write e.g. client_secret_env = "CONTOSO_CLIENT_SECRET" and export that variable')
     sync = _parse_sync(table.get("sync", {}), where, src, name)
-    values: dict[str, Any] = {k: v for k, v in table.items() if k not in ("sync",)}
+    values: dict[str, Any] = {k: v for k, v in table.items() if k not in ("sync", "lake")}
+    if "lake" in table:
+        values["lake"] = _parse_lake(table["lake"], where, src, name)
     if "max_concurrency" in values:
         mc = values["max_concurrency"]
         if not isinstance(mc, int) or not 1 <= mc <= DATAVERSE_MAX_CONCURRENCY:
@@ -307,6 +342,52 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
     values["auth"] = auth
     sources = {k: src for k in table}
     return Profile(name=name, sync=sync, sources=sources, **values)
+
+
+def _parse_lake(table: Any, where: str, src: str, name: str) -> LakeTarget:
+    here = f"[profiles.{name}.lake]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"lake in {where} must be a table", key="lake", path=src, profile=name,
+                          hint=f'write it as {here} with url = "..."')
+    for key, value in table.items():
+        if key in ("account_key", "sas_token", "key", "sas"):
+            raise ConfigError(f"{here} in {src} holds a literal secret under '{key}'; secrets never go in files",
+                              key=key, path=src, profile=name,
+                              hint=f'remove it, put it in an environment variable and set {key.split("_")[0]}'
+                                   f'{"_token" if key.startswith("sas") else "_key"}_env = "NAME_OF_THE_VARIABLE"'
+                              if key != "key" else "use account_key_env (the NAME of an environment variable)")
+        if key not in _LAKE_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {here}", key=key, path=src, profile=name,
+                              hint=f"valid keys: {', '.join(sorted(_LAKE_KEYS))}")
+        numeric = key in ("optimize_every", "retention_hours")
+        if numeric and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"{key} in {here} must be a whole number >= 0", key=key, path=src, profile=name)
+        if not numeric and not isinstance(value, str):
+            raise ConfigError(f"'{key}' in {here} must be a string", key=key, path=src, profile=name)
+    if not table.get("url"):
+        raise ConfigError(f"{here} in {src} has no url", key="url", path=src, profile=name,
+                          hint='add url = "abfss://<container>@<account>.dfs.core.windows.net/bridgekit" or a path')
+    url = str(table["url"])
+    remote = "://" in url and not url.startswith("file://")
+    auth = str(table.get("auth") or ("key" if table.get("account_key_env") else "sas" if table.get("sas_token_env")
+                                     else "profile" if remote else "none"))
+    if auth not in _LAKE_AUTH:
+        raise ConfigError(f"auth = '{auth}' in {here} is not a known mode", key="auth", path=src, profile=name,
+                          hint=f"use one of: {', '.join(_LAKE_AUTH)}")
+    if remote and not url.startswith(("abfss://", "abfs://", "az://", "azure://")):
+        raise ConfigError(f"url in {here} must be a local path or an Azure Data Lake URL (abfss://...)",
+                          key="url", path=src, profile=name)
+    values = {k: v for k, v in table.items() if k != "auth"}
+    if remote and not values.get("account_name"):
+        # abfss://<container>@<account>.dfs.core.windows.net/...: the account is in the host
+        host = url.split("://", 1)[1].split("/", 1)[0]
+        if "@" in host:
+            values["account_name"] = host.split("@", 1)[1].split(".", 1)[0]
+    if not remote and url.startswith("file://"):
+        values["url"] = url.removeprefix("file://")
+    elif not remote:
+        values["url"] = str(Path(url).expanduser())
+    return LakeTarget(auth=auth, **values)
 
 
 def _parse_sync(table: Any, where: str, src: str, name: str) -> SyncPlan:

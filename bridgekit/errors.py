@@ -17,6 +17,7 @@
     ├── ChangeTrackingNotEnabled        the table does not have change tracking on
     ├── WarehouseError                  DuckDB file locked, corrupt or unwritable
     │   └── QueryError                  a query failed or was refused (bad SQL, a write, a file outside it)
+    ├── LakeError                       the Delta Lake copy could not be read or written
     ├── SyncError                       the sync engine could not complete (e.g. already running)
     │   ├── UnknownTableError           a table asked for is not in the sync plan (a usage error)
     │   └── SyncInterrupted             Ctrl-C / SIGINT stopped the run; nothing of it was merged (exit 130)
@@ -55,6 +56,7 @@ __all__ = [
     "EmulatorError",
     "ExitCode",
     "InsufficientDataError",
+    "LakeError",
     "MigrationIncomplete",
     "MissingCredentialError",
     "NotFoundError",
@@ -353,6 +355,15 @@ class QueryError(WarehouseError):
     """A query on the warehouse failed or was refused (bad SQL, a write, a file outside the warehouse)."""
 
     exit_code = ExitCode.USAGE
+
+
+class LakeError(BridgekitError):
+    """The Delta Lake copy could not be read or written; the warehouse is unaffected and the next sync
+    catches the lake up."""
+
+    def __init__(self, message: str, *, hint: str | None = None, table: str | None = None) -> None:
+        super().__init__(message, hint=hint, table=table)
+        self.table = table
 
 
 class SyncError(BridgekitError):

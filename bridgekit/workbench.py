@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the clients, DuckDB and Arrow load on first use, so `import
     from bridgekit.dataverse import DataverseClient
     from bridgekit.emulator.process import EmulatorInfo
     from bridgekit.graph import GraphClient
+    from bridgekit.lake import Lake, LakeCommit
     from bridgekit.sources import Source
     from bridgekit.sync import SyncEngine, SyncReport
     from bridgekit.warehouse import Warehouse
@@ -127,7 +128,30 @@ class Workbench:
             >>> report = wb.sync(only=["account", "graph.users"])  # doctest: +SKIP
             >>> report.to_frame()                                  # doctest: +SKIP
         """
-        return self.sync_engine(progress=progress).run(only, full=full)
+        report = self.sync_engine(progress=progress).run(only, full=full)
+        self.publish_lake()
+        return report
+
+    @cached_property
+    def lake(self) -> Lake | None:
+        """The profile's Delta Lake copy (``[profiles.X.lake]``), or None when it has none."""
+        if self.profile.lake is None:
+            return None
+        from bridgekit.lake import Lake
+
+        def storage_token() -> str:
+            from bridgekit.auth import TokenProvider
+
+            return TokenProvider(self.profile).token("https://storage.azure.com/.default")
+
+        return Lake(self.profile.lake, token=storage_token)
+
+    def publish_lake(self) -> list[LakeCommit]:
+        """Bring the lake copy up to the warehouse (what every merge since the lake's watermark changed), if
+        the profile has one; :meth:`sync` and ``bridgekit sync`` call it after each merge."""
+        if self.lake is None or not self.warehouse.exists():
+            return []
+        return self.lake.publish(self.warehouse)
 
     def other(self, profile: str) -> Workbench:
         """The Workbench of another profile (a migration's source environment, a lookup's warehouse), opened

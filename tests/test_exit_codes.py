@@ -25,7 +25,7 @@ CLI_CODES = {
     "BridgekitError": 1, "ConfigError": 2, "MissingCredentialError": 3, "AuthError": 3, "ApiError": 1,
     "NotFoundError": 1, "PermissionDeniedError": 3, "ConflictError": 1, "TransientError": 4,
     "ThrottledError": 4, "MigrationIncomplete": 4, "ResyncRequired": 4, "ChangeTrackingNotEnabled": 1,
-    "WarehouseError": 1, "QueryError": 2, "SyncError": 1, "SyncInterrupted": 130, "UnknownTableError": 2, "InsufficientDataError": 1, "CheckFailed": 6,
+    "WarehouseError": 1, "QueryError": 2, "SyncError": 1, "SyncInterrupted": 130, "UnknownTableError": 2, "InsufficientDataError": 1, "LakeError": 1, "CheckFailed": 6,
     "RunbookError": 2, "RunbookFailed": 5, "EmulatorError": 1,
 }
 #: In a runbook cell: usage, auth, transient and a red check keep their meaning; anything else is "a cell

@@ -1,6 +1,6 @@
 """The architecture as a test: each layer of bridgekit imports only from the layers below it.
 
-errors <- catalog <- config <- the seams (odata <- http <- auth) <- clients (dataverse, graph) <- warehouse <- sources
+errors <- catalog <- config <- the seams (odata <- http <- auth) <- clients (dataverse, graph) <- warehouse <- lake <- sources
 <- sync <- workbench <- record <- report <- checks <- integration <- features (assess, monitor, migration, analytics) <- runbooks <- cli.
 The emulator is an independent implementation: it imports nothing of the client side but ``errors``.
 """
@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"auth"},
     {"dataverse", "graph"},
     {"warehouse"},
+    {"lake"},
     {"sources"},
     {"sync"},
     {"workbench"},

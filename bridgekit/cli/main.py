@@ -130,10 +130,10 @@ def cli(ctx: click.Context, profile: str | None, verbose: int) -> None:
 
 def _register() -> None:
     """Attach every command: each module of this package lists its commands in ``COMMANDS``."""
-    from bridgekit.cli import auth, demo, profiles, runbooks, warehouse
+    from bridgekit.cli import auth, demo, lake, profiles, runbooks, warehouse
     from bridgekit.emulator.cli import emulator
 
-    for module in (profiles, warehouse, runbooks, demo, auth):
+    for module in (profiles, warehouse, lake, runbooks, demo, auth):
         for command in module.COMMANDS:
             cli.add_command(command)
     cli.add_command(emulator)

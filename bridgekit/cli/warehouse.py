@@ -54,6 +54,7 @@ def sync(ctx: click.Context, profile: str | None, only: str | None, full: bool, 
             if not quiet:
                 click.echo(report.render())
             _failures(report)
+            _publish(wb, quiet)
         click.echo(f"watching {wb.warehouse.path} every {interval:g}s (Ctrl-C to stop)", err=True)
         try:
             engine.watch(only, interval=interval, on_report=show, full=full)
@@ -64,8 +65,17 @@ def sync(ctx: click.Context, profile: str | None, only: str | None, full: bool, 
     if not quiet:
         click.echo(report.render())
     _failures(report)
+    _publish(wb, quiet)
     if not report.ok:
         ctx.exit(int(report.exit_code))
+
+
+def _publish(wb: Workbench, quiet: bool) -> None:
+    """Bring the profile's lake copy up to the warehouse (nothing when it has none)."""
+    for c in wb.publish_lake():
+        if c.version is not None and not quiet:
+            click.echo(f"lake: {c.table} version {c.version} ({c.mode}, {c.upserted} upserted, {c.deleted} "
+                       f"deleted{', compacted' if c.optimized else ''})")
 
 
 def _failures(report: SyncReport) -> None:
