@@ -89,7 +89,8 @@ def ensure_platform(wb: Any, *, warehouse_tables: Iterable[str] = ()) -> list[st
     """Read the platform tables the warehouse lacks into it (once; a later sync plan with ``platform = true``
     keeps them current). Returns the tables read."""
     have = set(warehouse_tables)
-    missing = [f"dataverse.{t}" for t in PLATFORM_TABLES if f"dataverse.{t}" not in have]
+    # systemuser too: flows and roles are joined to their owners and the application user
+    missing = [f"dataverse.{t}" for t in (*PLATFORM_TABLES, "systemuser") if f"dataverse.{t}" not in have]
     if missing and wb.profile.dataverse_url:
         wb.sync_engine(progress=False, tables=missing).run()
     return missing

@@ -20,6 +20,7 @@ import datetime as _dt
 import html
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -359,8 +360,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _dt.datetime) and value.tzinfo is not None:
         return value.astimezone(_dt.UTC).replace(tzinfo=None)  # Excel has no time zones: UTC, said in the header
     if isinstance(value, list | tuple | set | Mapping):
-        return cell(value).replace("<br>", "; ")
+        value = cell(value).replace("<br>", "; ")
+    if isinstance(value, str):
+        # Control characters (a NUL in a record's name) cannot be stored in a worksheet's XML: shown as U+FFFD.
+        return _CONTROL.sub("\ufffd", value)
     return value
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def write_workbook(path: str | os.PathLike[str], summary: Sequence[Mapping[str, Any]],

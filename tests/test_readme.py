@@ -137,8 +137,12 @@ def _check(argv: list[str], proc: subprocess.CompletedProcess[str], where: str, 
     elif command[0] == "run":
         name = argv[2]
         run_dir = next(ln.split(None, 2)[2] for ln in out.splitlines() if ln.startswith("run dir:"))
-        assert sorted(p.name for p in (cwd / run_dir).iterdir() if p.suffix != ".log") == \
-               sorted([f"{name}.ipynb", f"{name}.html", "manifest.json"]), where
+        expected = [f"{name}.ipynb", f"{name}.html", "manifest.json"]
+        if name == "assess":  # the customer deliverable: evidence files, and a PDF where Chromium is installed
+            from bridgekit.runbooks.runner import _chromium
+
+            expected += ["evidence.csv", "evidence.xlsx"] + ([f"{name}.pdf"] if _chromium() else [])
+        assert sorted(p.name for p in (cwd / run_dir).iterdir() if p.suffix != ".log") == sorted(expected), where
 
 
 def test_mutate_prints_the_ids_only_with_json(sandbox: Sandbox) -> None:
@@ -161,14 +165,16 @@ def test_the_python_example_of_the_readme_runs(sandbox: Sandbox) -> None:
 def test_the_toml_example_of_the_readme_is_a_valid_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bridgekit.config import load_profile
 
-    (toml,) = blocks("toml")
+    profile_toml, lake_toml = blocks("toml")  # the profile, then its lake copy
     config = tmp_path / "bridgekit.toml"
-    config.write_text(toml)
+    config.write_text(profile_toml + "\n" + lake_toml)
     monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
     monkeypatch.delenv("BRIDGEKIT_PROFILE", raising=False)
     profile = load_profile(None)
     assert profile.name == "contoso" and profile.auth == "client_secret"
     assert profile.sync.graph == ("users", "groups", "messages", "events")
+    assert profile.lake is not None and profile.lake.url.startswith("abfss://")
+    assert (profile.lake.auth, profile.lake.account_name) == ("key", "contosodata")
 
 
 def test_the_readme_names_what_a_run_writes_and_what_the_default_plan_syncs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -114,3 +115,14 @@ def test_notebook_frames_display_as_report_tables_and_charts_use_the_template() 
     finally:
         pio.templates.default = before
         InteractiveShell.clear_instance()
+
+
+def test_a_record_name_with_a_control_character_still_goes_into_the_workbook(tmp_path: Path) -> None:
+    from openpyxl import load_workbook
+
+    from bridgekit.report import write_workbook
+
+    path = write_workbook(tmp_path / "e.xlsx", [{"finding": "x", "records": 1}],
+                          {"x": [{"record": "before\x00after", "id": "1"}]})
+    sheet = load_workbook(path)["x"]
+    assert sheet.cell(row=2, column=1).value == "before\ufffdafter"
