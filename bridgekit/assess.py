@@ -1291,16 +1291,17 @@ class AssessmentReport:
             bk = "unknown"
         prof = self.a.wb.profile
         as_of, runs = self._data_as_of()
-        scope = (f"{len(prof.sync.dataverse)} Dataverse tables and {len(prof.sync.graph)} Microsoft Graph resources "
-                 "(connectivity, identity, change tracking, volumes, data quality, cross-system consistency, "
-                 "infrastructure)")
+        areas = [self.a.sections[k].title for k in _AREA_ORDER if k in self.a.sections]
+        scope = (f"{len(prof.sync.dataverse)} Dataverse tables and {len(prof.sync.graph)} Microsoft Graph resources"
+                 + (f" ({', '.join(a[:1].lower() + a[1:] for a in areas)})" if areas else ""))
         rows = [("Customer", self.customer or f"tenant {prof.tenant_id}"),
                 ("Prepared by", self.consultant or "-"),
                 ("Date", self.a.now.date().isoformat()),
                 ("Scope", scope),
                 ("Data as of", f"{report.cell(as_of)} (sync run {', '.join(runs) or '-'})"),
                 ("Tool", f"bridgekit {bk}, profile {prof.name}")]
-        info = "".join(f'<dt style="font-weight:600">{k}</dt><dd style="margin:0">{html.escape(str(v))}</dd>'
+        info = "".join(f'<dt style="font-weight:600;white-space:nowrap">{k}</dt><dd style="margin:0">'
+                       f'{html.escape(str(v))}</dd>'
                        for k, v in rows)
         return report.Html(f'<header class="bk-title"><h1 style="margin-bottom:0.2em">Integration readiness '
                            f'assessment</h1><p style="font-size:1.25em;margin-top:0">'
