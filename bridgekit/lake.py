@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from bridgekit.config import LakeTarget
 from bridgekit.errors import ConfigError, LakeError
-from bridgekit.warehouse import Warehouse, quote
+from bridgekit.warehouse import Warehouse, delta_select, quote
 
 __all__ = ["Lake", "LakeCommit"]
 
@@ -138,7 +138,7 @@ class Lake:
         mark = self._watermark(uri)
         last_run, last_end = str(runs[-1][0]), runs[-1][1]
         props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end)})
-        select = _select(conn, schema, name)
+        select = delta_select(conn, schema, name)
         if mark is None:
             # First publish (or the lake table was removed): the whole table, streamed, in one commit.
             reader: Any = conn.sql(select).to_arrow_reader()
@@ -302,14 +302,6 @@ def _iso(value: Any) -> str:
 def _utc(value: Any) -> dt.datetime:
     when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
     return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
-
-
-def _select(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> str:
-    """The warehouse table as Delta holds it: UUID and JSON (types Delta lacks) as strings."""
-    cols = conn.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND "
-                        "table_name = ? ORDER BY column_index", [schema, table]).fetchall()
-    parts = [f"CAST({quote(n)} AS VARCHAR) AS {quote(n)}" if t in ("UUID", "JSON") else quote(n) for n, t in cols]
-    return f"SELECT {', '.join(parts)} FROM {quote(schema)}.{quote(table)}"
 
 
 def _key(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> str:

@@ -68,6 +68,7 @@ __all__ = [
     "SyncLock",
     "TableSpec",
     "Warehouse",
+    "delta_select",
     "quote",
 ]
 
@@ -544,7 +545,7 @@ class Warehouse:
                     from deltalake import write_deltalake
 
                     # Streamed batch by batch (a DB-API result would first copy the whole table).
-                    reader: Any = conn.sql(_delta_select(conn, schema, table)).to_arrow_reader()
+                    reader: Any = conn.sql(delta_select(conn, schema, table)).to_arrow_reader()
                     write_deltalake(str(target), reader, mode="overwrite", schema_mode="overwrite")
             written.append(target)
         return written
@@ -631,8 +632,8 @@ def _sql_string(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _delta_select(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> str:
-    """SELECT for a Delta export: Delta has no UUID or JSON type, so those become strings."""
+def delta_select(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> str:
+    """SELECT for a Delta table (the export and the lake copy): Delta has no UUID or JSON type, so those become strings."""
     cols = conn.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND "
                         "table_name = ? ORDER BY column_index", [schema, table]).fetchall()
     parts = []

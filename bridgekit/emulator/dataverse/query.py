@@ -62,6 +62,16 @@ _REJECTED = {"$skip", "$search", "$format"}
 #: :mod:`.fetchxml` before options are parsed): refused rather than ignored.
 _REFUSED_CUSTOM = {"fetchXml", "sql", "savedQuery", "userQuery"}
 _TRACKING_REJECTS = ("$filter", "$orderby", "$expand", "$top")
+
+
+def _check_tracking(table: Table, opts: QueryOptions) -> None:
+    """A tracked read (first or delta) needs change tracking on the table and none of the options it excludes."""
+    if not table.change_tracking:
+        raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
+    for opt in _TRACKING_REJECTS:
+        if opt in opts.raw:
+            raise DvError(400, "0x80060888",
+                          f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
 #: Error for an expired or forcibly invalidated delta token. The Web API code is not documented (§1.11,
 #: §6). Dataverse's RetrieveEntityChanges (the SDK message behind change tracking) reports an old
 #: version stamp as ExpiredVersionStamp 0x80044352, "Version stamp associated with the client has
@@ -832,12 +842,7 @@ class Reader:
             raise DvError(400, "0x80060888", "Change tracking is not supported on a navigation property's "
                                              "collection.")
         if tracking:
-            if not table.change_tracking:
-                raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
-            for opt in _TRACKING_REJECTS:
-                if opt in opts.raw:
-                    raise DvError(400, "0x80060888",
-                                  f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
+            _check_tracking(table, opts)
             applied.append("odata.track-changes")
         page_size = MAX_PAGE
         if pref.maxpagesize is not None:
@@ -953,12 +958,7 @@ class Reader:
     # -- change tracking ---------------------------------------------------------------------------
     def read_delta(self, table: Table, opts: QueryOptions, rc: ReadContext, *, count_only: bool = False) -> Reply:
         """``GET <set>?$deltatoken=..``: rows changed since the token and ``$deletedEntity`` entries (§1.11)."""
-        if not table.change_tracking:
-            raise DvError(400, "0x80072491", f"Entity {table.logical_name} isn't enabled for change tracking.")
-        for opt in _TRACKING_REJECTS:
-            if opt in opts.raw:
-                raise DvError(400, "0x80060888",
-                              f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
+        _check_tracking(table, opts)
         since, issued = parse_delta_token(opts.raw["$deltatoken"])
         if rc.force_delta_expiry or time.time() - issued > rc.max_delta_age_s:
             raise DvError(400, DELTA_EXPIRED_CODE,
