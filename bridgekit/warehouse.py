@@ -810,8 +810,7 @@ class Staging:
             self.conn.execute("INSERT INTO stage_tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'fetching', ?, 0, 0, ?)",
                               [tid, uuid.uuid4().hex, run_id, mode, resynced, spec.to_json(), base_token, token,
                                _now(), message])
-            for i, cur in enumerate(cursors):
-                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [tid, i, cur])
+            self._insert_cursors(tid, cursors, first=0)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -819,6 +818,18 @@ class Staging:
         state = self.get(tid)
         assert state is not None
         return state
+
+    def _insert_cursors(self, table_id: str, cursors: Sequence[str | None], *, first: int) -> None:
+        """Positions of new partitions, in one statement (a mailbox resource starts hundreds)."""
+        if not cursors:
+            return
+        rows = pa.table({"part": pa.array(range(first, first + len(cursors)), pa.int64()),
+                         "cursor": pa.array(list(cursors), pa.string())})
+        self.conn.register("_bk_cursors", rows)
+        try:
+            self.conn.execute("INSERT INTO stage_cursors SELECT ?, part, cursor, NULL FROM _bk_cursors", [table_id])
+        finally:
+            self.conn.unregister("_bk_cursors")
 
     def _drop(self, table_id: str) -> None:
         self.conn.execute(f"DROP TABLE IF EXISTS {_stage_table(table_id)}")
@@ -852,64 +863,100 @@ class Staging:
 
     def write_pages(self, state: StageState, pages: Sequence[StagedPage]) -> None:
         """Stage several pages (a round over many partitions) and the positions reached in one transaction:
-        one checkpoint, not one per partition (a poll of hundreds of mailboxes paid a commit for each)."""
+        one checkpoint, not one per partition (a poll of hundreds of mailboxes paid a commit for each).
+
+        The round costs a fixed number of statements whatever its number of pages: all pages' rows go in as
+        one Arrow table, their deletes, slice resets and positions likewise.
+        """
+        if not pages:
+            return
         saved = (state.pages, state.fetched, dict(state.cursors), dict(state.part_tokens))
         self.conn.execute("BEGIN")
         try:
-            for page in pages:
-                self._stage(state, page)
+            self._stage(state, pages)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             state.pages, state.fetched, state.cursors, state.part_tokens = saved
             raise
 
-    def _stage(self, state: StageState, page: StagedPage) -> None:
-        part, rows, deletes, versions, next_cursor, token, reset = (
-            page.part, page.rows, page.deletes, page.versions, page.next_cursor, page.token, page.reset)
+    def _stage(self, state: StageState, pages: Sequence[StagedPage]) -> None:
         spec = state.spec
         st = _stage_table(spec.id)
-        seq0 = (state.pages + 1) << 20  # pages hold at most 5,000 rows; keeps later pages after earlier
-        if reset:
-            unknown = set(reset) - {c.name for c in spec.columns}
-            if unknown:
-                raise SyncError(f"{spec.id}: a reset names columns the table does not have: {sorted(unknown)}",
-                                table=spec.id)
-            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_version, _bk_op, _bk_seq) VALUES "
-                              f"(?, ?, {_OP_RESET}, ?)", [f"{_RESET_KEY}{seq0 - 1}",
-                                                          json.dumps(dict(reset), sort_keys=True), seq0 - 1])
-        if rows is not None and rows.num_rows:
-            # The sequence is built here, not with row_number(): a page may repeat a key (Graph
-            # delta replays) and the later occurrence must win.
-            version = versions if isinstance(versions, pa.Array) else pa.array(
-                list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
-            batch = rows.append_column("_bk_version", version)
-            batch = batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows), pa.int64()))
+        names = {c.name for c in spec.columns}
+        resets: list[tuple[str, str, int]] = []
+        tables: list[pa.Table] = []
+        del_keys: list[str] = []
+        del_seqs: list[int] = []
+        positions: dict[int, tuple[str | None, str | None]] = {}
+        fetched = 0
+        for i, page in enumerate(pages):
+            # Each page's sequence block keeps later pages after earlier ones (pages hold at most 5,000 rows).
+            seq0 = (state.pages + i + 1) << 20
+            if page.reset:
+                unknown = set(page.reset) - names
+                if unknown:
+                    raise SyncError(f"{spec.id}: a reset names columns the table does not have: {sorted(unknown)}",
+                                    table=spec.id)
+                resets.append((f"{_RESET_KEY}{seq0 - 1}", json.dumps(dict(page.reset), sort_keys=True), seq0 - 1))
+            rows = page.rows
+            if rows is not None and rows.num_rows:
+                # The sequence is built here, not with row_number(): a page may repeat a key (Graph
+                # delta replays) and the later occurrence must win.
+                versions = page.versions
+                version = versions if isinstance(versions, pa.Array) else pa.array(
+                    list(versions) if versions is not None else [None] * rows.num_rows, pa.string())
+                batch = rows.append_column("_bk_version", version)
+                tables.append(batch.append_column("_bk_seq", pa.array(range(seq0, seq0 + rows.num_rows),
+                                                                       pa.int64())))
+            if page.deletes:
+                # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
+                first = seq0 + (1 << 19)
+                del_keys += page.deletes
+                del_seqs += range(first, first + len(page.deletes))
+            fetched += (rows.num_rows if rows is not None else 0) + len(page.deletes)
+            cursor, token = page.next_cursor, page.token or positions.get(page.part, (None, None))[1]
+            positions[page.part] = (cursor, token)
+        if resets:
+            marks = pa.table({"k": pa.array([r[0] for r in resets], pa.string()),
+                              "v": pa.array([r[1] for r in resets], pa.string()),
+                              "s": pa.array([r[2] for r in resets], pa.int64())})
+            self.conn.register("_bk_resets", marks)
+            self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_version, _bk_op, _bk_seq) "
+                              f"SELECT k, v, {_OP_RESET}, s FROM _bk_resets")
+            self.conn.unregister("_bk_resets")
+        if tables:
+            # Pages of one table share its columns; a column all-null on one page promotes to the others' type.
+            batch = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
             self.conn.register("_bk_page", batch)
             casts = ", ".join(f"CAST(p.{quote(c.name)} AS {c.type})" for c in spec.columns)
             self.conn.execute(f"INSERT INTO {st} SELECT {casts}, p._bk_version, {_OP_UPSERT}, p._bk_seq "
                               "FROM _bk_page p")
             self.conn.unregister("_bk_page")
-        if deletes:
+        if del_keys:
             key = next(c for c in spec.columns if c.name == spec.key)
-            # Deletes of a page come after its upserts (Dataverse lists deletes last, §1.11).
-            first = seq0 + (1 << 19)
-            dels = pa.table({"k": pa.array(list(deletes), pa.string()),
-                             "s": pa.array(range(first, first + len(deletes)), pa.int64())})
+            dels = pa.table({"k": pa.array(del_keys, pa.string()), "s": pa.array(del_seqs, pa.int64())})
             self.conn.register("_bk_dels", dels)
             self.conn.execute(f"INSERT INTO {st} ({quote(spec.key)}, _bk_op, _bk_seq) SELECT "
                               f"CAST(k AS {key.type}), {_OP_DELETE}, s FROM _bk_dels")
             self.conn.unregister("_bk_dels")
-        n = (rows.num_rows if rows is not None else 0) + len(deletes)
-        self.conn.execute("UPDATE stage_cursors SET cursor = ?, token = coalesce(?, token) WHERE table_name = ? "
-                          "AND part = ?", [next_cursor, token, spec.id, part])
-        self.conn.execute("UPDATE stage_tables SET pages = pages + 1, fetched = fetched + ? WHERE table_name = ?",
-                          [n, spec.id])
-        state.pages += 1
-        state.fetched += n
-        state.cursors[part] = next_cursor
-        if token:
-            state.part_tokens[part] = token
+        parts = sorted(positions)
+        moved = pa.table({"part": pa.array(parts, pa.int64()),
+                          "cursor": pa.array([positions[p][0] for p in parts], pa.string()),
+                          "token": pa.array([positions[p][1] for p in parts], pa.string())})
+        self.conn.register("_bk_moved", moved)
+        self.conn.execute("UPDATE stage_cursors SET cursor = m.cursor, token = coalesce(m.token, stage_cursors.token) "
+                          "FROM _bk_moved m WHERE stage_cursors.table_name = ? AND stage_cursors.part = m.part",
+                          [spec.id])
+        self.conn.unregister("_bk_moved")
+        self.conn.execute("UPDATE stage_tables SET pages = pages + ?, fetched = fetched + ? WHERE table_name = ?",
+                          [len(pages), fetched, spec.id])
+        state.pages += len(pages)
+        state.fetched += fetched
+        for part, (cursor, token) in positions.items():
+            state.cursors[part] = cursor
+            if token:
+                state.part_tokens[part] = token
 
     def add_cursors(self, state: StageState, cursors: Sequence[str], *, first: int) -> None:
         """Add partitions numbered from ``first`` to a staged table (a catch-up delta after its staged rounds).
@@ -918,8 +965,7 @@ class Staging:
         """
         self.conn.execute("BEGIN")
         try:
-            for i, cur in enumerate(cursors):
-                self.conn.execute("INSERT INTO stage_cursors VALUES (?, ?, ?, NULL)", [state.table, first + i, cur])
+            self._insert_cursors(state.table, cursors, first=first)
             self.conn.execute("UPDATE stage_tables SET status = 'fetching' WHERE table_name = ?", [state.table])
             self.conn.execute("COMMIT")
         except BaseException:

@@ -20,6 +20,7 @@ import datetime as dt
 import math
 import random
 import re
+import threading
 import time
 import uuid
 from collections import deque
@@ -68,16 +69,32 @@ class _Caller:
 
 
 class Limiter:
-    """Per-caller counters for Dataverse service protection and Graph throttling (event-loop only)."""
+    """Per-caller counters for Dataverse service protection and Graph throttling.
+
+    The Dataverse counters are touched on the event loop only. The Graph counters are shared with the
+    ``$batch`` items, which are admitted one by one from worker threads: ``lock`` guards them (held for a
+    few dictionary operations, never across an ``await``), so an item needs no hop to the event loop.
+    """
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.dataverse: dict[str, _Caller] = {}
         self.graph: dict[str, _Caller] = {}
         self.mailboxes: dict[tuple[str, str], int] = {}
 
     def reset(self) -> None:
         """Forget all usage (after settings change, so a lowered limit starts from zero)."""
-        self.__init__()  # type: ignore[misc]
+        with self.lock:
+            self.dataverse, self.graph, self.mailboxes = {}, {}, {}
+
+    def release_mailbox(self, mailbox: tuple[str, str]) -> None:
+        """One request to ``mailbox`` has finished."""
+        with self.lock:
+            left = self.mailboxes.get(mailbox, 1) - 1
+            if left > 0:
+                self.mailboxes[mailbox] = left
+            else:
+                self.mailboxes.pop(mailbox, None)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -266,31 +283,31 @@ class FaultMiddleware:
         s = self.ctx.settings
         claims = _caller_claims(scope)
         app_key = str(claims.get("azp") or claims.get("appid") or _client_ip(scope))
-        caller = self.limiter.graph.setdefault(app_key, _Caller())
-        now = time.monotonic()
-        window = float(s.graph_window_s)
-        caller.expire(now, window)
-        if len(caller.starts) >= s.graph_requests_per_window:
-            await self._graph_429(scope, send, caller.starts[0] + window - now)
-            return
         m = _MAILBOX.match(scope.get("path", ""))
         mailbox = (app_key, m.group(1).lower()) if m else None
-        if mailbox is not None and self.limiter.mailboxes.get(mailbox, 0) >= s.graph_mailbox_concurrency:
-            await self._graph_429(scope, send, 1)
+        window = float(s.graph_window_s)
+        with self.limiter.lock:
+            caller = self.limiter.graph.setdefault(app_key, _Caller())
+            now = time.monotonic()
+            caller.expire(now, window)
+            if len(caller.starts) >= s.graph_requests_per_window:
+                wait: float | None = caller.starts[0] + window - now
+            elif mailbox is not None and self.limiter.mailboxes.get(mailbox, 0) >= s.graph_mailbox_concurrency:
+                wait = 1
+            else:
+                wait = None
+                # Graph keeps counting requests while a client is throttled (§2.4); we count admitted ones only.
+                caller.starts.append(now)
+                if mailbox is not None:
+                    self.limiter.mailboxes[mailbox] = self.limiter.mailboxes.get(mailbox, 0) + 1
+        if wait is not None:
+            await self._graph_429(scope, send, wait)
             return
-        # Graph keeps counting requests while a client is throttled (§2.4); we count admitted ones only.
-        caller.starts.append(now)
-        if mailbox is not None:
-            self.limiter.mailboxes[mailbox] = self.limiter.mailboxes.get(mailbox, 0) + 1
         try:
             await app(scope, receive, send)
         finally:
             if mailbox is not None:
-                left = self.limiter.mailboxes.get(mailbox, 1) - 1
-                if left > 0:
-                    self.limiter.mailboxes[mailbox] = left
-                else:
-                    self.limiter.mailboxes.pop(mailbox, None)
+                self.limiter.release_mailbox(mailbox)
 
     async def _graph_429(self, scope: Scope, send: Send, wait: float) -> None:
         body = graph_error_body("TooManyRequests", "Please retry again later.", status=429,

@@ -424,6 +424,13 @@ class Store:
         sql = f"SELECT count(*) FROM {_table(coll)}" + (f" WHERE {where}" if where else "")
         return int(self._conn().execute(sql, tuple(params)).fetchone()[0])
 
+    def aggregate(self, coll: str, exprs: str, where: str = "", params: Sequence[Any] = ()) -> tuple[Any, ...]:
+        """One row of aggregate SQL expressions (e.g. ``count(*), sum(...)``) over the matching records."""
+        self.ensure_collection(coll)
+        sql = f"SELECT {exprs} FROM {_table(coll)}" + (f" WHERE {where}" if where else "")
+        row = self._conn().execute(sql, tuple(params)).fetchone()
+        return tuple(row) if row is not None else ()
+
     def ids(self, coll: str) -> list[str]:
         """Every record id of a collection, in version order (reads only the version index, not the records)."""
         self.ensure_collection(coll)

@@ -19,6 +19,7 @@ import math
 import random
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,7 +28,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import anyio.from_thread
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -625,9 +625,9 @@ class GraphService:
         return str(pid) if pid else "AAMkAF" + base64.urlsafe_b64encode(f"{uid}/{folder}".encode()).decode().rstrip("=")
 
     def _folder_entity(self, uid: str, folder: str) -> dict[str, Any]:
-        where, params = f"{_USER} = ? AND {_FOLDER} = ?", (uid, folder)
-        total = self.store.count("graph.messages", where, params)
-        unread = self.store.count("graph.messages", where + f" AND {json_path('isRead')} = 0", params)
+        total, unread = self.store.aggregate(
+            "graph.messages", f"count(*), coalesce(sum({json_path('isRead')} = 0), 0)",
+            f"{_USER} = ? AND {_FOLDER} = ?", (uid, folder))
         return {"id": self._folder_id(uid, folder), "displayName": _FOLDERS[folder], "parentFolderId": None,
                 "childFolderCount": 0, "unreadItemCount": unread, "totalItemCount": total, "isHidden": False}
 
@@ -1261,67 +1261,57 @@ class _ItemThrottle:
     """Throttling for each ``$batch`` item (protocols.md §2.3: items are throttled one by one).
 
     The fault middleware sees a batch as one request; this applies the same two rules to every item:
-    injected throttles (``ctx.faults.throttle_rate``) and the per-app request window the middleware keeps
-    in ``ctx.limiter``. The limiter lives on the event loop, so checks hop there from the worker thread.
+    injected throttles (``ctx.faults.throttle_rate``) and the per-app request window and per-mailbox
+    concurrency the middleware keeps in ``ctx.limiter`` (under its lock, from the worker thread).
     """
 
     def __init__(self, ctx: EmulatorContext) -> None:
         self.ctx = ctx
         self._rng = random.Random()  # noqa: S311 - fault dice, not secrets
         self._seed: int | None = None
+        self._dice = threading.Lock()
 
     def __call__(self, sub: GraphRequest, claims: dict[str, Any]) -> GraphResponse | None:
-        try:
-            return anyio.from_thread.run_sync(self._check, sub, claims)
-        except RuntimeError:  # not called from a worker thread (direct use of GraphService)
-            return self._check(sub, claims)
+        f = self.ctx.faults
+        if "graph" in f.services and f.throttle_rate:
+            with self._dice:
+                if f.seed != self._seed:
+                    self._rng, self._seed = random.Random(f.seed), f.seed  # noqa: S311
+                roll = self._rng.random()
+            if roll < f.throttle_rate:
+                return self._too_many(sub, f.retry_after_s)
+        limiter = getattr(self.ctx, "limiter", None)
+        if limiter is None:
+            return None
+        box = self._mailbox(sub, claims)
+        with limiter.lock:
+            caller = limiter.graph.get(str(claims.get("azp") or claims.get("appid")))
+            if caller is not None:
+                now, window = time.monotonic(), float(self.ctx.settings.graph_window_s)
+                caller.expire(now, window)
+                if len(caller.starts) >= self.ctx.settings.graph_requests_per_window:
+                    return self._too_many(sub, max(1, math.ceil(caller.starts[0] + window - now)))
+            # Outlook's 4 concurrent requests per app and mailbox count batch items too: Graph runs at most 4
+            # items of one batch against a mailbox at a time, but other requests in flight to that mailbox
+            # (other batches, direct calls) share the limit (throttling-limits, "Outlook service limits").
+            if box is not None and limiter.mailboxes.get(box, 0) >= self.ctx.settings.graph_mailbox_concurrency:
+                return self._too_many(sub, 1)
+            if caller is not None:
+                caller.starts.append(now)
+            if box is not None:
+                limiter.mailboxes[box] = limiter.mailboxes.get(box, 0) + 1
+        return None
 
     def done(self, sub: GraphRequest, claims: dict[str, Any]) -> None:
         """Release the mailbox slot an admitted item held."""
-        try:
-            anyio.from_thread.run_sync(self._release, sub, claims)
-        except RuntimeError:
-            self._release(sub, claims)
+        limiter = getattr(self.ctx, "limiter", None)
+        box = self._mailbox(sub, claims)
+        if limiter is not None and box is not None:
+            limiter.release_mailbox(box)
 
     def _mailbox(self, sub: GraphRequest, claims: dict[str, Any]) -> tuple[str, str] | None:
         m = _MAILBOX.match("/graph/v1.0/" + sub.path.strip("/"))
         return (str(claims.get("azp") or claims.get("appid")), m.group(1).lower()) if m else None
-
-    def _release(self, sub: GraphRequest, claims: dict[str, Any]) -> None:
-        limiter = getattr(self.ctx, "limiter", None)
-        box = self._mailbox(sub, claims)
-        if limiter is None or box is None:
-            return
-        left = limiter.mailboxes.get(box, 1) - 1
-        if left > 0:
-            limiter.mailboxes[box] = left
-        else:
-            limiter.mailboxes.pop(box, None)
-
-    def _check(self, sub: GraphRequest, claims: dict[str, Any]) -> GraphResponse | None:
-        f = self.ctx.faults
-        if "graph" in f.services and f.throttle_rate:
-            if f.seed != self._seed:
-                self._rng, self._seed = random.Random(f.seed), f.seed  # noqa: S311
-            if self._rng.random() < f.throttle_rate:
-                return self._too_many(sub, f.retry_after_s)
-        limiter = getattr(self.ctx, "limiter", None)
-        caller = limiter.graph.get(str(claims.get("azp") or claims.get("appid"))) if limiter else None
-        if caller is not None:
-            now, window = time.monotonic(), float(self.ctx.settings.graph_window_s)
-            caller.expire(now, window)
-            if len(caller.starts) >= self.ctx.settings.graph_requests_per_window:
-                return self._too_many(sub, max(1, math.ceil(caller.starts[0] + window - now)))
-            caller.starts.append(now)
-        # Outlook's 4 concurrent requests per app and mailbox count batch items too: Graph runs at most 4
-        # items of one batch against a mailbox at a time, but other requests in flight to that mailbox
-        # (other batches, direct calls) share the limit (throttling-limits, "Outlook service limits").
-        box = self._mailbox(sub, claims)
-        if limiter is not None and box is not None:
-            if limiter.mailboxes.get(box, 0) >= self.ctx.settings.graph_mailbox_concurrency:
-                return self._too_many(sub, 1)
-            limiter.mailboxes[box] = limiter.mailboxes.get(box, 0) + 1
-        return None
 
     @staticmethod
     def _too_many(sub: GraphRequest, retry_after: int) -> GraphResponse:
