@@ -402,6 +402,7 @@ class SyncEngine:
         self._jobs: dict[str, Future[_Round]] = {}  # table -> its prefetched first round (see _prefetching)
         self._digests: dict[str, str] = {}  # untracked tables: digest of the reload last merged
         self._merged_stages: dict[str, str | None] = {}  # table -> stage id of its last merge (at start)
+        self._staging: Staging | None = None  # a watcher's staging file, open from poll to poll
 
     def source(self, table: str) -> Source:
         """The (cached) source of ``table``."""
@@ -437,21 +438,31 @@ class SyncEngine:
         """
         selection = resolve_selection(self.tables, only)
         stop = stop or threading.Event()
-        with self.warehouse.lock(), responsive_threads():
-            first = True
-            while not stop.is_set():
-                try:
-                    report = self._run(selection, full=full and first, quiet_noop=not first)
-                except TransientError as exc:
-                    # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
-                    log.warning("%s; polling again in %gs", exc.message, interval)
-                    stop.wait(interval)
-                    continue
-                if on_report is not None and (first or report.changed or not report.ok
-                                              or any(t.resynced for t in report.tables)):
-                    on_report(report)
-                first = False
+        with self.warehouse.lock(), responsive_threads(), self.warehouse.staging() as staging:
+            # One staging connection for every poll: opening and closing it (a checkpoint) cost each poll
+            # more than an idle poll's requests. Its commits are durable as they happen, as before.
+            self._staging = staging
+            try:
+                self._poll(selection, interval=interval, on_report=on_report, stop=stop, full=full)
+            finally:
+                self._staging = None
+
+    def _poll(self, selection: list[str], *, interval: float, on_report: Callable[[SyncReport], None] | None,
+              stop: threading.Event, full: bool) -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                report = self._run(selection, full=full and first, quiet_noop=not first)
+            except TransientError as exc:
+                # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
+                log.warning("%s; polling again in %gs", exc.message, interval)
                 stop.wait(interval)
+                continue
+            if on_report is not None and (first or report.changed or not report.ok
+                                          or any(t.resynced for t in report.tables)):
+                on_report(report)
+            first = False
+            stop.wait(interval)
 
     # -- one run -----------------------------------------------------------------------------------------
     def _run(self, selection: list[str], *, full: bool, quiet_noop: bool) -> SyncReport:
@@ -467,7 +478,8 @@ class SyncEngine:
         fetched: list[StageState] = []
         noop: list[StageState] = []
         broken: dict[str, BridgekitError] = {}  # service, or * for all: the failure that stops its tables
-        with self.warehouse.staging() as staging, self._prefetching(staging, selection, full=full):
+        opened = contextlib.nullcontext(self._staging) if self._staging is not None else self.warehouse.staging()
+        with opened as staging, self._prefetching(staging, selection, full=full):
             for table in selection:
                 t0, clock = _now(), time.monotonic()
                 if quiet_noop and self._unchanged(table):

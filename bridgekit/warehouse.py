@@ -1159,7 +1159,8 @@ class Staging:
                 f"FROM {latest} n LEFT JOIN (SELECT DISTINCT {k} FROM {target} WHERE {k} IN (SELECT {k} FROM {st})) o "
                 f"USING ({k})").fetchone()
             assert row is not None
-            c.created, c.updated, c.deleted = (int(v or 0) for v in row)
+            c.created, c.updated = int(row[0] or 0), int(row[1] or 0)
+            c.deleted += int(row[2] or 0)  # after the rows of slices read afresh that went above
             self.conn.execute(f"DELETE FROM {target} WHERE {k} IN (SELECT {k} FROM {st})")
             names = ", ".join(quote(n) for n in data_names)
             self.conn.execute(f"INSERT INTO {target} ({names}, _bk_version, _bk_synced_at, _bk_run_id) "
