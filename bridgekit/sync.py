@@ -87,6 +87,8 @@ MAX_RESYNCS = 2
 #: Partitions numbered from here are the catch-up delta that ends a full load (see SyncEngine._fetch); each
 #: further catch-up round (after a resume) numbers its partitions from the next multiple.
 CATCH_UP = 1000
+#: Rows a delta run stages in one transaction before it checkpoints page by page (SyncEngine.delta_commit_rows).
+DELTA_COMMIT_ROWS = 50_000
 
 
 def _rounds(state: StageState) -> int:
@@ -403,6 +405,9 @@ class SyncEngine:
         self._digests: dict[str, str] = {}  # untracked tables: digest of the reload last merged
         self._merged_stages: dict[str, str | None] = {}  # table -> stage id of its last merge (at start)
         self._staging: Staging | None = None  # a watcher's staging file, open from poll to poll
+        #: A delta run stages up to this many rows in one transaction (a kill before the merge fetches them
+        #: again from the stored links); beyond it every page is checkpointed, so a large delta resumes.
+        self.delta_commit_rows = DELTA_COMMIT_ROWS
 
     def source(self, table: str) -> Source:
         """The (cached) source of ``table``."""
@@ -442,10 +447,14 @@ class SyncEngine:
             # One staging connection for every poll: opening and closing it (a checkpoint) cost each poll
             # more than an idle poll's requests. Its commits are durable as they happen, as before.
             self._staging = staging
+            staging.lazy_checkpoint = True
             try:
                 self._poll(selection, interval=interval, on_report=on_report, stop=stop, full=full)
             finally:
                 self._staging = None
+                staging.lazy_checkpoint = False
+                with contextlib.suppress(Exception):  # a reader holding the file: DuckDB folds the log later
+                    staging.checkpoint_warehouse()
 
     def _poll(self, selection: list[str], *, interval: float, on_report: Callable[[SyncReport], None] | None,
               stop: threading.Event, full: bool) -> None:
@@ -480,52 +489,56 @@ class SyncEngine:
         broken: dict[str, BridgekitError] = {}  # service, or * for all: the failure that stops its tables
         opened = contextlib.nullcontext(self._staging) if self._staging is not None else self.warehouse.staging()
         with opened as staging, self._prefetching(staging, selection, full=full):
-            for table in selection:
-                t0, clock = _now(), time.monotonic()
-                if quiet_noop and self._unchanged(table):
-                    # A watcher's poll found nothing new: nothing to stage, the stored link stays valid.
-                    reports.append(TableReport(table=table, mode="delta", status="ok",
-                                               duration_s=time.monotonic() - clock))
-                    continue
-                rep = TableReport(table=table, mode="full", status="ok")
-                service = table.split(".", 1)[0]
-                stop = broken.get("*") or broken.get(service)
-                try:
-                    if stop is not None:
-                        raise stop
-                    state = self._fetch(staging, table, run_id=run_id, full=full, report=rep)
-                except BridgekitError as exc:
-                    rep.status, rep.error, rep.failure = "error", exc.message, exc
-                    if stop is not None:
-                        rep.mode, rep.error = "skipped", f"not attempted: {exc.message}"
-                    else:
-                        log.debug("%s: %s", table, exc)
-                        # The profile, the credential or the identity provider failed: every other table
-                        # (of the service, or of both) would fail the same way, after the same retries.
-                        scope = _failure_scope(exc)
-                        if scope is not None:
-                            broken[scope if scope == "*" else service] = exc
-                    state = None
-                if state is not None:
-                    rep.mode, rep.resynced = state.mode, state.resynced
-                    rep.fetched, rep.pages = state.fetched, state.pages
-                    rep.message = rep.message or state.message
-                    if state.mode == "full" and not self.source(table).tracked:
-                        state.digest = staging.digest(state)
-                    if quiet_noop and self._same_as_merged(state):
-                        noop.append(state)
-                    else:
-                        fetched.append(state)
-                rep.duration_s = time.monotonic() - clock
-                reports.append(rep)
-                records.append(RunRecord(run_id=run_id, table=table, mode=rep.mode, started_at=t0, ended_at=_now(),
-                                         status=rep.status, fetched=rep.fetched, pages=rep.pages,
-                                         resynced=rep.resynced, error=rep.error, message=rep.message,
-                                         caught_up=state is not None and state.caught_up))
-            for state in noop:
-                # Nothing changed: keep the stored delta link (it still answers "no changes") and leave
-                # the warehouse file alone, so an idle watcher never blocks readers.
-                staging.discard(state.table)
+            # A delta run stages every table in one transaction (a full load, even one started by a resync,
+            # settles it and checkpoints its pages one by one, as they are what a resume goes on from).
+            fetching = staging.one_transaction(up_to_rows=self.delta_commit_rows) if not full \
+                else contextlib.nullcontext()
+            with fetching:
+                for table in selection:
+                    t0, clock = _now(), time.monotonic()
+                    if quiet_noop and self._unchanged(table):
+                        # A watcher's poll found nothing new: nothing to stage, the stored link stays valid.
+                        reports.append(TableReport(table=table, mode="delta", status="ok",
+                                                   duration_s=time.monotonic() - clock))
+                        continue
+                    rep = TableReport(table=table, mode="full", status="ok")
+                    service = table.split(".", 1)[0]
+                    stop = broken.get("*") or broken.get(service)
+                    try:
+                        if stop is not None:
+                            raise stop
+                        state = self._fetch(staging, table, run_id=run_id, full=full, report=rep)
+                    except BridgekitError as exc:
+                        rep.status, rep.error, rep.failure = "error", exc.message, exc
+                        if stop is not None:
+                            rep.mode, rep.error = "skipped", f"not attempted: {exc.message}"
+                        else:
+                            log.debug("%s: %s", table, exc)
+                            # The profile, the credential or the identity provider failed: every other table
+                            # (of the service, or of both) would fail the same way, after the same retries.
+                            scope = _failure_scope(exc)
+                            if scope is not None:
+                                broken[scope if scope == "*" else service] = exc
+                        state = None
+                    if state is not None:
+                        rep.mode, rep.resynced = state.mode, state.resynced
+                        rep.fetched, rep.pages = state.fetched, state.pages
+                        rep.message = rep.message or state.message
+                        if state.mode == "full" and not self.source(table).tracked:
+                            state.digest = staging.digest(state)
+                        if quiet_noop and self._same_as_merged(state):
+                            noop.append(state)
+                        else:
+                            fetched.append(state)
+                    rep.duration_s = time.monotonic() - clock
+                    reports.append(rep)
+                    records.append(RunRecord(run_id=run_id, table=table, mode=rep.mode, started_at=t0, ended_at=_now(),
+                                             status=rep.status, fetched=rep.fetched, pages=rep.pages,
+                                             resynced=rep.resynced, error=rep.error, message=rep.message,
+                                             caught_up=state is not None and state.caught_up))
+                # Nothing changed: keep the stored delta link (it still answers "no changes") and leave the
+                # warehouse file alone, so an idle watcher never blocks readers.
+                staging.discard(*(state.table for state in noop))
             if fetched or not quiet_noop or any(r.status == "error" for r in records):
                 merge_clock = time.monotonic()
                 counts = staging.merge(fetched, records, run_id=run_id, source=self.label)
@@ -673,6 +686,8 @@ class SyncEngine:
             staging.discard(table)  # --full overrides an interrupted delta; an untracked table reloads
             state = None
         resumed = state is not None
+        if state is not None and state.mode == "full" and source.tracked:
+            staging.settle()  # a resumed full load checkpoints each page
         if state is not None:
             report.resumed = True
             log.info("%s: resuming an interrupted %s fetch (%d rows staged%s)", table, state.mode, state.fetched,
@@ -754,6 +769,10 @@ class SyncEngine:
         return source.join_tokens([t for t in parts if t is not None])
 
     def _begin_full(self, staging: Staging, source: Source, run_id: str, *, resynced: bool) -> StageState:
+        if source.tracked:
+            # A tracked table's full load checkpoints each page: a resume goes on from them. (An untracked
+            # table is reloaded whole every run, resumed or not: its pages stay in the run's transaction.)
+            staging.settle()
         plan = source.plan_full(self.partitions)
         msg = "delta token expired: reloaded in full" if resynced else None
         state = staging.begin(source.spec(), run_id=run_id, mode="full", cursors=plan.cursors, token=plan.token,

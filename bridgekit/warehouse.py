@@ -726,6 +726,13 @@ class Staging:
 
     def __init__(self, warehouse: Warehouse) -> None:
         self.warehouse = warehouse
+        self._outer = False  # inside one_transaction
+        #: A watcher's merges leave the warehouse's log for DuckDB to fold in later (see _detach): closing the
+        #: attached file after every poll rewrote the blocks a merge touched, a large part of a busy poll.
+        self.lazy_checkpoint = False
+        self._labels: dict[str, list[tuple[str, str, int, str]]] = {}  # option labels this process merged
+        self._labels_merging: dict[str, list[tuple[str, str, int, str]]] = {}  # ... in the merge under way
+        self._outer_left = 0  # rows one_transaction may still hold before it settles
         path = warehouse.staging_path
         try:
             self.conn = self._open(path)
@@ -775,6 +782,53 @@ class Staging:
         """Close the staging connection."""
         self.conn.close()
 
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        """One transaction, or a part of the run's open one (see :meth:`one_transaction`)."""
+        if self._outer:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def one_transaction(self, *, up_to_rows: int) -> Iterator[None]:
+        """Stage what is done inside in one transaction, committed at the end, or at :meth:`settle`, or once
+        more than ``up_to_rows`` rows are staged (from there on each page is checkpointed again).
+
+        For a delta run: its pages need no checkpoint of their own, because the stored delta links move
+        only when the merge commits, so a process killed before the merge fetches the same changes again:
+        one commit instead of several per table (each a write of the staging file's log). A large delta
+        (a weekend's changes) is worth resuming, hence the bound.
+        """
+        self.conn.execute("BEGIN")
+        self._outer = True
+        self._outer_left = up_to_rows
+        try:
+            yield
+        except BaseException:
+            if self._outer:
+                with contextlib.suppress(duckdb.Error):
+                    self.conn.execute("ROLLBACK")
+            raise
+        else:
+            if self._outer:
+                self.conn.execute("COMMIT")
+        finally:
+            self._outer = False
+
+    def settle(self) -> None:
+        """Commit what :meth:`one_transaction` holds so far and checkpoint each page from now on (a full load
+        started inside a delta run: its pages are what a resume goes on from)."""
+        if self._outer:
+            self._outer = False
+            self.conn.execute("COMMIT")
+
     def __enter__(self) -> Staging:
         return self
 
@@ -802,8 +856,7 @@ class Staging:
         tid = spec.id
         st = _stage_table(tid)
         cols = ", ".join(f"{quote(c.name)} {c.type}" for c in spec.columns)
-        self.conn.execute("BEGIN")
-        try:
+        with self._txn():
             self._drop(tid)
             self.conn.execute(f"CREATE TABLE {st} ({cols}, _bk_version VARCHAR, _bk_op UTINYINT, "
                               "_bk_seq BIGINT)")
@@ -811,10 +864,6 @@ class Staging:
                               [tid, uuid.uuid4().hex, run_id, mode, resynced, spec.to_json(), base_token, token,
                                _now(), message])
             self._insert_cursors(tid, cursors, first=0)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         state = self.get(tid)
         assert state is not None
         return state
@@ -836,11 +885,11 @@ class Staging:
         self.conn.execute("DELETE FROM stage_tables WHERE table_name = ?", [table_id])
         self.conn.execute("DELETE FROM stage_cursors WHERE table_name = ?", [table_id])
 
-    def discard(self, table_id: str) -> None:
-        """Forget a staged table (a resync restarts it; a finished merge clears it)."""
-        self.conn.execute("BEGIN")
-        self._drop(table_id)
-        self.conn.execute("COMMIT")
+    def discard(self, *table_ids: str) -> None:
+        """Forget staged tables (a resync restarts one; a finished merge clears those it merged)."""
+        with self._txn():
+            for table_id in table_ids:
+                self._drop(table_id)
 
     def write_page(self, state: StageState, part: int, rows: pa.Table | None, deletes: Sequence[str],
                    versions: Sequence[str | None] | pa.Array | None, next_cursor: str | None, *,
@@ -871,14 +920,16 @@ class Staging:
         if not pages:
             return
         saved = (state.pages, state.fetched, dict(state.cursors), dict(state.part_tokens))
-        self.conn.execute("BEGIN")
         try:
-            self._stage(state, pages)
-            self.conn.execute("COMMIT")
+            with self._txn():
+                self._stage(state, pages)
         except BaseException:
-            self.conn.execute("ROLLBACK")
             state.pages, state.fetched, state.cursors, state.part_tokens = saved
             raise
+        if self._outer:
+            self._outer_left -= state.fetched - saved[1]
+            if self._outer_left < 0:
+                self.settle()
 
     def _stage(self, state: StageState, pages: Sequence[StagedPage]) -> None:
         spec = state.spec
@@ -963,14 +1014,9 @@ class Staging:
 
         A fetched table goes back to fetching, so a process killed during the catch-up resumes it.
         """
-        self.conn.execute("BEGIN")
-        try:
+        with self._txn():
             self._insert_cursors(state.table, cursors, first=first)
             self.conn.execute("UPDATE stage_tables SET status = 'fetching' WHERE table_name = ?", [state.table])
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         for i, cur in enumerate(cursors):
             state.cursors[first + i] = cur
         state.status = "fetching"
@@ -1023,7 +1069,32 @@ class Staging:
         try:
             yield
         finally:
+            self._detach()
+
+    def _detach(self) -> None:
+        if not self.lazy_checkpoint:
             self.conn.execute(f"DETACH {_STAGE_ALIAS}")
+            return
+        # Leave the merge in the warehouse's log: readers see it at once (DuckDB replays the log when it
+        # opens the file); DuckDB folds the log into the file once it passes its checkpoint threshold
+        # (16 MB by default), and the watcher does when it stops (checkpoint_warehouse).
+        self.conn.execute("PRAGMA disable_checkpoint_on_shutdown")
+        try:
+            self.conn.execute(f"DETACH {_STAGE_ALIAS}")
+        finally:
+            self.conn.execute("PRAGMA enable_checkpoint_on_shutdown")
+
+    def checkpoint_warehouse(self) -> bool:
+        """Fold the warehouse's log into its file now, if no reader holds the file (one attempt, no wait)."""
+        try:
+            self.conn.execute(f"ATTACH '{_sql_string(str(self.warehouse.path))}' AS {_STAGE_ALIAS}")
+        except duckdb.Error:
+            return False
+        try:
+            self.conn.execute(f"CHECKPOINT {_STAGE_ALIAS}")
+        finally:
+            self.conn.execute(f"DETACH {_STAGE_ALIAS}")
+        return True
 
     def merge(self, states: Sequence[StageState], records: Sequence[RunRecord], *, run_id: str,
               source: str = "") -> dict[str, MergeCounts]:
@@ -1040,6 +1111,8 @@ class Staging:
         """
         counts: dict[str, MergeCounts] = {}
         by_table = {r.table: r for r in records}
+        self.settle()
+        self._labels_merging = {}
         with self._attached():
             self.conn.execute("BEGIN")
             try:
@@ -1060,6 +1133,7 @@ class Staging:
                 for rec in records:
                     self._record_run(rec)
                 self.conn.execute("COMMIT")
+                self._labels.update(self._labels_merging)
             except (KeyboardInterrupt, duckdb.InterruptException) as exc:
                 # Ctrl-C lands in a statement (DuckDB interrupts it) or between two: either way the whole
                 # run is rolled back, and its staged pages stay for the next run.
@@ -1070,8 +1144,7 @@ class Staging:
                 with contextlib.suppress(duckdb.Error):
                     self.conn.execute("ROLLBACK")
                 raise
-        for state in states:
-            self.discard(state.table)
+        self.discard(*(state.table for state in states))
         return counts
 
     def record(self, records: Sequence[RunRecord]) -> None:
@@ -1170,8 +1243,11 @@ class Staging:
         # a delta run of a watcher should not rewrite them every poll).
         labels_table = f"{_STAGE_ALIAS}.{BOOKKEEPING_SCHEMA}.option_labels"
         labels = sorted((spec.id, col, int(v), lab) for col, m in spec.labels.items() for v, lab in m.items())
+        if self._labels.get(spec.id) == labels:
+            return c  # this process wrote (or found) them, and only a sync process writes them
         stored = sorted(self.conn.execute(f"SELECT table_name, column_name, value, label FROM {labels_table} "
                                           "WHERE table_name = ?", [spec.id]).fetchall())
+        self._labels_merging[spec.id] = labels
         if stored != labels:
             self.conn.execute(f"DELETE FROM {labels_table} WHERE table_name = ?", [spec.id])
             if labels:

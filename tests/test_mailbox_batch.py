@@ -150,14 +150,22 @@ def test_a_batched_poll_killed_at_a_checkpoint_resumes_exact(emulator: Any, tmp_
                     'sync = { dataverse = [], graph = ["users", "messages", "events"] }\n')
     assert _bridgekit(toml, "sync").returncode == 0
     emulator.admin("mutate", {"creates": 200, "updates": 400, "deletes": 100, "seed": 1503})
-    # The delta of messages is a batched round over every mailbox: killed after its third checkpoint.
-    _kill_at_checkpoint(toml, "graph.messages", 3, ["sync"])
+    # The delta of messages is a batched round over every mailbox: killed after its third checkpoint (a
+    # delta over the bound, so checkpointed page by page).
+    _kill_at_checkpoint(toml, "graph.messages", 3, ["sync"], delta_commit_rows=0)
     assert Warehouse(tmp_path / "kill.duckdb").state()["graph.messages"]["delta_link"]
     emulator.admin("mutate", {"creates": 50, "updates": 100, "deletes": 25, "seed": 1504})
     resumed = _bridgekit(toml, "sync")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("graph.messages"))
     assert "resumed" in line
+    # A small delta stages in one transaction: killed mid-poll, the next run fetches it again from the links.
+    emulator.admin("mutate", {"creates": 40, "updates": 80, "deletes": 20, "seed": 1505})
+    _kill_at_checkpoint(toml, "graph.messages", 2, ["sync"])
+    again = _bridgekit(toml, "sync")
+    assert again.returncode == 0, again.stderr[-2000:]
+    line = next(x for x in again.stdout.splitlines() if x.startswith("graph.messages"))
+    assert "resumed" not in line and " delta " in line
     fresh = tmp_path / "fresh.toml"
     fresh.write_text(toml.read_text().replace("kill.duckdb", "fresh.duckdb"))
     assert _bridgekit(fresh, "sync", "--full").returncode == 0

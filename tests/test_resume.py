@@ -130,7 +130,7 @@ def test_pages_already_merged_by_a_killed_process_are_not_merged_again(tmp_path:
 
     src = MemorySource(n=20)
     eng = _engine(tmp_path, src)
-    monkeypatch.setattr(Staging, "discard", lambda self, table: None)  # "dies" before clearing staging
+    monkeypatch.setattr(Staging, "discard", lambda self, *tables: None)  # "dies" before clearing staging
     eng.run()
     monkeypatch.undo()
     _change(src, random.Random(3))
@@ -187,15 +187,17 @@ def test_freshness_reads_the_position_the_data_reached(tmp_path: Path) -> None:
 # -- against the emulator: the reported sequence, through the CLI ------------------------------------------
 
 _KILLABLE = textwrap.dedent("""
-    import sys, time
-    from bridgekit import warehouse
+    import os, sys, time
+    from bridgekit import sync, warehouse
     from bridgekit.cli.main import main
     marker, table, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # A delta larger than this many rows checkpoints page by page (smaller ones stage in one transaction).
+    sync.DELTA_COMMIT_ROWS = int(os.environ.get("BK_TEST_DELTA_COMMIT_ROWS", sync.DELTA_COMMIT_ROWS))
     write_pages = warehouse.Staging.write_pages  # write_page goes through it too
     def checkpoint(self, state, *args, **kw):
         write_pages(self, state, *args, **kw)
         if state.table == table and state.pages >= pages:
-            open(marker, "w").write("staged")  # the checkpoint is committed: kill here
+            open(marker, "w").write("staged")  # staged (committed unless a small delta's transaction): kill
             time.sleep(600)
     warehouse.Staging.write_pages = checkpoint
     sys.exit(main(sys.argv[4:]))
@@ -218,12 +220,19 @@ def _env(toml: Path) -> dict[str, str]:
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
-def _kill_at_checkpoint(toml: Path, table: str, pages: int, args: list[str]) -> None:
-    """Run ``bridgekit <args>`` and SIGKILL it once ``table`` has ``pages`` pages checkpointed (at most 120 s)."""
+def _kill_at_checkpoint(toml: Path, table: str, pages: int, args: list[str], *,
+                        delta_commit_rows: int | None = None) -> None:
+    """Run ``bridgekit <args>`` and SIGKILL it once ``table`` has ``pages`` pages staged (at most 120 s).
+
+    ``delta_commit_rows`` overrides how many rows a delta run stages before it checkpoints page by page.
+    """
     marker = toml.with_suffix(".staged")
     marker.unlink(missing_ok=True)
+    env = _env(toml)
+    if delta_commit_rows is not None:
+        env["BK_TEST_DELTA_COMMIT_ROWS"] = str(delta_commit_rows)
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(marker), table, str(pages), *args],
-                            env=_env(toml), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -149,16 +149,29 @@ def test_a_crash_mid_fetch_resumes_without_loss_or_duplicates(tmp_path: Path) ->
     rep = eng2.run().table("widget")
     assert rep.resumed and rep.created == 40
     assert _mirror(eng2.warehouse) == _expected(src)
-    # and a crash in the middle of a delta as well
+    # and a crash in the middle of a delta as well: a large delta resumes from its staged pages ...
     for i, rid in enumerate(sorted(src.rows)[:15]):
         src.upsert(rid, f"d{i}", i)
     src.delete(sorted(src.rows)[20])
     src.fail_at = 2
     with pytest.raises(RuntimeError):
-        _engine(tmp_path, src).run()
+        eng3 = _engine(tmp_path, src)
+        eng3.delta_commit_rows = 5  # checkpoint page by page beyond 5 rows (50,000 by default)
+        eng3.run()
     src.fail_at = None
     rep = _engine(tmp_path, src).run().table("widget")
     assert rep.resumed and (rep.updated, rep.deleted) == (15, 1)
+    assert _mirror(eng2.warehouse) == _expected(src)
+    # ... and a small one, staged in one transaction, is fetched again from the stored link: nothing lost
+    for i, rid in enumerate(sorted(src.rows)[:12]):
+        src.upsert(rid, f"e{i}", i)
+    src.delete(sorted(src.rows)[25])
+    src.fail_at = 2
+    with pytest.raises(RuntimeError):
+        _engine(tmp_path, src).run()
+    src.fail_at = None
+    rep = _engine(tmp_path, src).run().table("widget")
+    assert not rep.resumed and (rep.updated, rep.deleted) == (12, 1)
     assert _mirror(eng2.warehouse) == _expected(src)
 
 

@@ -30,6 +30,9 @@ import orjson
 
 __all__ = ["Change", "Row", "Store"]
 
+#: In an index's fields: the row version column itself (see :meth:`Store.ensure_index` ``feed``).
+_VERSION = "\x00version"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -259,20 +262,29 @@ class Store:
                 self._create_index(conn, coll, name, fields)
         self._collections.add(coll)
 
-    def ensure_index(self, coll: str, name: str, fields: Sequence[str], *, nocase: bool = False) -> None:
+    def ensure_index(self, coll: str, name: str, fields: Sequence[str], *, nocase: bool = False,
+                     feed: bool = False) -> None:
         """Create an expression index over top-level JSON fields of ``coll`` (idempotent).
 
         SQLite uses an expression index only when a query spells the expression exactly as indexed, so
         queries must build their conditions with :meth:`field` (e.g. per-mailbox reads on ``@emu.user``).
         The index is remembered and re-created when the collection is (after :meth:`drop_all`).
         With ``nocase`` the index uses NOCASE collation, which serves ``field(x) = ? COLLATE NOCASE``.
+        With ``feed`` the index also serves :meth:`changes_since` narrowed by these fields (one mailbox's
+        change feed): ``version`` follows the fields, and the collection's tombstones get the same index,
+        so a mailbox's feed reads that mailbox's changes, not every delete of the tenant since the token.
         """
-        self._indexes.setdefault(coll, {})[name] = tuple(fields)
+        fields = tuple(fields) + ((_VERSION,) if feed else ())
+        self._indexes.setdefault(coll, {})[name] = fields
         if nocase:
             self._nocase.add((coll, name))
         self.ensure_collection(coll)
         with self.write() as conn:
-            self._create_index(conn, coll, name, tuple(fields))
+            self._create_index(conn, coll, name, fields)
+            if feed:
+                safe = "".join(ch for ch in f"{coll}_{name}" if ch.isalnum() or ch == "_")
+                exprs = ", ".join(self.field(f) for f in fields[:-1])
+                conn.execute(f'CREATE INDEX IF NOT EXISTS "tombstones_{safe}" ON tombstones (coll, {exprs}, version)')
 
     @contextlib.contextmanager
     def deferred_indexes(self) -> Iterator[None]:
@@ -296,8 +308,9 @@ class Store:
         t = _table(coll)
         safe = "".join(ch for ch in name if ch.isalnum() or ch == "_")
         collate = " COLLATE NOCASE" if (coll, name) in self._nocase else ""
-        exprs = ", ".join(self.field(f) + collate for f in fields)
-        conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}" ON {t} ({exprs})')
+        exprs = ", ".join("version" if f is _VERSION else self.field(f) + collate for f in fields)
+        suffix = "_feed" if fields and fields[-1] is _VERSION else ""  # not the name an older store used
+        conn.execute(f'CREATE INDEX IF NOT EXISTS "{t[1:-1]}_{safe}{suffix}" ON {t} ({exprs})')
 
     def collections(self) -> list[str]:
         """Names of all collections."""

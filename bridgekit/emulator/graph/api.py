@@ -314,9 +314,9 @@ class GraphService:
         self.store: Store = ctx.store
         # Per-mailbox reads filter on the owner (and folder): index them so a mailbox page costs the
         # mailbox, not the tenant.
-        self.store.ensure_index("graph.messages", "mailbox", ["@emu.user", "@emu.folder"])
-        self.store.ensure_index("graph.events", "owner", ["@emu.user"])
-        self.store.ensure_index("graph.contacts", "owner", ["@emu.user"])
+        self.store.ensure_index("graph.messages", "mailbox", ["@emu.user", "@emu.folder"], feed=True)
+        self.store.ensure_index("graph.events", "owner", ["@emu.user"], feed=True)
+        self.store.ensure_index("graph.contacts", "owner", ["@emu.user"], feed=True)
         self.store.ensure_index("graph.users", "upn", ["userPrincipalName"])
         #: Per-item throttling for $batch: an error response (a 429 with Retry-After) for an item, or None;
         #: ``done`` is called when an admitted item has been answered.
