@@ -2,7 +2,8 @@
 
 A private emulator (``--scale``, default ``medium``) is fully synced with the default plan (the Dataverse
 tables plus Graph users, groups, messages and events), then, at each injected latency (``--latency``,
-default ``0,50,150`` ms), the engine polls as ``sync --watch`` does: ``--idle`` polls with nothing
+default ``0,50,150`` ms), the engine polls as ``sync --watch`` does (``SyncEngine.polling``: one staging connection, merges left in the
+warehouse's log): ``--idle`` polls with nothing
 changed, then one poll right after ``bridgekit emulator mutate`` made ``--changes`` changes. For each poll
 it prints the wall time and the HTTP requests sent to each service (a ``$batch`` is one request; its
 items are counted apart), so the cost of a poll can be read per round trip.
@@ -23,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 from bench_sync import Emulator, _admin  # noqa: E402
 
 from bridgekit.config import load_profile  # noqa: E402
-from bridgekit.sync import responsive_threads  # noqa: E402
 from bridgekit.workbench import Workbench, resolve_runtime  # noqa: E402
 
 
@@ -44,35 +44,35 @@ def main() -> None:
         prof = prof.with_values(warehouse=str(emu.home / "poll.duckdb"))
         wb = Workbench(prof)
         engine = wb.sync_engine(progress=False)
-        t = time.perf_counter()
-        report = engine.run()
-        assert report.ok, report.render()
-        print(f"<!-- full sync of the default plan: {report.fetched:,} rows in {time.perf_counter() - t:.1f}s -->",
-              flush=True)
-        selection = list(engine.tables)
-        print(f"## One poll of the default plan ({args.scale} scale)\n")
-        print("| latency ms | poll | seconds | Dataverse requests | Graph requests | Graph $batch items | rows fetched |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
-        for latency in (int(x) for x in args.latency.split(",")):
-            _admin(emu, "faults", {"clear": True, "latency_ms": latency})
-            polls = [f"idle #{i + 1}" for i in range(args.idle)] + ["after mutate"]
-            for name in polls:
-                if name == "after mutate":
-                    n_create, n_delete = args.changes // 5, args.changes // 10
-                    _admin(emu, "mutate", {"creates": n_create, "updates": args.changes - n_create - n_delete,
-                                           "deletes": n_delete, "seed": latency + 7})
-                before = _counts(wb)
-                t = time.perf_counter()
-                with wb.warehouse.lock(), responsive_threads():
-                    rep = engine._run(selection, full=False, quiet_noop=True)
-                secs = time.perf_counter() - t
-                after = _counts(wb)
-                assert rep.ok, rep.render()
-                slow = sorted(rep.tables, key=lambda t: -t.duration_s)[:4]
-                print("<!-- " + ", ".join(f"{t.table} {t.duration_s:.2f}s ({t.fetched})" for t in slow) + " -->")
-                print(f"| {latency} | {name} | {secs:.2f} | {after['dataverse'] - before['dataverse']} | "
-                      f"{after['graph'] - before['graph']} | {after['items'] - before['items']} | "
-                      f"{rep.fetched:,} |", flush=True)
+        # What `sync --watch` holds: the lock, one staging connection, merges left in the warehouse's log.
+        with engine.polling() as poll:
+            t = time.perf_counter()
+            report = poll()
+            assert report.ok, report.render()
+            print(f"<!-- full sync of the default plan: {report.fetched:,} rows in {time.perf_counter() - t:.1f}s -->",
+                  flush=True)
+            print(f"## One poll of the default plan ({args.scale} scale)\n")
+            print("| latency ms | poll | seconds | Dataverse requests | Graph requests | Graph $batch items | rows fetched |")
+            print("|---:|---|---:|---:|---:|---:|---:|")
+            for latency in (int(x) for x in args.latency.split(",")):
+                _admin(emu, "faults", {"clear": True, "latency_ms": latency})
+                polls = [f"idle #{i + 1}" for i in range(args.idle)] + ["after mutate"]
+                for name in polls:
+                    if name == "after mutate":
+                        n_create, n_delete = args.changes // 5, args.changes // 10
+                        _admin(emu, "mutate", {"creates": n_create, "updates": args.changes - n_create - n_delete,
+                                               "deletes": n_delete, "seed": latency + 7})
+                    before = _counts(wb)
+                    t = time.perf_counter()
+                    rep = poll()
+                    secs = time.perf_counter() - t
+                    after = _counts(wb)
+                    assert rep.ok, rep.render()
+                    slow = sorted(rep.tables, key=lambda t: -t.duration_s)[:4]
+                    print("<!-- " + ", ".join(f"{t.table} {t.duration_s:.2f}s ({t.fetched})" for t in slow) + " -->")
+                    print(f"| {latency} | {name} | {secs:.2f} | {after['dataverse'] - before['dataverse']} | "
+                          f"{after['graph'] - before['graph']} | {after['items'] - before['items']} | "
+                          f"{rep.fetched:,} |", flush=True)
         _admin(emu, "faults", {"clear": True})
 
 

@@ -441,37 +441,51 @@ class SyncEngine:
         readers are not delayed by an idle watcher; ``on_report`` is called for runs that changed
         something (and for the first run).
         """
-        selection = resolve_selection(self.tables, only)
         stop = stop or threading.Event()
+        with self.polling(only, full=full) as poll:
+            first = True
+            while not stop.is_set():
+                try:
+                    report = poll()
+                except TransientError as exc:
+                    # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
+                    log.warning("%s; polling again in %gs", exc.message, interval)
+                    stop.wait(interval)
+                    continue
+                if on_report is not None and (first or report.changed or not report.ok
+                                              or any(t.resynced for t in report.tables)):
+                    on_report(report)
+                first = False
+                stop.wait(interval)
+
+    @contextlib.contextmanager
+    def polling(self, only: Iterable[str] | str | None = None, *, full: bool = False) -> Iterator[Callable[[], SyncReport]]:
+        """Hold what a watcher holds (the lock, one staging connection) and give a function that runs one poll.
+
+        The first call syncs (``full`` forces full loads); later calls are polls: tables whose delta is empty
+        are not merged, so an idle poll leaves the warehouse file alone. Merges stay in the warehouse's log
+        until DuckDB's checkpoint threshold; leaving the block checkpoints the file when no reader holds it.
+        """
+        selection = resolve_selection(self.tables, only)
         with self.warehouse.lock(), responsive_threads(), self.warehouse.staging() as staging:
             # One staging connection for every poll: opening and closing it (a checkpoint) cost each poll
             # more than an idle poll's requests. Its commits are durable as they happen, as before.
             self._staging = staging
             staging.lazy_checkpoint = True
+            runs = 0
+
+            def poll() -> SyncReport:
+                nonlocal runs
+                report = self._run(selection, full=full and runs == 0, quiet_noop=runs > 0)
+                runs += 1
+                return report
             try:
-                self._poll(selection, interval=interval, on_report=on_report, stop=stop, full=full)
+                yield poll
             finally:
                 self._staging = None
                 staging.lazy_checkpoint = False
                 with contextlib.suppress(Exception):  # a reader holding the file: DuckDB folds the log later
                     staging.checkpoint_warehouse()
-
-    def _poll(self, selection: list[str], *, interval: float, on_report: Callable[[SyncReport], None] | None,
-              stop: threading.Event, full: bool) -> None:
-        first = True
-        while not stop.is_set():
-            try:
-                report = self._run(selection, full=full and first, quiet_noop=not first)
-            except TransientError as exc:
-                # A one-shot sync reports it (exit 4); a watcher keeps what it merged and tries again.
-                log.warning("%s; polling again in %gs", exc.message, interval)
-                stop.wait(interval)
-                continue
-            if on_report is not None and (first or report.changed or not report.ok
-                                          or any(t.resynced for t in report.tables)):
-                on_report(report)
-            first = False
-            stop.wait(interval)
 
     # -- one run -----------------------------------------------------------------------------------------
     def _run(self, selection: list[str], *, full: bool, quiet_noop: bool) -> SyncReport:
