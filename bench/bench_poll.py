@@ -2,8 +2,7 @@
 
 A private emulator (``--scale``, default ``medium``) is fully synced with the default plan (the Dataverse
 tables plus Graph users, groups, messages and events), then, at each injected latency (``--latency``,
-default ``0,50,150`` ms), the engine polls as ``sync --watch`` does (``SyncEngine.polling``: one staging connection, merges left in the
-warehouse's log): ``--idle`` polls with nothing
+default ``0,50,150`` ms), the engine polls as ``sync --watch`` does (``SyncEngine.polling``: the lock and one staging connection): ``--idle`` polls with nothing
 changed, then one poll right after ``bridgekit emulator mutate`` made ``--changes`` changes. For each poll
 it prints the wall time and the HTTP requests sent to each service (a ``$batch`` is one request; its
 items are counted apart), so the cost of a poll can be read per round trip.
@@ -44,7 +43,7 @@ def main() -> None:
         prof = prof.with_values(warehouse=str(emu.home / "poll.duckdb"))
         wb = Workbench(prof)
         engine = wb.sync_engine(progress=False)
-        # What `sync --watch` holds: the lock, one staging connection, merges left in the warehouse's log.
+        # What `sync --watch` holds: the lock and one staging connection.
         with engine.polling() as poll:
             t = time.perf_counter()
             report = poll()

@@ -463,15 +463,13 @@ class SyncEngine:
         """Hold what a watcher holds (the lock, one staging connection) and give a function that runs one poll.
 
         The first call syncs (``full`` forces full loads); later calls are polls: tables whose delta is empty
-        are not merged, so an idle poll leaves the warehouse file alone. Merges stay in the warehouse's log
-        until DuckDB's checkpoint threshold; leaving the block checkpoints the file when no reader holds it.
+        are not merged, so an idle poll leaves the warehouse file alone.
         """
         selection = resolve_selection(self.tables, only)
         with self.warehouse.lock(), responsive_threads(), self.warehouse.staging() as staging:
             # One staging connection for every poll: opening and closing it (a checkpoint) cost each poll
             # more than an idle poll's requests. Its commits are durable as they happen, as before.
             self._staging = staging
-            staging.lazy_checkpoint = True
             runs = 0
 
             def poll() -> SyncReport:
@@ -483,9 +481,6 @@ class SyncEngine:
                 yield poll
             finally:
                 self._staging = None
-                staging.lazy_checkpoint = False
-                with contextlib.suppress(Exception):  # a reader holding the file: DuckDB folds the log later
-                    staging.checkpoint_warehouse()
 
     # -- one run -----------------------------------------------------------------------------------------
     def _run(self, selection: list[str], *, full: bool, quiet_noop: bool) -> SyncReport:

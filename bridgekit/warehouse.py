@@ -727,9 +727,6 @@ class Staging:
     def __init__(self, warehouse: Warehouse) -> None:
         self.warehouse = warehouse
         self._outer = False  # inside one_transaction
-        #: A watcher's merges leave the warehouse's log for DuckDB to fold in later (see _detach): closing the
-        #: attached file after every poll rewrote the blocks a merge touched, a large part of a busy poll.
-        self.lazy_checkpoint = False
         self._labels: dict[str, list[tuple[str, str, int, str]]] = {}  # option labels this process merged
         self._labels_merging: dict[str, list[tuple[str, str, int, str]]] = {}  # ... in the merge under way
         self._outer_left = 0  # rows one_transaction may still hold before it settles
@@ -1069,32 +1066,7 @@ class Staging:
         try:
             yield
         finally:
-            self._detach()
-
-    def _detach(self) -> None:
-        if not self.lazy_checkpoint:
             self.conn.execute(f"DETACH {_STAGE_ALIAS}")
-            return
-        # Leave the merge in the warehouse's log: readers see it at once (DuckDB replays the log when it
-        # opens the file); DuckDB folds the log into the file once it passes its checkpoint threshold
-        # (16 MB by default), and the watcher does when it stops (checkpoint_warehouse).
-        self.conn.execute("PRAGMA disable_checkpoint_on_shutdown")
-        try:
-            self.conn.execute(f"DETACH {_STAGE_ALIAS}")
-        finally:
-            self.conn.execute("PRAGMA enable_checkpoint_on_shutdown")
-
-    def checkpoint_warehouse(self) -> bool:
-        """Fold the warehouse's log into its file now, if no reader holds the file (one attempt, no wait)."""
-        try:
-            self.conn.execute(f"ATTACH '{_sql_string(str(self.warehouse.path))}' AS {_STAGE_ALIAS}")
-        except duckdb.Error:
-            return False
-        try:
-            self.conn.execute(f"CHECKPOINT {_STAGE_ALIAS}")
-        finally:
-            self.conn.execute(f"DETACH {_STAGE_ALIAS}")
-        return True
 
     def merge(self, states: Sequence[StageState], records: Sequence[RunRecord], *, run_id: str,
               source: str = "") -> dict[str, MergeCounts]:
