@@ -259,10 +259,11 @@ def health_points(health: pd.DataFrame, *, currency: str, rules: Any) -> list[Po
          "at stake.",
          "At stake: their open pipeline plus what they bought in the last year.",
          f"start with the highest-ranked: {', '.join(top)}." if top else ""),
-        (f"Most common reason: {reasons.iloc[0]['reason']} ({int(reasons.iloc[0]['accounts']):,} accounts).",
-         reason_meaning(rules)[str(reasons.index[0])],
-         "ask each owner for a next step with the customer."),
     ]
+    if len(flagged):
+        points.append((f"Most common reason: {reasons.iloc[0]['reason']} ({int(reasons.iloc[0]['accounts']):,} "
+                       "accounts).", reason_meaning(rules)[str(reasons.index[0])],
+                       "ask each owner for a next step with the customer."))
     if len(gone):
         points.append((f"{len(gone):,} at-risk accounts are owned by people disabled in Entra ID.",
                        "Nobody is looking after them: the owner has left or lost access.",
