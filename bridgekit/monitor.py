@@ -70,12 +70,13 @@ def sync_summary(run: Any) -> report.Html:
              "pages": t.pages, "time": report.duration(t.duration_s),
              "note": "; ".join(x for x in ("resynced" if t.resynced else "", "resumed" if t.resumed else "",
                                            t.error or t.message or "") if x)} for t in run.tables]
-    return report.join(
+    return report.section(
+        "Summary",
         f"<p>{report.badge(status)} Sync run <b>{run.run_id}</b>: {len(run.tables)} tables, "
         f"{report.num(run.changed)} row changes, {report.num(run.fetched)} rows fetched in "
         f"{report.duration(run.duration_s)} ({report.num(run.throughput)} rows/s)"
         + (f"; failed: {', '.join(failed)}" if failed else "") + ".</p>",
-        report.table(rows, formats={"note": "text"}))
+        report.table(rows, formats={"note": "text"}), page_break=False, anchor="summary")
 
 
 def watermark_table(wb: Any, tables: Any = None) -> report.Html:

@@ -46,13 +46,13 @@ class Tenant:
                 "BRIDGEKIT_EMULATOR_HOME": str(self.home)}
 
 
-_STATE: dict[str, Tenant] = {}
+_STATE: dict[str, Any] = {}
 
 
 def tenant(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Tenant:
     """The session's analytics tenant (created, started and synced on first use)."""
     if "tenant" in _STATE:
-        return _STATE["tenant"]
+        return _STATE["tenant"]  # type: ignore[no-any-return]
     import bridgekit
 
     root = tmp_path_factory.mktemp("analytics-tenant")
@@ -77,7 +77,30 @@ def tenant(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     wb = bridgekit.connect(profile)
     report = wb.sync(progress=False)
     _STATE["tenant"] = Tenant(home, warehouse, config, profile, report)
-    return _STATE["tenant"]
+    return _STATE["tenant"]  # type: ignore[no-any-return]
+
+
+def notebook_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                  notebooks: list[Path]) -> dict[str, Any]:
+    """Each notebook run once by the runner on the tenant, as `bridgekit run NAME --path notebooks --profile
+    analytics-test` (name -> RunResult). tests/test_notebooks.py checks the runs, tests/test_reports_browser.py
+    opens their reports: one execution for both."""
+    if "runs" in _STATE:
+        return dict(_STATE["runs"])
+    from bridgekit.record import RECORD_ENV
+    from bridgekit.runbooks.runner import run_runbook
+
+    t = tenant(tmp_path_factory, request)
+    out = tmp_path_factory.mktemp("notebook-runs")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRIDGEKIT_CONFIG", str(t.config))
+        mp.delenv(RECORD_ENV, raising=False)
+        for path in notebooks:
+            runs[path.stem] = run_runbook(path.stem, path=path.parent, profile=PROFILE, out=out, timeout=600,
+                                          raise_on_failure=False)
+    _STATE["runs"] = runs
+    return dict(runs)
 
 
 def _stop(home: Path) -> None:

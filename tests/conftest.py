@@ -215,3 +215,14 @@ def monitor_run(demo_runs: DemoRuns, tmp_path_factory: pytest.TempPathFactory) -
         return run_runbook("monitor", {"calls": 5, "latency_p95_ms": 60000.0, "freshness_slo_minutes": 1440.0},
                            profile="emulator", out=tmp_path_factory.mktemp("monitor"),
                            path=Path(__file__).resolve().parent.parent / "runbooks", raise_on_failure=False)
+
+
+@pytest.fixture(scope="session")
+def notebook_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The four analytics notebooks run once by the runner on the analytics tenant (name -> RunResult)."""
+    from pathlib import Path
+
+    import analytics_tenant
+
+    notebooks = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+    return analytics_tenant.notebook_runs(tmp_path_factory, request, notebooks)

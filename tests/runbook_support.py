@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -156,3 +157,23 @@ def render(html: Path, *, timeout: float = 60.0, screenshot: Path | None = None)
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile_dir, ignore_errors=True)
+
+
+def assert_readable_report(html: Path, screenshot: Path, *, no_axes: int = 0) -> RenderedPage:
+    """Open a report in headless Chromium as its reader would and assert what #18 asks of every report.
+
+    The first screen is saved to ``screenshot`` (keep it in the test's ``tmp_path``: pytest's artefacts). The
+    executive summary (``#summary``) precedes every table; no text reads ``NaN``, ``nan``, ``None`` or a raw float;
+    every chart draws with a title, and with x and y axis titles unless it is one of ``no_axes`` charts without
+    axes (a Sankey); the page logs no error.
+    """
+    page = render(html, screenshot=screenshot)
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000
+    assert page.errors == []
+    assert not re.findall(r"\b(?:NaN|nan|None)\b", page.text)
+    assert not re.findall(r"\d+\.\d{5,}", page.text)
+    assert page.tables_before_summary == 0, "no executive summary (#summary) ahead of the tables"
+    assert page.rendered == page.charts
+    assert all(page.titles), page.titles
+    assert sorted(page.axis_titles) == [0] * no_axes + [2] * (page.charts - no_axes), page.axis_titles
+    return page

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from runbook_support import assert_readable_report
 
 from bridgekit.config import Profile
 from bridgekit.errors import ConfigError
@@ -623,5 +624,11 @@ def test_migrate_runbook_executes_and_records_checks(emulator: Any, tmp_path: Pa
     assert checks == {"validation": "amber", "reconciliation": "amber"}
     assert manifest["results"]["execution"]["created"] == 3
     assert manifest["results"]["run_id"] == "rb-1"
+    # The outcome reads as a report: a summary first (status, counts, next steps), no dicts, index or NaN.
+    assert result.report is not None
+    page = assert_readable_report(result.report, tmp_path / "migrate-first-screen.png")
+    first = page.text[:2000]
+    assert "Summary" in first and "AMBER" in first and "3 created" in first and "Next steps:" in first
+    assert "{" not in page.text and "Reconciliation" in page.text
     assert {r["accountnumber"] for r in live_accounts(workbench(emulator, tmp_path), "RBK")} == {
         "RBK-0001", "RBK-0002", "RBK-0003"}

@@ -12,12 +12,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import analytics_tenant  # tests/analytics_tenant.py
 import pytest
 
 from bridgekit.record import RECORD_ENV
-from bridgekit.runbooks.runner import run_runbook
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -45,13 +45,10 @@ def test_nbval_runs_every_notebook(tenant: analytics_tenant.Tenant, tmp_path: Pa
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runner_runs_the_notebook_to_an_html_report(tenant: analytics_tenant.Tenant, path: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BRIDGEKIT_CONFIG", str(tenant.config))
-    monkeypatch.delenv(RECORD_ENV, raising=False)
-    # As `bridgekit run NAME --path notebooks --profile analytics-test`.
-    result = run_runbook(path.stem, path=path.parent, profile=analytics_tenant.PROFILE, out=tmp_path,
-                         timeout=600, raise_on_failure=False)
+def test_runner_runs_the_notebook_to_an_html_report(notebook_runs: dict[str, Any], path: Path) -> None:
+    # As `bridgekit run NAME --path notebooks --profile analytics-test` (run once for this test and the
+    # browser test of the reports: tests/conftest.py's notebook_runs).
+    result = notebook_runs[path.stem]
     manifest = json.loads(result.manifest_path.read_text())
     assert result.exit_code == 0, manifest.get("error")
     assert manifest["parameters"]["profile"] == analytics_tenant.PROFILE
@@ -59,6 +56,8 @@ def test_runner_runs_the_notebook_to_an_html_report(tenant: analytics_tenant.Ten
     report = result.report.read_text(encoding="utf-8")
     assert report.count("plotly") > 3 and "Traceback" not in report
     results = manifest["results"]
+    # A report for the customer's analyst: an executive summary first, every figure explained.
+    assert report.index("Executive summary") < report.index("What it means:")
     if path.stem == "win_probability":
         assert results["win_model_auc"] - results["baseline_auc"] >= 0.10
         assert results["drivers_same_sign"] is True

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import html
 import json
 import logging
 import secrets
@@ -1194,6 +1195,128 @@ class MigrationOutcome(_Markdown):
     def to_markdown(self) -> str:
         """Every report, as markdown."""
         return "\n\n".join(r.to_markdown() for r in self.reports)
+
+    def status(self) -> str:
+        """The worst status of the run: the reconciliation's, rejects (amber), failed or pending rows (red)."""
+        from bridgekit.checks import worst
+
+        found = []
+        for r in self.reports:
+            if isinstance(r, Plan):
+                found.append("amber" if r.counts.get("rejected") else "green")
+            elif isinstance(r, ExecutionReport):
+                found.append("red" if r.counts.get("failed") or r.counts.get("pending") else "green")
+            elif isinstance(r, Reconciliation):
+                found.append(r.status)
+            elif isinstance(r, RollbackReport):
+                found.append("red" if r.failed else "green")
+        return worst(found) if found else "green"
+
+    def to_html(self) -> str:
+        """The outcome in the report style: a summary first (status, what happened, what to do), then each step."""
+        from bridgekit import report
+
+        return str(report.join(self._summary_html(), *(_step_html(r) for r in self.reports)))
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def _summary_html(self) -> str:
+        from bridgekit import report
+
+        lines: list[str] = []
+        todo: list[str] = []
+        for r in self.reports:
+            if isinstance(r, Plan):
+                c = r.counts
+                lines.append(f"{report.num(c.get('source_rows', 0))} source rows for <b>{html.escape(r.target)}</b>: "
+                             f"{report.num(c.get('create', 0))} to create, {report.num(c.get('update', 0))} to update, "
+                             f"{report.num(c.get('unchanged', 0))} already right, {report.num(c.get('rejected', 0))} "
+                             "rejected" + (" (dry run: nothing was written)." if r.dry_run else "."))
+                if c.get("rejected"):
+                    todo.append("correct the rejected rows in the source (the reasons are listed below) and run "
+                                "again with the same run id")
+                if r.dry_run:
+                    todo.append("when the plan is right, run again with mode execute")
+            elif isinstance(r, ExecutionReport):
+                c = r.counts
+                lines.append(f"Written in {report.duration(r.duration_s)}: {report.num(c.get('created', 0))} created, "
+                             f"{report.num(c.get('updated', 0))} updated, {report.num(c.get('failed', 0))} failed, "
+                             f"{report.num(c.get('pending', 0))} pending" + (" (resumed)." if r.resumed else "."))
+                if c.get("pending"):
+                    todo.append("run again with the same run id to write the pending rows")
+            elif isinstance(r, Reconciliation):
+                c = r.counts
+                lines.append(f"Checked against Dataverse after a sync: {report.num(c['matched'])} of "
+                             f"{report.num(c['compared'])} rows match, {report.num(c['missing'])} missing, "
+                             f"{report.num(c['mismatched'])} differ.")
+                if r.status == "red":
+                    todo.append("look at the differences below before switching users over")
+            elif isinstance(r, RollbackReport):
+                lines.append(f"Rollback: {report.num(r.deleted)} rows deleted, {report.num(r.already_gone)} already "
+                             f"gone, {report.num(r.failed)} failed.")
+        mode = {"dry_run": "Dry run", "execute": "Execution", "rollback": "Rollback"}.get(self.mode, self.mode)
+        body = [f"<p><b>Outcome:</b> {report.badge(self.status())} {html.escape(mode)} of migration run "
+                f"<code>{html.escape(self.run_id)}</code>.</p>",
+                "<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>"]
+        if todo:
+            body.append("<p><b>Next steps:</b> " + html.escape("; ".join(todo)) + ".</p>")
+        return str(report.section("Summary", *body, page_break=False, anchor="summary"))
+
+
+def _step_html(r: Any) -> str:
+    """One step of a migration (plan, execution, reconciliation, rollback) as a report section."""
+    from bridgekit import report
+
+    if isinstance(r, Plan):
+        c = r.counts
+        parts: list[str] = [report.table([{"source_rows": c.get("source_rows", 0), "create": c.get("create", 0),
+                                "update": c.get("update", 0), "unchanged": c.get("unchanged", 0),
+                                "rejected": c.get("rejected", 0), "batches": c.get("batches", 0)}])]
+        upd = r.samples.get("update") or []
+        if upd:
+            parts += [report.heading(f"Updates: the fields that change (first {len(upd)} rows)", 3), report.table(
+                [{"row": s["row_no"], "key": s["key"], "column": col, "now": cur, "after": new}
+                 for s in upd for col, (cur, new) in s["changes"].items()],
+                formats={"key": "text", "now": "text", "after": "text"})]
+        new = r.samples.get("create") or []
+        if new:
+            parts += [report.heading(f"Creates (first {len(new)} rows)", 3),
+                      report.table([{"row": s["row_no"], "key": s["key"]} for s in new], formats={"key": "text"})]
+        if r.reject_samples:
+            parts += [report.heading(f"Rejected rows (first {len(r.reject_samples)} of "
+                                     f"{report.num(c.get('rejected', 0))})", 3),
+                      report.table([{"row": x["row_no"], "key": x["key"], "columns": x["columns"], "reason": x["reason"]}
+                                    for x in r.reject_samples], formats={"key": "text", "reason": "text"})]
+        title = "Plan (dry run: nothing written)" if r.dry_run else "Plan"
+        return str(report.section(title, *parts, page_break=False))
+    if isinstance(r, ExecutionReport):
+        c = r.counts
+        rate = (c.get("created", 0) + c.get("updated", 0)) / r.write_s if r.write_s else 0.0
+        parts = [report.table([{k: c.get(k, 0) for k in ("created", "updated", "unchanged", "failed", "pending",
+                                                          "rejected")}]),
+                 report.paragraph(f"{report.num(r.batches)} batch{'es' if r.batches != 1 else ''}; validation and plan {report.duration(r.plan_s)}, "
+                                  f"writes {report.duration(r.write_s)} ({report.num(rate, 0)} rows/s).")]
+        if r.verified_after_interruption:
+            parts.append(report.paragraph(f"{report.num(r.verified_after_interruption)} rows of batches in flight when "
+                                          "the previous process stopped were found already written and not sent again."))
+        return str(report.section("Execution" + (" (resumed)" if r.resumed else ""), *parts, page_break=False))
+    if isinstance(r, Reconciliation):
+        parts = [f"<p>{report.badge(r.status)} {html.escape(r.detail)}.</p>",
+                 report.table([{"column": col, "matches": bool(v["match"])} for col, v in r.checksums.items()],
+                              labels={"matches": "source and target checksums match"})]
+        if r.differences:
+            parts += [report.heading("Differences", 3), report.table(
+                [{"key": d["key"], "column": "(whole row missing)" if d["column"] == "*" else d["column"],
+                  "source": d["source"], "target": d["target"]} for d in r.differences],
+                formats={"key": "text", "source": "text", "target": "text"})]
+        return str(report.section("Reconciliation", *parts, page_break=False))
+    if isinstance(r, RollbackReport):
+        parts = [report.table([{"deleted": r.deleted, "already_gone": r.already_gone, "failed": r.failed}])]
+        if r.errors:
+            parts.append(report.table([{"error": e} for e in r.errors], formats={"error": "text"}))
+        return str(report.section("Rollback", *parts, page_break=False))
+    return str(report.paragraph(str(r)))
 
 
 def run_migration(workbench: Any, mapping: str | Path | MigrationMapping | None, *, source: Any = None,

@@ -934,6 +934,12 @@ def _is_document(nb: Any) -> bool:
     return bool((nb.get("metadata", {}).get("bridgekit") or {}).get("document"))
 
 
+def _wants_pdf(nb: Any) -> bool:
+    """A document is printed to PDF unless its metadata says ``"pdf": false`` (the analytics notebooks: read on
+    screen, and printing costs a browser start per run)."""
+    return _is_document(nb) and (nb.get("metadata", {}).get("bridgekit") or {}).get("pdf", True) is not False
+
+
 def _write_report(nb_path: Path, html_path: Path, manifest: Mapping[str, Any]) -> None:
     """The executed notebook as HTML: code inputs hidden, the runbook's own notes (``report-hide`` cells)
     dropped, a banner on top when the run did not complete, the run record last; renderable offline."""
@@ -1213,7 +1219,7 @@ def run_runbook(name: str, parameters: Mapping[str, Any] | None = None, *, profi
             manifest["results"], manifest["checks"], manifest["data_watermark"] = {}, [], {}
         manifest["outputs"]["report"] = html_path.name
         _write_manifest(manifest_path, manifest)
-    elif manifest["outputs"].get("report") and _is_document(_read_nb(nb_path) or {}):
+    elif manifest["outputs"].get("report") and _wants_pdf(_read_nb(nb_path) or {}):
         # A deliverable is also printed to PDF, from the report that was just scanned.
         pdf_path = run_dir / f"{runbook.name}.pdf"
         note = _write_pdf(html_path, pdf_path)
