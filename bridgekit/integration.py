@@ -137,38 +137,60 @@ def _property(table: str, column: str) -> str:
     return column
 
 
-def _job_filter(since: _dt.datetime, old: _dt.datetime) -> tuple[str, str]:
-    """The system jobs the checks read, as a Web API ``$filter`` and as SQL over the mirrored table: the window's
-    jobs, the waiting ones (any age: the backlog), and the succeeded jobs of a step older than the retention."""
+def _job_filter(since: _dt.datetime, old: _dt.datetime) -> tuple[list[str], str]:
+    """The system jobs the checks read, as Web API ``$filter``s (two disjoint reads) and as SQL over the mirrored
+    table: the window's jobs and the waiting ones (any age: the backlog), and the succeeded jobs of a step older
+    than the retention (those kept forever)."""
     s, o = since.strftime("%Y-%m-%dT%H:%M:%SZ"), old.strftime("%Y-%m-%dT%H:%M:%SZ")
-    odata = (f"createdon ge {s} or statuscode eq 0 or statuscode eq 10 or "
-             f"(statuscode eq {_SUCCEEDED} and _owningextensionid_value ne null and createdon lt {o})")
+    odata = [f"createdon ge {s} or statuscode eq 0 or statuscode eq 10",
+             f"createdon lt {s} and statuscode eq {_SUCCEEDED} and _owningextensionid_value ne null and "
+             f"createdon lt {o}"]
     sql = (f"createdon >= TIMESTAMPTZ '{s}' OR statuscode IN (0, 10) OR "
            f"(statuscode = {_SUCCEEDED} AND owningextensionid IS NOT NULL AND createdon < TIMESTAMPTZ '{o}')")
     return odata, sql
 
 
-def _read_live(wb: Any, tables: Mapping[str, Mapping[str, str]], filters: Mapping[str, str]
+def _read_live(wb: Any, tables: Mapping[str, Mapping[str, str]], filters: Mapping[str, Sequence[str]]
                ) -> dict[str, list[dict[str, Any]]]:
-    """Read the columns the checks use of each table from Dataverse, the tables concurrently (at most the
-    profile's ``max_concurrency`` requests in flight), each with its server-side ``$filter``; rows keyed by the
-    warehouse's column names."""
+    """Read the columns the checks use of each table from Dataverse, each with its server-side ``$filter``s (one
+    read per filter, their rows together), all reads concurrently (at most the profile's ``max_concurrency``
+    requests in flight); rows keyed by the warehouse's column names.
+
+    Choice labels (``x_label``) come from the table's option-set metadata, one read per table, not from a
+    FormattedValue annotation on every row: the annotations would multiply the size of a system-job page.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     dv = wb.dataverse
 
-    def read(table: str) -> list[dict[str, Any]]:
-        props = {c: _property(table, c) for c in tables[table]}
+    def read(task: tuple[str, str | None]) -> list[dict[str, Any]]:
+        table, flt = task
+        props = {c: _property(table, c) for c in tables[table] if not c.endswith("_label")}
         select = sorted({p.split("@", 1)[0] for p in props.values()})
         notes = sorted({p.split("@", 1)[1] for p in props.values() if "@" in p})
         return [{c: row.get(p) for c, p in props.items()}
-                for page in dv.pages(table, select=select, filter=filters.get(table), annotations=notes or None,
-                                     page_size=5000)
+                for page in dv.pages(table, select=select, filter=flt, annotations=notes or None, page_size=5000)
                 for row in page.value]
 
-    workers = max(1, min(int(wb.profile.max_concurrency), len(tables)))
+    def labels(table: str) -> dict[str, dict[int, str]]:
+        return dv.option_sets(table) if any(c.endswith("_label") for c in tables[table]) else {}
+
+    tasks: list[tuple[str, str | None]] = [(t, f) for t in tables for f in filters.get(t, ())]
+    tasks += [(t, None) for t in tables if not filters.get(t)]
+    workers = max(1, min(int(wb.profile.max_concurrency), len(tasks)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-platform") as pool:
-        return dict(zip(tables, pool.map(read, tables), strict=True))
+        option_sets = pool.map(labels, tables)
+        rows = list(pool.map(read, tasks))
+        out: dict[str, list[dict[str, Any]]] = {t: [] for t in tables}
+        for (table, _), got in zip(tasks, rows, strict=True):
+            out[table].extend(got)
+        for table, options in zip(tables, option_sets, strict=True):
+            for col in (c for c in tables[table] if c.endswith("_label")):
+                names = options.get(col.removesuffix("_label"), {})
+                for r in out[table]:
+                    v = r.get(col.removesuffix("_label"))
+                    r[col] = None if v is None else names.get(int(v), str(v))
+    return out
 
 
 def _mirrored(a: Any, max_age_hours: float) -> bool:
@@ -270,7 +292,7 @@ class _Layer:
         self.jobs = q("""
             SELECT asyncoperationid::VARCHAR AS id, name, operationtype, operationtype_label, statecode, statuscode,
                    message, owningextensionid::VARCHAR AS step, workflowactivationid::VARCHAR AS workflow,
-                   createdon FROM dataverse.asyncoperation WHERE """ + jobs_where)
+                   createdon FROM dataverse.asyncoperation WHERE """ + jobs_where + " ORDER BY createdon, id")
         self.traces = q("""
             SELECT pluginstepid::VARCHAR AS step, performanceexecutionduration AS ms,
                    exceptiondetails IS NOT NULL AS failed FROM dataverse.plugintracelog
@@ -735,8 +757,8 @@ def assess_integration(a: Any, *, production: bool = True, hot_share: float = 0.
     if read_platform and a.wb.profile.dataverse_url and not _mirrored(a, max_age_hours):
         since = a.now - _dt.timedelta(days=window_days)
         jobs, _ = _job_filter(since, a.now - _dt.timedelta(days=retention_days))
-        live = _read_live(a.wb, tables, {"asyncoperation": jobs, "workflow": "type eq 1",
-                                         "plugintracelog": f"createdon ge {since:%Y-%m-%dT%H:%M:%SZ}"})
+        live = _read_live(a.wb, tables, {"asyncoperation": jobs, "workflow": ["type eq 1"],
+                                         "plugintracelog": [f"createdon ge {since:%Y-%m-%dT%H:%M:%SZ}"]})
     with a.wb.warehouse.overlay() as view:
         for table, rows in live.items():
             view.put(f"dataverse.{table}", tables[table], rows)
