@@ -137,17 +137,13 @@ def _property(table: str, column: str) -> str:
     return column
 
 
-def _job_filter(since: _dt.datetime, old: _dt.datetime) -> tuple[list[str], str]:
-    """The system jobs the checks read, as Web API ``$filter``s (two disjoint reads) and as SQL over the mirrored
-    table: the window's jobs and the waiting ones (any age: the backlog), and the succeeded jobs of a step older
-    than the retention (those kept forever)."""
+def _job_filter(since: _dt.datetime, old: _dt.datetime) -> list[str]:
+    """The system jobs the checks read, as two disjoint Web API ``$filter``s: the window's jobs and the waiting ones
+    (any age: the backlog), and the succeeded jobs of a step older than the retention (those kept forever)."""
     s, o = since.strftime("%Y-%m-%dT%H:%M:%SZ"), old.strftime("%Y-%m-%dT%H:%M:%SZ")
-    odata = [f"createdon ge {s} or statuscode eq 0 or statuscode eq 10",
-             f"createdon lt {s} and statuscode eq {_SUCCEEDED} and _owningextensionid_value ne null and "
-             f"createdon lt {o}"]
-    sql = (f"createdon >= TIMESTAMPTZ '{s}' OR statuscode IN (0, 10) OR "
-           f"(statuscode = {_SUCCEEDED} AND owningextensionid IS NOT NULL AND createdon < TIMESTAMPTZ '{o}')")
-    return odata, sql
+    return [f"createdon ge {s} or statuscode eq 0 or statuscode eq 10",
+            f"createdon lt {s} and statuscode eq {_SUCCEEDED} and _owningextensionid_value ne null and "
+            f"createdon lt {o}"]
 
 
 def _read_live(wb: Any, tables: Mapping[str, Mapping[str, str]], filters: Mapping[str, Sequence[str]]
@@ -274,7 +270,7 @@ class _Layer:
         self.q = q
         self.now: _dt.datetime = a.now
         self.since = self.now - _dt.timedelta(days=window_days)
-        _, jobs_where = _job_filter(self.since, self.now - _dt.timedelta(days=retention_days))
+        self.old = self.now - _dt.timedelta(days=retention_days)
         since = self.since.strftime("%Y-%m-%dT%H:%M:%SZ")
         self.steps = q("""
             SELECT s.sdkmessageprocessingstepid::VARCHAR AS id, s.name, s.mode, s.stage, s.rank,
@@ -289,10 +285,11 @@ class _Layer:
         self.endpoints = {r["id"]: r for r in q("""
             SELECT serviceendpointid::VARCHAR AS id, name, contract, authtype, url, namespaceaddress, path,
                    ismanaged FROM dataverse.serviceendpoint ORDER BY name""")}
-        self.jobs = q("""
+        self.jobs: list[dict[str, Any]] = q("""
             SELECT asyncoperationid::VARCHAR AS id, name, operationtype, operationtype_label, statecode, statuscode,
                    message, owningextensionid::VARCHAR AS step, workflowactivationid::VARCHAR AS workflow,
-                   createdon FROM dataverse.asyncoperation WHERE """ + jobs_where + " ORDER BY createdon, id")
+                   createdon FROM dataverse.asyncoperation WHERE createdon >= TIMESTAMPTZ '""" + since + """'
+            ORDER BY createdon, id""")
         self.traces = q("""
             SELECT pluginstepid::VARCHAR AS step, performanceexecutionduration AS ms,
                    exceptiondetails IS NOT NULL AS failed FROM dataverse.plugintracelog
@@ -303,8 +300,6 @@ class _Layer:
             WHERE w.type = 1 ORDER BY w.name""")
         for w in self.workflows:
             w["flow"] = _flow(w["clientdata"]) if w["category"] == 5 else None
-        for j in self.jobs:
-            j["created"] = _utc(j["createdon"])
 
     def handler_name(self, step: Mapping[str, Any]) -> str:
         h = step["handler"]
@@ -318,7 +313,7 @@ class _Layer:
         return {s["id"]: s["handler"] for s in self.steps if s["handler_type"] == "serviceendpoint"}
 
     def window_jobs(self) -> list[dict[str, Any]]:
-        return [j for j in self.jobs if j["created"] is not None and j["created"] >= self.since]
+        return self.jobs
 
     def durations(self) -> dict[str, dict[str, Any]]:
         per: dict[str, list[float]] = {}
@@ -458,18 +453,16 @@ def _endpoint_checks(layer: _Layer, failure_red: float) -> list[Check]:
 
 
 def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[Check]:
-    jobs = layer.window_jobs()
-    by_type: dict[str, dict[str, int]] = {}
-    failed_ids = []
-    for j in jobs:
-        label = str(j["operationtype_label"] or j["operationtype"])
-        t = by_type.setdefault(label, {"jobs": 0, "failed": 0, "waiting": 0})
-        t["jobs"] += 1
-        if j["statuscode"] == _FAILED:
-            t["failed"] += 1
-            failed_ids.append(j["id"])
-        if j["statuscode"] in _WAITING:
-            t["waiting"] += 1
+    # Aggregated by DuckDB: the window's jobs by operation type, the backlog, the old succeeded jobs per step.
+    window = f"createdon >= TIMESTAMPTZ '{layer.since:%Y-%m-%dT%H:%M:%SZ}'"
+    by_type = {str(r.pop("label")): r for r in layer.q(f"""
+        SELECT coalesce(nullif(operationtype_label, ''), operationtype::VARCHAR, 'None') AS label,
+               count(*) AS jobs, count(*) FILTER (WHERE statuscode = {_FAILED}) AS failed,
+               count(*) FILTER (WHERE statuscode IN {_WAITING}) AS waiting
+        FROM dataverse.asyncoperation WHERE {window} GROUP BY 1 ORDER BY 1""")}
+    failed_ids = [str(r["id"]) for r in layer.q(f"""
+        SELECT asyncoperationid::VARCHAR AS id FROM dataverse.asyncoperation
+        WHERE {window} AND statuscode = {_FAILED}""")]
     rates = {k: round(v["failed"] / v["jobs"], 4) for k, v in by_type.items() if v["jobs"]}
     worst_rate = max(rates.values(), default=0.0)
     status = "red" if worst_rate >= failure_red else ("amber" if failed_ids else "green")
@@ -483,7 +476,12 @@ def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[
         evidence=[{"operation_type": k, **v, "failure_rate": rates.get(k, 0.0)} for k, v in sorted(by_type.items())],
         by_type={k: {**v, "failure_rate": rates.get(k, 0.0)} for k, v in by_type.items()})]
     stale = layer.now - _dt.timedelta(hours=24)
-    waiting = [j for j in layer.jobs if j["statuscode"] in _WAITING and j["created"] and j["created"] < stale]
+    waiting = layer.q(f"""
+        SELECT asyncoperationid::VARCHAR AS id, name, createdon FROM dataverse.asyncoperation
+        WHERE statuscode IN {_WAITING} AND createdon < TIMESTAMPTZ '{stale:%Y-%m-%dT%H:%M:%SZ}'
+        ORDER BY createdon, id""")
+    for j in waiting:
+        j["created"] = _utc(j["createdon"])
     oldest = min((j["created"] for j in waiting), default=None)
     checks.append(_check(
         "system_job_backlog", "System jobs waiting for more than a day", "amber" if waiting else "green",
@@ -492,11 +490,10 @@ def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[
         "find why they wait (a disabled owner, a postponed retry, a suspended workflow) and resume or cancel them",
         [j["id"] for j in waiting], "no job waiting longer than 24 hours", _SRC_ASYNC,
         evidence=[{"id": j["id"], "job": j["name"], "since": str(j["created"])} for j in waiting[:50]]))
-    old = layer.now - _dt.timedelta(days=retention_days)
-    kept: dict[str, int] = {}
-    for j in layer.jobs:
-        if j["statuscode"] == _SUCCEEDED and j["step"] and j["created"] and j["created"] < old:
-            kept[j["step"]] = kept.get(j["step"], 0) + 1
+    kept = {str(r["step"]): int(r["n"]) for r in layer.q(f"""
+        SELECT owningextensionid::VARCHAR AS step, count(*) AS n FROM dataverse.asyncoperation
+        WHERE statuscode = {_SUCCEEDED} AND owningextensionid IS NOT NULL
+          AND createdon < TIMESTAMPTZ '{layer.old:%Y-%m-%dT%H:%M:%SZ}' GROUP BY 1 ORDER BY 1""")}
     names = {s["id"]: s["name"] for s in layer.steps}
     checks.append(_check(
         "succeeded_jobs_retained", f"Succeeded system jobs kept beyond {retention_days} days",
@@ -756,7 +753,7 @@ def assess_integration(a: Any, *, production: bool = True, hot_share: float = 0.
     live: dict[str, list[dict[str, Any]]] = {}
     if read_platform and a.wb.profile.dataverse_url and not _mirrored(a, max_age_hours):
         since = a.now - _dt.timedelta(days=window_days)
-        jobs, _ = _job_filter(since, a.now - _dt.timedelta(days=retention_days))
+        jobs = _job_filter(since, a.now - _dt.timedelta(days=retention_days))
         live = _read_live(a.wb, tables, {"asyncoperation": jobs, "workflow": ["type eq 1"],
                                          "plugintracelog": [f"createdon ge {since:%Y-%m-%dT%H:%M:%SZ}"]})
     with a.wb.warehouse.overlay() as view:

@@ -630,14 +630,11 @@ class Overlay:
         """Hold ``rows`` as ``table_id`` (``schema.table``, in place of a mirrored one), with the columns and
         DuckDB types of ``types`` (a row's other keys are ignored; a missing key is NULL)."""
         schema, table = table_id.split(".", 1)
-        data = pa.table({c: pa.array([r.get(c) for r in rows]) for c in types})
-        self._conn.register("_bk_put", data)
-        try:
-            self._conn.execute(f'DROP VIEW IF EXISTS {schema}."{table}"')
-            cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in types.items())
-            self._conn.execute(f'CREATE OR REPLACE TABLE {schema}."{table}" AS SELECT {cols} FROM _bk_put')
-        finally:
-            self._conn.unregister("_bk_put")
+        name = f"_bk_put_{schema}_{table}"
+        # A view over the registered Arrow table, typed on read: small tables, read a few times each.
+        self._conn.register(name, pa.table({c: pa.array([r.get(c) for r in rows]) for c in types}))
+        cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in types.items())
+        self._conn.execute(f'CREATE OR REPLACE VIEW {schema}."{table}" AS SELECT {cols} FROM "{name}"')
 
     def records(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run a query; its rows as dicts (NULL as None).
