@@ -3,9 +3,11 @@ endpoints, flows, system jobs, trace logs, connection references, environment va
 settings), scored red/amber/green, and a map of it.
 
 :class:`bridgekit.assess.Assessment` calls :func:`assess_integration` (``Assessment.integration()``). The area reads
-the platform tables (:data:`bridgekit.catalog.PLATFORM_TABLES`) from the warehouse; when the profile's sync plan
-does not mirror them (its ``platform`` group is off by default), :func:`ensure_platform` reads them into the
-warehouse first. Every check names its yardstick and its source; docs/integration-surface.md lists them with the
+the platform tables (:data:`bridgekit.catalog.PLATFORM_TABLES`) from the warehouse when a sync plan with the
+``platform`` group (off by default) keeps them there and they are fresh; otherwise it reads from Dataverse only what
+the checks use (their columns, the window's system jobs and trace logs), all tables at once, and queries those rows
+next to the warehouse's tables without writing them to it. Every check names its yardstick and its source;
+docs/integration-surface.md lists them with the
 documented columns and option values the checks rely on.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,7 +25,6 @@ from bridgekit.checks import STATUS_COLOUR, Check, Section, percentile, worst
 __all__ = [
     "PLANTED_CHECKS",
     "assess_integration",
-    "ensure_platform",
     "integration_map",
 ]
 
@@ -85,21 +86,123 @@ _DATAVERSE_TRIGGER = "SubscribeWebhookTrigger"
 # Reading the platform tables
 # --------------------------------------------------------------------------------------------------
 
-def ensure_platform(wb: Any, *, warehouse_tables: Iterable[str] = ()) -> list[str]:
-    """Read the platform tables the warehouse lacks into it (once; a later sync plan with ``platform = true``
-    keeps them current). Returns the tables read."""
-    have = set(warehouse_tables)
-    # systemuser too: flows and roles are joined to their owners and the application user
-    missing = [f"dataverse.{t}" for t in (*PLATFORM_TABLES, "systemuser") if f"dataverse.{t}" not in have]
-    if missing and wb.profile.dataverse_url:
-        wb.sync_engine(progress=False, tables=missing).run()
-    return missing
+#: What the area reads of each platform table (and of systemuser, when the warehouse lacks it): the warehouse's
+#: column names and DuckDB types. A lookup ``x`` is the Web API's ``_x_value``, ``x_entitytype`` its
+#: lookuplogicalname annotation and ``x_label`` the FormattedValue of ``x`` (the sync's shaping of the same columns).
+_U, _V, _I, _B, _T = "UUID", "VARCHAR", "INTEGER", "BOOLEAN", "TIMESTAMPTZ"
+_READ: dict[str, dict[str, str]] = {
+    "sdkmessageprocessingstep": {"sdkmessageprocessingstepid": _U, "name": _V, "mode": _I, "stage": _I, "rank": _I,
+                                 "filteringattributes": _V, "statecode": _I, "ismanaged": _B, "eventhandler": _U,
+                                 "eventhandler_entitytype": _V, "sdkmessageid": _U, "sdkmessagefilterid": _U},
+    "sdkmessage": {"sdkmessageid": _U, "name": _V},
+    "sdkmessagefilter": {"sdkmessagefilterid": _U, "primaryobjecttypecode": _V},
+    "plugintype": {"plugintypeid": _U, "name": _V, "friendlyname": _V},
+    "pluginassembly": {"pluginassemblyid": _U, "name": _V, "ismanaged": _B},
+    "serviceendpoint": {"serviceendpointid": _U, "name": _V, "contract": _I, "authtype": _I, "url": _V,
+                        "namespaceaddress": _V, "path": _V, "ismanaged": _B},
+    "asyncoperation": {"asyncoperationid": _U, "name": _V, "operationtype": _I, "operationtype_label": _V,
+                       "statecode": _I, "statuscode": _I, "message": _V, "owningextensionid": _U,
+                       "workflowactivationid": _U, "createdon": _T},
+    "plugintracelog": {"pluginstepid": _U, "performanceexecutionduration": _I, "exceptiondetails": _V,
+                       "createdon": _T},
+    "workflow": {"workflowid": _U, "name": _V, "type": _I, "category": _I, "statecode": _I, "statuscode": _I,
+                 "primaryentity": _V, "clientdata": _V, "ismanaged": _B, "ownerid": _U},
+    "connectionreference": {"connectionreferenceid": _U, "connectionreferencedisplayname": _V, "connectorid": _V,
+                            "connectionid": _V, "statecode": _I},
+    "environmentvariabledefinition": {"environmentvariabledefinitionid": _U, "schemaname": _V, "type": _I,
+                                      "type_label": _V, "defaultvalue": _V, "statecode": _I},
+    "environmentvariablevalue": {"environmentvariablevalueid": _U, "environmentvariabledefinitionid": _U,
+                                 "value": _V},
+    "role": {"roleid": _U, "name": _V, "roletemplateid": _U},
+    "systemuserroles": {"systemuserroleid": _U, "systemuserid": _U, "roleid": _U},
+    "organization": {"organizationid": _U, "name": _V, "isauditenabled": _B, "expirechangetrackingindays": _I},
+}
+_SYSTEMUSER = {"systemuserid": _U, "fullname": _V, "applicationid": _U, "isdisabled": _B,
+               "azureactivedirectoryobjectid": _U}
+#: Lookup columns among them (read as ``_x_value``).
+_LOOKUPS = {"eventhandler", "sdkmessageid", "sdkmessagefilterid", "owningextensionid", "workflowactivationid",
+            "ownerid", "environmentvariabledefinitionid"}
+_LOOKUP_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
+_FORMATTED = "OData.Community.Display.V1.FormattedValue"
 
 
-def _records(wb: Any, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-    df = wb.sql(sql, params)
-    out: list[dict[str, Any]] = df.astype(object).where(df.notna(), None).to_dict("records")
+def _property(table: str, column: str) -> str:
+    """The Web API property (or annotation) a warehouse column of ``table`` is read from."""
+    if column.endswith("_entitytype"):
+        return f"_{column.removesuffix('_entitytype')}_value@{_LOOKUP_NAME}"
+    if column.endswith("_label"):
+        return f"{column.removesuffix('_label')}@{_FORMATTED}"
+    if column in _LOOKUPS and column != f"{table}id":
+        return f"_{column}_value"
+    return column
+
+
+def _job_filter(since: _dt.datetime, old: _dt.datetime) -> list[str]:
+    """The system jobs the checks read, as two disjoint Web API ``$filter``s: the window's jobs and the waiting ones
+    (any age: the backlog), and the succeeded jobs of a step older than the retention (those kept forever)."""
+    s, o = since.strftime("%Y-%m-%dT%H:%M:%SZ"), old.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [f"createdon ge {s} or statuscode eq 0 or statuscode eq 10",
+            f"createdon lt {s} and statuscode eq {_SUCCEEDED} and _owningextensionid_value ne null and "
+            f"createdon lt {o}"]
+
+
+def _read_live(wb: Any, tables: Mapping[str, Mapping[str, str]], filters: Mapping[str, Sequence[str]]
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Read the columns the checks use of each table from Dataverse, each with its server-side ``$filter``s (one
+    read per filter, their rows together), all reads concurrently (at most the profile's ``max_concurrency``
+    requests in flight); rows keyed by the warehouse's column names.
+
+    Choice labels (``x_label``) come from the table's option-set metadata, one read per table, not from a
+    FormattedValue annotation on every row: the annotations would multiply the size of a system-job page.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    dv = wb.dataverse
+
+    def read(task: tuple[str, str | None]) -> list[dict[str, Any]]:
+        table, flt = task
+        props = {c: _property(table, c) for c in tables[table] if not c.endswith("_label")}
+        select = sorted({p.split("@", 1)[0] for p in props.values()})
+        notes = sorted({p.split("@", 1)[1] for p in props.values() if "@" in p})
+        return [{c: row.get(p) for c, p in props.items()}
+                for page in dv.pages(table, select=select, filter=flt, annotations=notes or None, page_size=5000)
+                for row in page.value]
+
+    def labels(table: str) -> dict[str, dict[int, str]]:
+        return dv.option_sets(table) if any(c.endswith("_label") for c in tables[table]) else {}
+
+    tasks: list[tuple[str, str | None]] = [(t, f) for t in tables for f in filters.get(t, ())]
+    tasks += [(t, None) for t in tables if not filters.get(t)]
+    workers = max(1, min(int(wb.profile.max_concurrency), len(tasks)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bk-platform") as pool:
+        option_sets = pool.map(labels, tables)
+        rows = list(pool.map(read, tasks))
+        out: dict[str, list[dict[str, Any]]] = {t: [] for t in tables}
+        for (table, _), got in zip(tasks, rows, strict=True):
+            out[table].extend(got)
+        for table, options in zip(tables, option_sets, strict=True):
+            for col in (c for c in tables[table] if c.endswith("_label")):
+                names = options.get(col.removesuffix("_label"), {})
+                for r in out[table]:
+                    v = r.get(col.removesuffix("_label"))
+                    r[col] = None if v is None else names.get(int(v), str(v))
     return out
+
+
+def _mirrored(a: Any, max_age_hours: float) -> bool:
+    """True when the warehouse holds every platform table the checks read, each synced within ``max_age_hours``
+    of the assessment's reference time (a sync plan with ``platform = true`` keeps them so)."""
+    have = set(a.warehouse_tables())
+    if not all(f"dataverse.{t}" in have for t in _READ):
+        return False
+    state = a.wb.warehouse.state()
+    fresh = a.now - _dt.timedelta(hours=max_age_hours)
+    for t in _READ:
+        entry = state.get(f"dataverse.{t}") or {}
+        ended = _utc(entry.get("last_ended_at"))
+        if ended is None or ended < fresh or entry.get("last_status") not in (None, "ok"):
+            return False
+    return True
 
 
 def _host(url: str | None) -> str:
@@ -163,11 +266,13 @@ def _flow(clientdata: str | None) -> dict[str, Any]:
 class _Layer:
     """The platform tables of one warehouse, joined the way the checks read them."""
 
-    def __init__(self, a: Any, *, window_days: int) -> None:
-        wb = a.wb
+    def __init__(self, a: Any, q: Any, *, window_days: int, retention_days: int) -> None:
+        self.q = q
         self.now: _dt.datetime = a.now
         self.since = self.now - _dt.timedelta(days=window_days)
-        self.steps = _records(wb, """
+        self.old = self.now - _dt.timedelta(days=retention_days)
+        since = self.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.steps = q("""
             SELECT s.sdkmessageprocessingstepid::VARCHAR AS id, s.name, s.mode, s.stage, s.rank,
                    s.filteringattributes, s.statecode, s.ismanaged, s.eventhandler::VARCHAR AS handler,
                    s.eventhandler_entitytype AS handler_type, m.name AS message, f.primaryobjecttypecode AS tbl
@@ -175,26 +280,26 @@ class _Layer:
             LEFT JOIN dataverse.sdkmessage m ON m.sdkmessageid = s.sdkmessageid
             LEFT JOIN dataverse.sdkmessagefilter f ON f.sdkmessagefilterid = s.sdkmessagefilterid
             ORDER BY s.name""")
-        self.types = {r["id"]: r for r in _records(wb, "SELECT plugintypeid::VARCHAR AS id, name, friendlyname "
+        self.types = {r["id"]: r for r in q("SELECT plugintypeid::VARCHAR AS id, name, friendlyname "
                                                        "FROM dataverse.plugintype")}
-        self.endpoints = {r["id"]: r for r in _records(wb, """
+        self.endpoints = {r["id"]: r for r in q("""
             SELECT serviceendpointid::VARCHAR AS id, name, contract, authtype, url, namespaceaddress, path,
                    ismanaged FROM dataverse.serviceendpoint ORDER BY name""")}
-        self.jobs = _records(wb, """
+        self.jobs: list[dict[str, Any]] = q("""
             SELECT asyncoperationid::VARCHAR AS id, name, operationtype, operationtype_label, statecode, statuscode,
                    message, owningextensionid::VARCHAR AS step, workflowactivationid::VARCHAR AS workflow,
-                   createdon FROM dataverse.asyncoperation""")
-        self.traces = _records(wb, """
+                   createdon FROM dataverse.asyncoperation WHERE createdon >= TIMESTAMPTZ '""" + since + """'
+            ORDER BY createdon, id""")
+        self.traces = q("""
             SELECT pluginstepid::VARCHAR AS step, performanceexecutionduration AS ms,
-                   exceptiondetails IS NOT NULL AS failed FROM dataverse.plugintracelog""")
-        self.workflows = _records(wb, """
+                   exceptiondetails IS NOT NULL AS failed FROM dataverse.plugintracelog
+            WHERE createdon >= TIMESTAMPTZ '""" + since + "'")
+        self.workflows = q("""
             SELECT w.workflowid::VARCHAR AS id, w.name, w.category, w.statecode, w.statuscode, w.primaryentity,
                    w.clientdata, w.ismanaged, w.ownerid::VARCHAR AS owner FROM dataverse.workflow w
             WHERE w.type = 1 ORDER BY w.name""")
         for w in self.workflows:
             w["flow"] = _flow(w["clientdata"]) if w["category"] == 5 else None
-        for j in self.jobs:
-            j["created"] = _utc(j["createdon"])
 
     def handler_name(self, step: Mapping[str, Any]) -> str:
         h = step["handler"]
@@ -208,7 +313,7 @@ class _Layer:
         return {s["id"]: s["handler"] for s in self.steps if s["handler_type"] == "serviceendpoint"}
 
     def window_jobs(self) -> list[dict[str, Any]]:
-        return [j for j in self.jobs if j["created"] is not None and j["created"] >= self.since]
+        return self.jobs
 
     def durations(self) -> dict[str, dict[str, Any]]:
         per: dict[str, list[float]] = {}
@@ -348,18 +453,16 @@ def _endpoint_checks(layer: _Layer, failure_red: float) -> list[Check]:
 
 
 def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[Check]:
-    jobs = layer.window_jobs()
-    by_type: dict[str, dict[str, int]] = {}
-    failed_ids = []
-    for j in jobs:
-        label = str(j["operationtype_label"] or j["operationtype"])
-        t = by_type.setdefault(label, {"jobs": 0, "failed": 0, "waiting": 0})
-        t["jobs"] += 1
-        if j["statuscode"] == _FAILED:
-            t["failed"] += 1
-            failed_ids.append(j["id"])
-        if j["statuscode"] in _WAITING:
-            t["waiting"] += 1
+    # Aggregated by DuckDB: the window's jobs by operation type, the backlog, the old succeeded jobs per step.
+    window = f"createdon >= TIMESTAMPTZ '{layer.since:%Y-%m-%dT%H:%M:%SZ}'"
+    by_type = {str(r.pop("label")): r for r in layer.q(f"""
+        SELECT coalesce(nullif(operationtype_label, ''), operationtype::VARCHAR, 'None') AS label,
+               count(*) AS jobs, count(*) FILTER (WHERE statuscode = {_FAILED}) AS failed,
+               count(*) FILTER (WHERE statuscode IN {_WAITING}) AS waiting
+        FROM dataverse.asyncoperation WHERE {window} GROUP BY 1 ORDER BY 1""")}
+    failed_ids = [str(r["id"]) for r in layer.q(f"""
+        SELECT asyncoperationid::VARCHAR AS id FROM dataverse.asyncoperation
+        WHERE {window} AND statuscode = {_FAILED}""")]
     rates = {k: round(v["failed"] / v["jobs"], 4) for k, v in by_type.items() if v["jobs"]}
     worst_rate = max(rates.values(), default=0.0)
     status = "red" if worst_rate >= failure_red else ("amber" if failed_ids else "green")
@@ -373,7 +476,12 @@ def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[
         evidence=[{"operation_type": k, **v, "failure_rate": rates.get(k, 0.0)} for k, v in sorted(by_type.items())],
         by_type={k: {**v, "failure_rate": rates.get(k, 0.0)} for k, v in by_type.items()})]
     stale = layer.now - _dt.timedelta(hours=24)
-    waiting = [j for j in layer.jobs if j["statuscode"] in _WAITING and j["created"] and j["created"] < stale]
+    waiting = layer.q(f"""
+        SELECT asyncoperationid::VARCHAR AS id, name, createdon FROM dataverse.asyncoperation
+        WHERE statuscode IN {_WAITING} AND createdon < TIMESTAMPTZ '{stale:%Y-%m-%dT%H:%M:%SZ}'
+        ORDER BY createdon, id""")
+    for j in waiting:
+        j["created"] = _utc(j["createdon"])
     oldest = min((j["created"] for j in waiting), default=None)
     checks.append(_check(
         "system_job_backlog", "System jobs waiting for more than a day", "amber" if waiting else "green",
@@ -382,11 +490,10 @@ def _job_checks(layer: _Layer, failure_red: float, retention_days: int) -> list[
         "find why they wait (a disabled owner, a postponed retry, a suspended workflow) and resume or cancel them",
         [j["id"] for j in waiting], "no job waiting longer than 24 hours", _SRC_ASYNC,
         evidence=[{"id": j["id"], "job": j["name"], "since": str(j["created"])} for j in waiting[:50]]))
-    old = layer.now - _dt.timedelta(days=retention_days)
-    kept: dict[str, int] = {}
-    for j in layer.jobs:
-        if j["statuscode"] == _SUCCEEDED and j["step"] and j["created"] and j["created"] < old:
-            kept[j["step"]] = kept.get(j["step"], 0) + 1
+    kept = {str(r["step"]): int(r["n"]) for r in layer.q(f"""
+        SELECT owningextensionid::VARCHAR AS step, count(*) AS n FROM dataverse.asyncoperation
+        WHERE statuscode = {_SUCCEEDED} AND owningextensionid IS NOT NULL
+          AND createdon < TIMESTAMPTZ '{layer.old:%Y-%m-%dT%H:%M:%SZ}' GROUP BY 1 ORDER BY 1""")}
     names = {s["id"]: s["name"] for s in layer.steps}
     checks.append(_check(
         "succeeded_jobs_retained", f"Succeeded system jobs kept beyond {retention_days} days",
@@ -404,7 +511,7 @@ def _flow_checks(a: Any, layer: _Layer, hot: Mapping[str, float]) -> list[Check]
     flows = [w for w in layer.workflows if w["category"] == 5]
     checks: list[Check] = []
     if "graph.users" in a.warehouse_tables():
-        disabled = {str(r["id"]): r for r in _records(a.wb, """
+        disabled = {str(r["id"]): r for r in layer.q("""
             SELECT s.systemuserid::VARCHAR AS id, s.fullname, u.userPrincipalName AS upn FROM dataverse.systemuser s
             JOIN graph.users u ON lower(s.azureactivedirectoryobjectid::VARCHAR) = lower(u.id)
             WHERE u.accountEnabled = false""")}
@@ -457,10 +564,9 @@ def _flow_checks(a: Any, layer: _Layer, hot: Mapping[str, float]) -> list[Check]
     return checks
 
 
-def _config_checks(a: Any, production: bool, sync_gap_hours: float) -> list[Check]:
-    wb = a.wb
+def _config_checks(q: Any, production: bool, sync_gap_hours: float) -> list[Check]:
     checks: list[Check] = []
-    refs = _records(wb, "SELECT connectionreferenceid::VARCHAR AS id, connectionreferencedisplayname AS name, "
+    refs = q("SELECT connectionreferenceid::VARCHAR AS id, connectionreferencedisplayname AS name, "
                         "connectorid FROM dataverse.connectionreference WHERE statecode = 0 AND "
                         "(connectionid IS NULL OR trim(connectionid) = '') ORDER BY name")
     checks.append(_check(
@@ -469,7 +575,7 @@ def _config_checks(a: Any, production: bool, sync_gap_hours: float) -> list[Chec
         "bind each connection reference to a connection owned by a service account (solution import settings or "
         "Solutions > Connection references)", [r["id"] for r in refs], "every connection reference has a connection",
         _SRC_CONNREF, evidence=[{**r, "connector": str(r["connectorid"]).rsplit("/", 1)[-1]} for r in refs]))
-    envs = _records(wb, """
+    envs = q("""
         SELECT d.environmentvariabledefinitionid::VARCHAR AS id, d.schemaname, d.type_label AS type
         FROM dataverse.environmentvariabledefinition d
         WHERE d.statecode = 0 AND (d.defaultvalue IS NULL OR d.defaultvalue = '') AND NOT EXISTS (
@@ -482,7 +588,7 @@ def _config_checks(a: Any, production: bool, sync_gap_hours: float) -> list[Chec
         "set a current value in this environment (or a default in the solution); flows reading them fail or use "
         "an empty string", [e["id"] for e in envs], "every environment variable resolves to a value", _SRC_ENVVAR,
         evidence=envs))
-    unmanaged = _records(wb, """
+    unmanaged = q("""
         SELECT sdkmessageprocessingstepid::VARCHAR AS id, 'plug-in step' AS kind, name FROM dataverse.sdkmessageprocessingstep
         WHERE NOT ismanaged
         UNION ALL SELECT serviceendpointid::VARCHAR, 'service endpoint', name FROM dataverse.serviceendpoint
@@ -500,7 +606,7 @@ def _config_checks(a: Any, production: bool, sync_gap_hours: float) -> list[Chec
         "are overwritten or block the next upgrade", [u["id"] for u in unmanaged] if production else [],
         "production holds managed solutions only", _SRC_ALM, count=len(unmanaged) if production else 0,
         evidence=unmanaged))
-    admins = _records(wb, f"""
+    admins = q(f"""
         SELECT DISTINCT s.systemuserid::VARCHAR AS id, s.fullname AS name, s.applicationid::VARCHAR AS application
         FROM dataverse.systemuser s JOIN dataverse.systemuserroles ur ON ur.systemuserid = s.systemuserid
         JOIN dataverse.role r ON r.roleid = ur.roleid
@@ -513,7 +619,7 @@ def _config_checks(a: Any, production: bool, sync_gap_hours: float) -> list[Chec
         f"{len(admins)} application user(s) hold System Administrator: a leaked client secret owns the environment",
         "give each application user a custom role with the privileges its integration needs (least privilege)",
         [x["id"] for x in admins], "no application user holds System Administrator", _SRC_APP_USER, evidence=admins))
-    org = _records(wb, "SELECT organizationid::VARCHAR AS id, name, isauditenabled, expirechangetrackingindays "
+    org = q("SELECT organizationid::VARCHAR AS id, name, isauditenabled, expirechangetrackingindays "
                        "FROM dataverse.organization")
     off = [o for o in org if not o["isauditenabled"]]
     checks.append(_check(
@@ -622,7 +728,7 @@ def integration_map(layer: _Layer, *, failure_red: float = 0.05) -> tuple[Any, l
 
 def assess_integration(a: Any, *, production: bool = True, hot_share: float = 0.05, window_days: int = 30,
                        failure_red: float = 0.05, retention_days: int = 30, sync_gap_hours: float = 72.0,
-                       read_platform: bool = True) -> Section:
+                       read_platform: bool = True, max_age_hours: float = 24.0) -> Section:
     """The integration area of an :class:`~bridgekit.assess.Assessment` ``a``.
 
     Args:
@@ -633,20 +739,31 @@ def assess_integration(a: Any, *, production: bool = True, hot_share: float = 0.
         failure_red: The failure rate (per endpoint, per operation type) that is red.
         retention_days: Succeeded system jobs older than this are "kept forever".
         sync_gap_hours: The longest sync outage the integration must survive (change-tracking retention).
-        read_platform: Read the platform tables into the warehouse first when it lacks them.
+        read_platform: Read what the checks use of the platform tables from Dataverse (only the columns they
+            read, the system jobs and trace logs they score), unless the warehouse mirrors every platform table
+            synced within ``max_age_hours``. False: read the warehouse's tables whatever their age.
+        max_age_hours: How old the mirrored platform tables may be (their last sync) and still be read.
 
     Returns:
         The section: its checks, the map's edges as data and the map as figure.
     """
-    if read_platform and ensure_platform(a.wb, warehouse_tables=a.warehouse_tables()):
-        a._tables = None  # the warehouse gained tables
-        a._rows = {}
-        a._columns = None
-    layer = _Layer(a, window_days=window_days)
-    hot = _hot_tables(a, hot_share)
-    checks = [*_step_checks(layer, hot), *_endpoint_checks(layer, failure_red),
-              *_job_checks(layer, failure_red, retention_days), *_flow_checks(a, layer, hot),
-              *_config_checks(a, production, sync_gap_hours)]
+    tables = dict(_READ)
+    if "dataverse.systemuser" not in a.warehouse_tables():
+        tables["systemuser"] = _SYSTEMUSER  # flows and roles are joined to their owners and the application user
+    live: dict[str, list[dict[str, Any]]] = {}
+    if read_platform and a.wb.profile.dataverse_url and not _mirrored(a, max_age_hours):
+        since = a.now - _dt.timedelta(days=window_days)
+        jobs = _job_filter(since, a.now - _dt.timedelta(days=retention_days))
+        live = _read_live(a.wb, tables, {"asyncoperation": jobs, "workflow": ["type eq 1"],
+                                         "plugintracelog": [f"createdon ge {since:%Y-%m-%dT%H:%M:%SZ}"]})
+    with a.wb.warehouse.overlay() as view:
+        for table, rows in live.items():
+            view.put(f"dataverse.{table}", tables[table], rows)
+        layer = _Layer(a, view.records, window_days=window_days, retention_days=retention_days)
+        hot = _hot_tables(a, hot_share)
+        checks = [*_step_checks(layer, hot), *_endpoint_checks(layer, failure_red),
+                  *_job_checks(layer, failure_red, retention_days), *_flow_checks(a, layer, hot),
+                  *_config_checks(layer.q, production, sync_gap_hours)]
     fig, edges = integration_map(layer, failure_red=failure_red)
     section = Section("Integration surface", checks, {"edges": edges, "hot_tables": hot}, fig)
     section.data["status"] = worst(c.status for c in checks)

@@ -496,6 +496,47 @@ class Warehouse:
                 raise _query_error(exc, str(self.path)) from exc
             return result
 
+    @contextlib.contextmanager
+    def overlay(self) -> Iterator[Overlay]:
+        """A private in-memory database that sees the mirrored tables (read-only, by their usual names) and can
+        hold more tables next to them or in their place (:meth:`Overlay.put`), for one feature's queries over
+        rows read live. Nothing is written to the warehouse; its file is attached only while the overlay is open.
+
+        Raises:
+            WarehouseError: the warehouse stayed locked past ``lock_timeout``, or is damaged.
+        """
+        conn = duckdb.connect(":memory:")
+        try:
+            _configure(conn, self.memory_limit)
+            schemas = ("dataverse", "graph")
+            for schema in schemas:
+                conn.execute(f"CREATE SCHEMA {schema}")
+            if self.exists():
+                self._attach(conn)
+                rows = conn.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = "
+                                    "'wh' AND schema_name IN ('dataverse', 'graph')").fetchall()
+                for schema, table in rows:
+                    conn.execute(f'CREATE VIEW {schema}."{table}" AS SELECT * FROM wh.{schema}."{table}"')
+            yield Overlay(conn, str(self.path))
+        finally:
+            conn.close()
+
+    def _attach(self, conn: duckdb.DuckDBPyConnection) -> None:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                conn.execute(f"ATTACH '{_sql_string(str(self.path))}' AS wh (READ_ONLY)")
+                return
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise _open_error(self.path, exc, writing=False) from None
+                if time.monotonic() >= deadline:
+                    raise WarehouseError(f"warehouse {self.path} stayed locked for {self.lock_timeout:.0f}s",
+                                         path=str(self.path), hint="a sync merge holds it; retry") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
     def held_reader(self, hold_s: float = 1.0) -> HeldReader:
         """A read-only connection shared by a run of short queries, held at most ``hold_s`` (see :class:`HeldReader`)."""
         return HeldReader(self, hold_s)
@@ -576,6 +617,36 @@ def _query_error(exc: Exception, path: str) -> QueryError:
     elif "read-only" in message:
         hint = "the warehouse is read-only here: `bridgekit sync` writes it; query it with SELECT"
     return QueryError(f"query failed: {message}", path=path, hint=hint)
+
+
+class Overlay:
+    """The connection of :meth:`Warehouse.overlay`: the mirrored tables as views, plus the tables :meth:`put` there."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, path: str) -> None:
+        self._conn = conn
+        self._path = path
+
+    def put(self, table_id: str, types: Mapping[str, str], rows: Sequence[Mapping[str, Any]]) -> None:
+        """Hold ``rows`` as ``table_id`` (``schema.table``, in place of a mirrored one), with the columns and
+        DuckDB types of ``types`` (a row's other keys are ignored; a missing key is NULL)."""
+        schema, table = table_id.split(".", 1)
+        name = f"_bk_put_{schema}_{table}"
+        # A view over the registered Arrow table, typed on read: small tables, read a few times each.
+        self._conn.register(name, pa.table({c: pa.array([r.get(c) for r in rows]) for c in types}))
+        cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in types.items())
+        self._conn.execute(f'CREATE OR REPLACE VIEW {schema}."{table}" AS SELECT {cols} FROM "{name}"')
+
+    def records(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a query; its rows as dicts (NULL as None).
+
+        Raises:
+            QueryError: the query is wrong.
+        """
+        try:
+            out: list[dict[str, Any]] = self._conn.sql(query, params=params).to_arrow_table().to_pylist()
+        except duckdb.Error as exc:
+            raise _query_error(exc, self._path) from exc
+        return out
 
 
 class HeldReader:
