@@ -82,7 +82,12 @@ class Lake:
         if t.endpoint:  # Azurite or a sovereign cloud
             opts["azure_storage_endpoint"] = t.endpoint
             if t.endpoint.startswith("http://"):
-                opts["allow_http"] = "true"  # Azurite on loopback speaks plain http
+                # Plain http only to an emulator on this machine (Azurite); a storage account is https, verified
+                if not _loopback(t.endpoint):
+                    raise ConfigError(f"the lake's endpoint {t.endpoint} is plain http on another host",
+                                      key="endpoint", hint="use the https:// endpoint of the storage account "
+                                      "(plain http is only for Azurite on 127.0.0.1)")
+                opts["allow_http"] = "true"
         if t.account_name:
             opts["azure_storage_account_name"] = t.account_name
         if t.auth == "key":
@@ -293,6 +298,20 @@ def _env(name: str | None, key: str) -> str:
         raise MissingCredentialError(f"environment variable {name} is not set (the lake's credential)", key=key,
                                      hint=f"export {name}=<the value>")
     return value
+
+
+def _loopback(url: str) -> bool:
+    """True when ``url``'s host is this machine (127.0.0.0/8, ::1 or localhost)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _iso(value: Any) -> str:
