@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,9 @@ log = logging.getLogger("bridgekit.lake")
 
 _RUN = "bridgekit.sync_run_id"
 _THROUGH = "bridgekit.runs_through"
+_SINCE = "bridgekit.commits_since_optimize"
 _DELETED = "_bk_lake_deleted"
+_PUBLISHERS = 4  # tables published at once: each commit waits mostly on storage round trips and delta-rs
 
 
 @dataclass
@@ -107,63 +111,92 @@ class Lake:
         """Bring every mirrored table's Delta copy up to the warehouse: what its runs since the lake's
         watermark created, updated and deleted, in one commit per table.
 
+        Tables are published concurrently (each its own Delta commit; delta-rs does the work outside the
+        GIL), all from one read-only snapshot of the warehouse: no merge can land while it is open.
+
         Raises:
             LakeError: the lake could not be read or written (nothing in the warehouse is affected; the
-                next publish catches up).
+                next publish catches up). Tables published before the error keep their commits.
         """
         names = list(tables) if tables is not None else warehouse.tables()
-        commits: list[LakeCommit] = []
         if not names:
-            return commits
+            return []
         with warehouse.reader() as conn:  # one snapshot of the warehouse for every table
-            for table in names:
-                try:
-                    commit = self._publish_table(conn, table)
-                except (OSError, duckdb.Error) as exc:
-                    raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
-                                    hint="check the lake's URL and credentials; the next sync catches it up") from exc
-                except Exception as exc:  # deltalake raises its own (Rust) error types
-                    if type(exc).__module__.split(".")[0] != "deltalake" and "Delta" not in type(exc).__name__:
-                        raise
-                    raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
-                                    hint="check the lake's URL and credentials; the next sync catches it up") from exc
-                if commit.version is not None and self.target.optimize_every > 0:
-                    commit.optimized = self._maybe_optimize(table)
-                commits.append(commit)
-        return commits
+            cursors = [conn.cursor() for _ in range(min(_PUBLISHERS, len(names)))]
+            free: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
+            for cur in cursors:
+                free.put(cur)
 
-    def _publish_table(self, conn: duckdb.DuckDBPyConnection, table: str) -> LakeCommit:
-        from deltalake import CommitProperties, DeltaTable, write_deltalake
+            def one(table: str) -> LakeCommit:
+                cur = free.get()
+                try:
+                    return self._publish_guarded(cur, table)
+                finally:
+                    free.put(cur)
+
+            try:
+                with ThreadPoolExecutor(max_workers=len(cursors), thread_name_prefix="bk-lake") as pool:
+                    futures = [pool.submit(one, table) for table in names]
+                    wait(futures)
+                return [f.result() for f in futures]  # the first failure, in table order, is raised
+            finally:
+                for cur in cursors:
+                    cur.close()
+
+    def _publish_guarded(self, conn: duckdb.DuckDBPyConnection, table: str) -> LakeCommit:
+        """:meth:`_publish_table`, then compaction when due; delta-rs and DuckDB errors become LakeError."""
+        try:
+            commit, since = self._publish_table(conn, table)
+            if commit.version is not None and 0 < self.target.optimize_every <= since:
+                self.optimize([table])
+                commit.optimized = True
+            return commit
+        except LakeError:
+            raise
+        except (OSError, duckdb.Error) as exc:
+            raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
+                            hint="check the lake's URL and credentials; the next sync catches it up") from exc
+        except Exception as exc:  # deltalake raises its own (Rust) error types
+            if type(exc).__module__.split(".")[0] != "deltalake" and "Delta" not in type(exc).__name__:
+                raise
+            raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
+                            hint="check the lake's URL and credentials; the next sync catches it up") from exc
+
+    def _publish_table(self, conn: duckdb.DuckDBPyConnection, table: str) -> tuple[LakeCommit, int]:
+        """One table's commit, and the table's bridgekit commits since its last compaction (this one included)."""
+        from deltalake import CommitProperties, write_deltalake
 
         schema, _, name = table.partition(".")
         runs = _runs(conn, table)
         if not runs:
-            return LakeCommit(table, None, None, mode="none")
+            return LakeCommit(table, None, None, mode="none"), 0
         uri = self.table_uri(table)
-        mark = self._watermark(uri)
+        storage = self.storage_options()
+        target = self._open(uri, storage)
+        mark, since = _watermark(target) if target is not None else (None, 0)
         last_run, last_end = str(runs[-1][0]), runs[-1][1]
-        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end)})
+        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end), _SINCE: str(since + 1)})
         select = delta_select(conn, schema, name)
-        if mark is None:
+        if target is None or mark is None:
             # First publish (or the lake table was removed): the whole table, streamed, in one commit.
             reader: Any = conn.sql(select).to_arrow_reader()
-            write_deltalake(uri, reader, mode="overwrite", schema_mode="overwrite",
-                            storage_options=self.storage_options(), commit_properties=props)
+            write_deltalake(uri, reader, mode="overwrite", schema_mode="overwrite", storage_options=storage,
+                            commit_properties=props)
             rows = int(conn.execute(f"SELECT count(*) FROM {quote(schema)}.{quote(name)}").fetchall()[0][0])
-            version = DeltaTable(uri, storage_options=self.storage_options()).version()
+            created = self._open(uri, storage)
+            version = created.version() if created is not None else 0
             log.info("lake: %s created at version %d (%d rows, through run %s)", table, version, rows, last_run)
-            return LakeCommit(table, version, last_run, upserted=rows, mode="create")
+            return LakeCommit(table, version, last_run, upserted=rows, mode="create"), since + 1
         pending = _changed_since(runs, mark)
         if not pending:  # runs since the watermark changed nothing in this table
-            return LakeCommit(table, None, mark[1], mode="none")
+            return LakeCommit(table, None, mark[1], mode="none"), since
         ids = [str(r[0]) for r in pending]
         upserts: pa.Table = conn.sql(f"{select} WHERE _bk_run_id IN (SELECT unnest(?))", params=[ids]).to_arrow_table()
         key = _key(conn, schema, name)
         deletes: pa.Array = pa.array([], pa.string())
         if any(r[2] == "full" or int(r[4]) > 0 for r in pending):
             # Rows the runs deleted (or a full reload dropped): keys in the lake the warehouse no longer has.
-            storage = self.storage_options()
-            lake_keys = DeltaTable(uri, storage_options=storage).to_pyarrow_table(columns=[key])
+            lake_keys = target.to_pyarrow_table(columns=[key])
             conn.register("_bk_lake_keys", lake_keys)
             try:
                 gone: pa.Table = conn.sql(
@@ -173,54 +206,40 @@ class Lake:
                 conn.unregister("_bk_lake_keys")
             deletes = gone.column(0).combine_chunks() if gone.num_rows else deletes
         source = _with_deletes(upserts, key, deletes)
-        target = DeltaTable(uri, storage_options=self.storage_options())
         cols = [f.name for f in upserts.schema]
         q = {c: f"s.`{c}`" for c in cols}
+        # merge_schema: a column the warehouse gained since the last commit is added to the Delta table
+        # (older rows read it as null, as they do in DuckDB after its ALTER TABLE ADD COLUMN)
         merger = target.merge(source, predicate=f"t.`{key}` = s.`{key}`", source_alias="s", target_alias="t",
                               merge_schema=True, commit_properties=props)
         merger = (merger.when_matched_delete(predicate=f"s.`{_DELETED}`")
                   .when_matched_update(updates=q, predicate=f"NOT s.`{_DELETED}`")
                   .when_not_matched_insert(updates=q, predicate=f"NOT s.`{_DELETED}`"))
         metrics = merger.execute()
-        version = DeltaTable(uri, storage_options=self.storage_options()).version()
+        version = target.version()  # the merge moved the table object to the version it committed
         log.info("lake: %s version %d, +~%d -%d (through run %s)", table, version, upserts.num_rows,
                  metrics.get("num_target_rows_deleted", 0), last_run)
         return LakeCommit(table, version, last_run, upserted=upserts.num_rows,
-                          deleted=int(metrics.get("num_target_rows_deleted", 0)))
+                          deleted=int(metrics.get("num_target_rows_deleted", 0))), since + 1
 
-    def _watermark(self, uri: str) -> tuple[dt.datetime, str] | None:
-        """(runs through, run id) of the newest bridgekit commit of the Delta table; None if there is none."""
+    @staticmethod
+    def _open(uri: str, storage: dict[str, str] | None) -> Any:
+        """The Delta table at ``uri``, or None when there is none yet."""
         from deltalake import DeltaTable
 
         try:
-            table = DeltaTable(uri, storage_options=self.storage_options())
+            return DeltaTable(uri, storage_options=storage)
         except Exception as exc:  # no table yet (TableNotFoundError)
             if "TableNotFound" in type(exc).__name__ or "not a Delta table" in str(exc) or "no log files" in str(exc):
                 return None
             raise
-        for limit in (20, None):
-            for entry in table.history(limit):
-                if _THROUGH in entry:
-                    return (dt.datetime.fromisoformat(str(entry[_THROUGH])), str(entry.get(_RUN)))
-        return None
+
+    def _watermark(self, uri: str) -> tuple[dt.datetime, str] | None:
+        """(runs through, run id) of the newest bridgekit commit of the Delta table; None if there is none."""
+        table = self._open(uri, self.storage_options())
+        return None if table is None else _watermark(table)[0]
 
     # -- small files -----------------------------------------------------------------------------------------
-
-    def _maybe_optimize(self, table: str) -> bool:
-        """Compact and vacuum ``table`` when ``optimize_every`` commits were made since the last compaction."""
-        from deltalake import DeltaTable
-
-        dtable = DeltaTable(self.table_uri(table), storage_options=self.storage_options())
-        since = 0
-        for entry in dtable.history(self.target.optimize_every + 1):
-            if entry.get("operation") == "OPTIMIZE":
-                break
-            if entry.get("operation") in ("MERGE", "WRITE", "CREATE TABLE"):
-                since += 1
-        if since < self.target.optimize_every:
-            return False
-        self.optimize([table])
-        return True
 
     def optimize(self, tables: Sequence[str] | None = None, *, warehouse: Warehouse | None = None) -> list[dict[str, Any]]:
         """Compact each table's small files, then vacuum files older than ``retention_hours``.
@@ -270,6 +289,19 @@ class Lake:
             out.append({"table": table, "lake_version": version, "files": files,
                         "lake_run": mark[1] if mark else None, "warehouse_run": last, "current": not behind})
         return out
+
+
+def _watermark(table: Any) -> tuple[tuple[dt.datetime, str] | None, int]:
+    """The newest bridgekit commit's (runs through, run id), or None; and the bridgekit commits since the
+    table's last compaction (each commit records the count, so no publish reads a long history)."""
+    compacted = False
+    for limit in (20, None):
+        for entry in table.history(limit):
+            if _THROUGH in entry:
+                since = 0 if compacted else int(entry.get(_SINCE) or 0)
+                return (dt.datetime.fromisoformat(str(entry[_THROUGH])), str(entry.get(_RUN))), since
+            compacted = compacted or entry.get("operation") == "OPTIMIZE"
+    return None, 0
 
 
 def _runs(conn: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, ...]]:
