@@ -146,8 +146,8 @@ class Lake:
     def _publish_guarded(self, conn: duckdb.DuckDBPyConnection, table: str) -> LakeCommit:
         """:meth:`_publish_table`, then compaction when due; delta-rs and DuckDB errors become LakeError."""
         try:
-            commit, since = self._publish_table(conn, table)
-            if commit.version is not None and 0 < self.target.optimize_every <= since:
+            commit, count = self._publish_table(conn, table)
+            if commit.version is not None and 0 < self.target.optimize_every <= count:
                 self.optimize([table])
                 commit.optimized = True
             return commit
@@ -163,7 +163,7 @@ class Lake:
                             hint="check the lake's URL and credentials; the next sync catches it up") from exc
 
     def _publish_table(self, conn: duckdb.DuckDBPyConnection, table: str) -> tuple[LakeCommit, int]:
-        """One table's commit, and the table's bridgekit commits since its last compaction (this one included)."""
+        """One table's commit, and its compaction count (0: no commit)."""
         from deltalake import CommitProperties, write_deltalake
 
         schema, _, name = table.partition(".")
@@ -175,7 +175,12 @@ class Lake:
         target = self._open(uri, storage)
         mark, since = _watermark(target) if target is not None else (None, 0)
         last_run, last_end = str(runs[-1][0]), runs[-1][1]
-        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end), _SINCE: str(since + 1)})
+        # The compaction count: this commit's place in the cycle of optimize_every commits; the commit that
+        # reaches it is followed by a compaction and the next one starts the cycle again (whether or not the
+        # compaction found files to rewrite, which is when delta-rs commits nothing).
+        every = self.target.optimize_every
+        count = since % every + 1 if every > 0 else since + 1
+        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end), _SINCE: str(count)})
         select = delta_select(conn, schema, name)
         if target is None or mark is None:
             # First publish (or the lake table was removed): the whole table, streamed, in one commit.
@@ -186,10 +191,10 @@ class Lake:
             created = self._open(uri, storage)
             version = created.version() if created is not None else 0
             log.info("lake: %s created at version %d (%d rows, through run %s)", table, version, rows, last_run)
-            return LakeCommit(table, version, last_run, upserted=rows, mode="create"), since + 1
+            return LakeCommit(table, version, last_run, upserted=rows, mode="create"), count
         pending = _changed_since(runs, mark)
         if not pending:  # runs since the watermark changed nothing in this table
-            return LakeCommit(table, None, mark[1], mode="none"), since
+            return LakeCommit(table, None, mark[1], mode="none"), 0
         ids = [str(r[0]) for r in pending]
         upserts: pa.Table = conn.sql(f"{select} WHERE _bk_run_id IN (SELECT unnest(?))", params=[ids]).to_arrow_table()
         key = _key(conn, schema, name)
@@ -220,7 +225,7 @@ class Lake:
         log.info("lake: %s version %d, +~%d -%d (through run %s)", table, version, upserts.num_rows,
                  metrics.get("num_target_rows_deleted", 0), last_run)
         return LakeCommit(table, version, last_run, upserted=upserts.num_rows,
-                          deleted=int(metrics.get("num_target_rows_deleted", 0))), since + 1
+                          deleted=int(metrics.get("num_target_rows_deleted", 0))), count
 
     @staticmethod
     def _open(uri: str, storage: dict[str, str] | None) -> Any:
@@ -292,15 +297,13 @@ class Lake:
 
 
 def _watermark(table: Any) -> tuple[tuple[dt.datetime, str] | None, int]:
-    """The newest bridgekit commit's (runs through, run id), or None; and the bridgekit commits since the
-    table's last compaction (each commit records the count, so no publish reads a long history)."""
-    compacted = False
+    """The newest bridgekit commit's (runs through, run id), or None; and the compaction count it recorded
+    (``bridgekit.commits_since_optimize``: 1 to ``optimize_every``, so no publish reads a long history)."""
     for limit in (20, None):
         for entry in table.history(limit):
             if _THROUGH in entry:
-                since = 0 if compacted else int(entry.get(_SINCE) or 0)
+                since = int(entry.get(_SINCE) or 0)
                 return (dt.datetime.fromisoformat(str(entry[_THROUGH])), str(entry.get(_RUN))), since
-            compacted = compacted or entry.get("operation") == "OPTIMIZE"
     return None, 0
 
 

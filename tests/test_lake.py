@@ -193,6 +193,26 @@ def test_optimize_compacts_small_files_vacuums_old_ones_and_keeps_the_rows(lake_
     _assert_lake_equals_warehouse(lake_profile)
 
 
+@pytest.mark.parametrize("lake_profile", ["local"], indirect=True)  # the schedule is the same on any storage
+def test_compaction_runs_on_the_profiles_schedule(lake_profile: Site, emulator: Any,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    config = lake_profile.root / "bridgekit.toml"
+    config.write_text(config.read_text().replace("optimize_every = 0", "optimize_every = 2"))
+    assert main(["sync"]) == 0  # commit 1 of each table
+    assert "compacted" not in capsys.readouterr().out
+    emulator.admin("mutate", {"creates": 10, "updates": 30, "deletes": 5, "seed": 51})
+    assert main(["sync"]) == 0  # commit 2 of the tables that changed: due
+    out = capsys.readouterr().out
+    compacted = {ln.split()[1] for ln in out.splitlines() if ln.startswith("lake:") and "compacted" in ln}
+    assert compacted and compacted <= set(TABLES)
+    assert all(_delta(t).history(1)[0]["operation"] in ("OPTIMIZE", "VACUUM END") for t in compacted)
+    emulator.admin("mutate", {"creates": 10, "updates": 30, "deletes": 5, "seed": 52})
+    assert main(["sync"]) == 0  # the count starts again after a compaction: commit 1 of 2
+    out = capsys.readouterr().out
+    assert not {ln.split()[1] for ln in out.splitlines() if "compacted" in ln} & compacted
+    _assert_lake_equals_warehouse(lake_profile)
+
+
 def test_lake_settings_never_hold_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "bridgekit.toml"
     monkeypatch.setenv("BRIDGEKIT_CONFIG", str(config))
