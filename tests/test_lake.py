@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,6 +211,43 @@ def test_compaction_runs_on_the_profiles_schedule(lake_profile: Site, emulator: 
     assert main(["sync"]) == 0  # the count starts again after a compaction: commit 1 of 2
     out = capsys.readouterr().out
     assert not {ln.split()[1] for ln in out.splitlines() if "compacted" in ln} & compacted
+    _assert_lake_equals_warehouse(lake_profile)
+
+
+@pytest.mark.parametrize("lake_profile", ["local"], indirect=True)
+def test_a_watcher_publishes_each_poll_that_changed_something(lake_profile: Site, emulator: Any) -> None:
+    watcher = subprocess.Popen([sys.executable, "-m", "bridgekit", "sync", "--watch", "--interval", "0.2", "--quiet"],
+                               env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wh = Warehouse(lake_profile.root / "w.duckdb")
+
+    def versions() -> dict[str, int] | None:
+        """Each table's Delta version once the watcher has published it and the lake is current, else None."""
+        try:
+            status = _lake().status(wh)
+        except Exception:  # no warehouse or no lake yet
+            return None
+        if len(status) < len(TABLES) or not all(r["current"] for r in status):
+            return None
+        return {r["table"]: r["lake_version"] for r in status}
+
+    def wait_for(ready: Any) -> Any:
+        for _ in range(600):  # bounded: 120 s at most, typically a few polls
+            assert watcher.poll() is None, watcher.communicate()[1][-2000:]
+            got = ready()
+            if got:
+                return got
+            time.sleep(0.2)
+        pytest.fail("the watcher did not publish within 120 s")
+
+    try:
+        first = wait_for(versions)
+        emulator.admin("mutate", {"creates": 20, "updates": 60, "deletes": 10, "seed": 61})
+        # a poll that merged the changes was published by the watcher itself: versions moved on, lake current
+        wait_for(lambda: (v := versions()) is not None and any(v[t] > first[t] for t in TABLES))
+    finally:
+        watcher.terminate()
+        watcher.communicate(timeout=60)
+    assert main(["lake", "publish"]) == 0  # a poll the stop interrupted after its merge (if any) is caught up
     _assert_lake_equals_warehouse(lake_profile)
 
 
