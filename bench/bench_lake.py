@@ -164,29 +164,105 @@ def _fresh_runs(wh: Path, committed: float) -> set[str]:
         return set()
 
 
-def _visible_in_lake(lake: Any, checks: list[tuple[str, str, list[str], str]], fresh: set[str],
-                     done: set[int]) -> bool:
-    """True when every check reads back from the Delta tables; ``done`` keeps the checks already met."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+class _ReadBack:
+    """Reads the changes back from the Delta tables as a reader polling the lake would: one DeltaTable per
+    table, brought up to date each pass (only the new log entries are read), read again only when its version
+    moved; a table whose changes all read back is not read again."""
+
+    def __init__(self, lake: Any, checks: list[tuple[str, str, list[str], str]]) -> None:
+        self.lake, self.checks = lake, checks
+        self.tables: dict[str, Any] = {}
+        self.seen_version: dict[str, tuple[int, int]] = {}  # (version, fresh runs known) at the last failed check
+        self.done: set[int] = set()
+
+    def visible(self, fresh: set[str]) -> bool:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from deltalake import DeltaTable
+
+        for i, (table, pk, ids, kind) in enumerate(self.checks):
+            if i in self.done:
+                continue
+            dtable = self.tables.get(table)
+            if dtable is None:
+                dtable = self.tables[table] = DeltaTable(self.lake.table_uri(table),
+                                                         storage_options=self.lake.storage_options())
+            else:
+                dtable.update_incremental()
+            if self.seen_version.get(table) == (dtable.version(), len(fresh)):
+                return False  # nothing new since this table last failed the check
+            data = dtable.to_pyarrow_table(columns=[pk, "_bk_run_id"])
+            hit = data.filter(pc.is_in(data.column(pk).cast(pa.string()), value_set=pa.array(ids, pa.string())))
+            if kind == "deleted":
+                ok = hit.num_rows == 0
+            else:
+                ok = hit.num_rows == len(ids) and set(hit.column("_bk_run_id").to_pylist()) <= fresh
+            if not ok:
+                self.seen_version[table] = (dtable.version(), len(fresh))
+                return False
+            self.done.add(i)
+        return True
+
+
+def _last_commit(lake: Any, checks: list[tuple[str, str, list[str], str]], committed: float) -> float:
+    """Seconds from the emulator's commit to the newest Delta commit of the tables the changes touched."""
     from deltalake import DeltaTable
 
-    for i, (table, pk, ids, kind) in enumerate(checks):
-        if i in done:
-            continue
-        try:
-            data = DeltaTable(lake.table_uri(table), storage_options=lake.storage_options()).to_pyarrow_table(
-                columns=[pk, "_bk_run_id"])
-        except Exception:  # not created yet, or a commit half listed: read again
-            return False
-        hit = data.filter(pc.is_in(data.column(pk).cast(pa.string()), value_set=pa.array(ids, pa.string())))
-        if kind == "deleted":
-            if hit.num_rows:
-                return False
-        elif hit.num_rows < len(ids) or not set(hit.column("_bk_run_id").to_pylist()) <= fresh:
-            return False
-        done.add(i)
-    return True
+    newest = committed
+    for table in {c[0] for c in checks}:
+        for entry in DeltaTable(lake.table_uri(table), storage_options=lake.storage_options()).history(3):
+            if entry.get("operation") in ("MERGE", "WRITE"):
+                newest = max(newest, float(entry["timestamp"]) / 1000)
+    return newest - committed
+
+
+def _warehouse_only(emu: Emulator, changes: int, seed: int) -> str:
+    """The same watcher and clock without a lake: until the changes are visible in DuckDB (the baseline)."""
+    from bench_sync import _all_visible
+
+    wh = emu.home / "watch-none.duckdb"
+    config = emu.home / "none.toml"
+    config.write_text(f'[profiles.lakebench]\nauth = "emulator"\nwarehouse = "{wh}"\n')
+    env = {**os.environ, "BRIDGEKIT_CONFIG": str(config), "BRIDGEKIT_PROFILE": "lakebench"}
+    proc = subprocess.Popen([sys.executable, "-m", "bridgekit", "sync", "--watch", "--interval", "0.2", "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=emu.home)
+    try:
+        t = time.perf_counter()
+        while not _fresh_runs(wh, 0) or len(_tables_done(wh)) < len(DEFAULT_DATAVERSE_TABLES) + len(
+                DEFAULT_GRAPH_RESOURCES):
+            time.sleep(0.5)
+            if time.perf_counter() - t > 900:
+                raise SystemExit("the watcher did not finish its first run")
+        first = time.perf_counter() - t
+        time.sleep(2.0)
+        n_create, n_delete = changes // 5, changes // 10
+        result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
+                                        "deletes": n_delete, "seed": seed})["result"]
+        committed = float(result["committed_at"])
+        checks = _delta_checks(result)
+        seen = None
+        while time.time() - committed < 120:
+            if _all_visible(wh, checks, committed):
+                seen = time.time() - committed
+                break
+            time.sleep(0.02)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=120)
+    shown = f"**{seen:.2f}**" if seen is not None else "**not within 120 s**"
+    in_plan = sum(len(c[2]) for c in checks)
+    return f"| none (DuckDB only, the baseline) | {changes:,} | {in_plan:,} | {shown} | | {first:.1f} |"
+
+
+def _tables_done(wh: Path) -> set[str]:
+    import duckdb
+
+    try:
+        with duckdb.connect(str(wh), read_only=True) as c:
+            return {r[0] for r in c.execute("select distinct table_name from bridgekit.sync_runs "
+                                            "where status = 'ok'").fetchall()}
+    except duckdb.Error:
+        return set()
 
 
 def _wait_until_published(lake: Any, tables: list[str], wh: Path, timeout: float = 900) -> None:
@@ -214,6 +290,8 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
     latency_rows: list[str] = []
     file_rows: list[str] = []
     with Emulator(scale) as emu:
+        latency_rows.append(_warehouse_only(emu, changes, 69))
+        print(latency_rows[-1], file=sys.stderr, flush=True)
         azurite = _start_azurite(emu.home) if "azurite" in kinds else None
         try:
             for i, kind in enumerate(kinds):
@@ -239,22 +317,25 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                     committed = float(result["committed_at"])
                     checks = _delta_checks(result)
                     in_plan = sum(len(c[2]) for c in checks)
-                    done: set[int] = set()
+                    reader = _ReadBack(lake, checks)
                     seen = None
                     while time.time() - committed < 120:
-                        if _visible_in_lake(lake, checks, _fresh_runs(wh, committed), done):
+                        if reader.visible(_fresh_runs(wh, committed)):
                             seen = time.time() - committed
                             break
                         time.sleep(0.05)
                     shown = f"**{seen:.2f}**" if seen is not None else "**not within 120 s**"
                     where = "local path" if kind == "local" else "Azurite"
-                    latency_rows.append(f"| {where} | {changes:,} | {in_plan:,} | {shown} | {first:.1f} |")
+                    latency_rows.append(f"| {where} | {changes:,} | {in_plan:,} | {shown} | "
+                                        f"{_last_commit(lake, checks, committed):.2f} | {first:.1f} |")
                     print(latency_rows[-1], file=sys.stderr, flush=True)
                 finally:
                     proc.terminate()
                     _, err = proc.communicate(timeout=120)
                 if seen is None:
                     print(f"<!-- watcher stderr: {err[-1500:]} -->")
+                if polls == 0:
+                    continue
                 # 3. the watcher's poll, --polls times, each after a small mutate; then lake optimize
                 os.environ["BRIDGEKIT_CONFIG"], os.environ["BRIDGEKIT_PROFILE"] = str(config), "lakebench"
                 wb = Workbench(resolve_runtime(load_profile("lakebench")))
@@ -295,9 +376,15 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
           "tables reads back from the Delta tables with deltalake (created and updated rows carrying a sync run that "
           "started after the commit, deleted rows gone); it includes up to one 0.2 s poll interval and the "
           "read-back's own passes. Target < 5 s.\n")
-    print("| lake | changes | in the synced tables | visible in the lake after (s) | watcher's first full sync + "
-          "lake load (s) |\n|---|---:|---:|---:|---:|")
+    print("The first row is the same watcher without a lake, clocked until the changes are visible in DuckDB (the "
+          "rule of bench_sync.py's delta latency), in the same run: the lake's share is the difference. \"Last lake "
+          "commit\" is the newest Delta commit's own timestamp among the tables the changes touched (the read-back "
+          "passes excluded).\n")
+    print("| lake | changes | in the synced tables | visible (s) | last lake commit after (s) | watcher's first "
+          "full sync + lake load (s) |\n|---|---:|---:|---:|---:|---:|")
     print("\n".join(latency_rows) + "\n")
+    if not file_rows:
+        return
     print(f"## Lake: files after {polls} watch polls, before and after `bridgekit lake optimize` ({scale} scale)\n")
     print(f"Each poll: `mutate` with {poll_changes} changes, then the watcher's poll (a delta run of the default "
           "plan and the lake publish: one Delta commit per table that changed). Files the current versions read "

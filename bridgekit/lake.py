@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import queue
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ _RUN = "bridgekit.sync_run_id"
 _THROUGH = "bridgekit.runs_through"
 _SINCE = "bridgekit.commits_since_optimize"
 _DELETED = "_bk_lake_deleted"
+_REOPEN_S = 1800.0  # a kept DeltaTable is reopened after this long (it holds the credentials it opened with)
 _PUBLISHERS = 4  # tables published at once: each commit waits mostly on storage round trips and delta-rs
 
 
@@ -69,6 +72,12 @@ class Lake:
     def __init__(self, target: LakeTarget, *, token: Callable[[], str] | None = None) -> None:
         self.target = target
         self._token = token
+        # Kept between publishes (a watcher's polls): each table's DeltaTable, brought up to date by reading
+        # only the log entries added since, and the watermark of the commit this object made last. Object
+        # stores answer every log file read with a round trip, so reopening each poll costs more than the merge.
+        self._kept: dict[str, tuple[Any, float]] = {}
+        self._marks: dict[str, tuple[int, tuple[dt.datetime, str], int]] = {}  # uri: (version, mark, count)
+        self._lock = threading.Lock()
 
     # -- where and how -------------------------------------------------------------------------------------
 
@@ -172,8 +181,15 @@ class Lake:
             return LakeCommit(table, None, None, mode="none"), 0
         uri = self.table_uri(table)
         storage = self.storage_options()
-        target = self._open(uri, storage)
-        mark, since = _watermark(target) if target is not None else (None, 0)
+        target = self._current(uri, storage)
+        with self._lock:
+            kept = self._marks.get(uri)
+        if target is None:
+            mark, since = None, 0
+        elif kept is not None and kept[0] == target.version():  # nobody committed since this object did
+            mark, since = kept[1], kept[2]
+        else:
+            mark, since = _watermark(target)
         last_run, last_end = str(runs[-1][0]), runs[-1][1]
         # The compaction count: this commit's place in the cycle of optimize_every commits; the commit that
         # reaches it is followed by a compaction and the next one starts the cycle again (whether or not the
@@ -188,8 +204,9 @@ class Lake:
             write_deltalake(uri, reader, mode="overwrite", schema_mode="overwrite", storage_options=storage,
                             commit_properties=props)
             rows = int(conn.execute(f"SELECT count(*) FROM {quote(schema)}.{quote(name)}").fetchall()[0][0])
-            created = self._open(uri, storage)
+            created = self._current(uri, storage)
             version = created.version() if created is not None else 0
+            self._remember(uri, version, last_end, last_run, count)
             log.info("lake: %s created at version %d (%d rows, through run %s)", table, version, rows, last_run)
             return LakeCommit(table, version, last_run, upserted=rows, mode="create"), count
         pending = _changed_since(runs, mark)
@@ -222,10 +239,35 @@ class Lake:
                   .when_not_matched_insert(updates=q, predicate=f"NOT s.`{_DELETED}`"))
         metrics = merger.execute()
         version = target.version()  # the merge moved the table object to the version it committed
+        self._remember(uri, version, last_end, last_run, count)
         log.info("lake: %s version %d, +~%d -%d (through run %s)", table, version, upserts.num_rows,
                  metrics.get("num_target_rows_deleted", 0), last_run)
         return LakeCommit(table, version, last_run, upserted=upserts.num_rows,
                           deleted=int(metrics.get("num_target_rows_deleted", 0))), count
+
+    def _current(self, uri: str, storage: dict[str, str] | None) -> Any:
+        """The Delta table at ``uri`` at its newest version (a kept one reads only the log entries added
+        since), or None when there is none. Reopened after ``_REOPEN_S``: its credentials may expire."""
+        with self._lock:
+            kept = self._kept.get(uri)
+        if kept is not None and time.monotonic() - kept[1] < _REOPEN_S:
+            try:
+                kept[0].update_incremental()
+                return kept[0]
+            except Exception:  # removed or replaced since: open it afresh
+                log.debug("lake: reopening %s", uri)
+        table = self._open(uri, storage)
+        with self._lock:
+            if table is None:
+                self._kept.pop(uri, None)
+            else:
+                self._kept[uri] = (table, time.monotonic())
+        return table
+
+    def _remember(self, uri: str, version: int, through: Any, run: str, count: int) -> None:
+        """The watermark this object just committed at ``version`` (what the log's history would answer)."""
+        with self._lock:
+            self._marks[uri] = (version, (dt.datetime.fromisoformat(_iso(through)), run), count)
 
     @staticmethod
     def _open(uri: str, storage: dict[str, str] | None) -> Any:
