@@ -98,7 +98,7 @@ LAB_ARGS ?=
 lab: $(STAMP)
 	@$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) azurite
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	@$(BIN)/python bench/run.py
 

@@ -11,14 +11,17 @@ loopback (the pinned version `make azurite` installs; see tests/azurite.py), and
    --interval 0.2`` process (the default plan, the profile's lake set) runs; ``bridgekit emulator mutate`` makes
    ``--changes`` changes in one transaction; the clock runs from the emulator's commit until every change in the
    synced tables reads back from the Delta tables with deltalake (created and updated rows carrying a sync run
-   that started after the commit, deleted rows gone). Target < 5 s.
+   that started after the commit, deleted rows gone). Target < 5 s. The same watcher without a lake, clocked
+   until the changes are visible in DuckDB, runs first on the same emulator: the baseline of the same run.
+   ``--graph`` narrows the Graph resources (the mailbox deltas dominate the default plan's poll).
 3. **Small files** (same emulator). ``--polls`` watch polls (the watcher's own poll: a delta run, then the lake
    publish), each after a small ``mutate`` (``--poll-changes`` changes), then ``bridgekit lake optimize``: the
    lake's files (those the current versions read, and those stored) before and after. The benchmark's lake sets
    ``retention_hours = 0`` so that the vacuum's effect shows within the run (the default is 168 h).
 
 Usage: ``.venv/bin/python bench/bench_lake.py [--scale large] [--delta-scale medium] [--changes 10000]
-[--polls 100] [--poll-changes 50] [--targets local,azurite] [--skip-initial] [--skip-delta]``
+[--polls 100] [--poll-changes 50] [--targets local,azurite] [--graph users,groups,messages,events] [--skip-initial]
+[--skip-delta]``
 """
 
 from __future__ import annotations
@@ -139,14 +142,14 @@ def initial(scale: str, kinds: list[str]) -> None:
     print("\n".join(rows) + "\n")
 
 
-def _delta_checks(result: dict[str, Any]) -> list[tuple[str, str, list[str], str]]:
+def _delta_checks(result: dict[str, Any], graph: tuple[str, ...]) -> list[tuple[str, str, list[str], str]]:
     from bridgekit.emulator.schema import TABLES
 
     checks = []
     for kind in ("created", "updated", "deleted"):
         for coll, ids in result[kind].items():
             if coll.startswith("graph."):
-                if coll.removeprefix("graph.") in DEFAULT_GRAPH_RESOURCES:
+                if coll.removeprefix("graph.") in graph:
                     checks.append((coll, "id", list(ids), kind))
             elif coll in DEFAULT_DATAVERSE_TABLES:
                 checks.append((f"dataverse.{coll}", TABLES[coll].primary_id, list(ids), kind))
@@ -216,20 +219,19 @@ def _last_commit(lake: Any, checks: list[tuple[str, str, list[str], str]], commi
     return newest - committed
 
 
-def _warehouse_only(emu: Emulator, changes: int, seed: int) -> str:
+def _warehouse_only(emu: Emulator, changes: int, seed: int, graph: tuple[str, ...]) -> str:
     """The same watcher and clock without a lake: until the changes are visible in DuckDB (the baseline)."""
     from bench_sync import _all_visible
 
     wh = emu.home / "watch-none.duckdb"
     config = emu.home / "none.toml"
-    config.write_text(f'[profiles.lakebench]\nauth = "emulator"\nwarehouse = "{wh}"\n')
+    config.write_text(f'[profiles.lakebench]\nauth = "emulator"\nwarehouse = "{wh}"\n{_plan(graph)}')
     env = {**os.environ, "BRIDGEKIT_CONFIG": str(config), "BRIDGEKIT_PROFILE": "lakebench"}
     proc = subprocess.Popen([sys.executable, "-m", "bridgekit", "sync", "--watch", "--interval", "0.2", "--quiet"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=emu.home)
     try:
         t = time.perf_counter()
-        while not _fresh_runs(wh, 0) or len(_tables_done(wh)) < len(DEFAULT_DATAVERSE_TABLES) + len(
-                DEFAULT_GRAPH_RESOURCES):
+        while not _fresh_runs(wh, 0) or len(_tables_done(wh)) < len(DEFAULT_DATAVERSE_TABLES) + len(graph):
             time.sleep(0.5)
             if time.perf_counter() - t > 900:
                 raise SystemExit("the watcher did not finish its first run")
@@ -239,7 +241,7 @@ def _warehouse_only(emu: Emulator, changes: int, seed: int) -> str:
         result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
                                         "deletes": n_delete, "seed": seed})["result"]
         committed = float(result["committed_at"])
-        checks = _delta_checks(result)
+        checks = _delta_checks(result, graph)
         seen = None
         while time.time() - committed < 120:
             if _all_visible(wh, checks, committed):
@@ -280,17 +282,23 @@ def _wait_until_published(lake: Any, tables: list[str], wh: Path, timeout: float
     raise SystemExit("the watcher did not publish its first run to the lake")
 
 
-def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: int) -> None:
+def _plan(graph: tuple[str, ...]) -> str:
+    """The profile's sync plan: the default Dataverse tables and ``graph``."""
+    return f"sync = {{ graph = [{', '.join(repr(g) for g in graph)}] }}\n".replace("'", '"')
+
+
+def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: int,
+          graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES) -> None:
     """Scenarios 2 and 3 on one emulator, per target."""
     from bridgekit.config import load_profile
     from bridgekit.lake import Lake
     from bridgekit.workbench import Workbench, resolve_runtime
 
-    tables = [f"dataverse.{t}" for t in DEFAULT_DATAVERSE_TABLES] + [f"graph.{r}" for r in DEFAULT_GRAPH_RESOURCES]
+    tables = [f"dataverse.{t}" for t in DEFAULT_DATAVERSE_TABLES] + [f"graph.{r}" for r in graph]
     latency_rows: list[str] = []
     file_rows: list[str] = []
     with Emulator(scale) as emu:
-        latency_rows.append(_warehouse_only(emu, changes, 69))
+        latency_rows.append(_warehouse_only(emu, changes, 69, graph))
         print(latency_rows[-1], file=sys.stderr, flush=True)
         azurite = _start_azurite(emu.home) if "azurite" in kinds else None
         try:
@@ -298,7 +306,7 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                 target = Target(kind, emu.home, azurite)
                 wh = emu.home / f"watch-{kind}.duckdb"
                 config = emu.home / f"lake-{kind}.toml"
-                config.write_text(f'[profiles.lakebench]\nauth = "emulator"\nwarehouse = "{wh}"\n\n'
+                config.write_text(f'[profiles.lakebench]\nauth = "emulator"\nwarehouse = "{wh}"\n{_plan(graph)}\n'
                                   f"[profiles.lakebench.lake]\n{target.toml()}")
                 env = {**os.environ, "BRIDGEKIT_CONFIG": str(config), "BRIDGEKIT_PROFILE": "lakebench"}
                 lake = Lake(target.target)
@@ -315,7 +323,7 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                     result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
                                                     "deletes": n_delete, "seed": 70 + i})["result"]
                     committed = float(result["committed_at"])
-                    checks = _delta_checks(result)
+                    checks = _delta_checks(result, graph)
                     in_plan = sum(len(c[2]) for c in checks)
                     reader = _ReadBack(lake, checks)
                     seen = None
@@ -367,7 +375,8 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
             if azurite is not None:
                 azurite.stop()
     shutil.rmtree(emu.home, ignore_errors=True)
-    plan = "the default plan: " + ", ".join(DEFAULT_DATAVERSE_TABLES) + "; Graph " + ", ".join(DEFAULT_GRAPH_RESOURCES)
+    plan = ("the default plan" if graph == DEFAULT_GRAPH_RESOURCES else "the default Dataverse tables") + ": " + \
+        ", ".join(DEFAULT_DATAVERSE_TABLES) + "; Graph " + ", ".join(graph)
     print(f"## Lake: changes until visible in the Delta tables ({scale} scale, `bridgekit sync --watch --interval "
           f"0.2` with the profile's lake, {plan})\n")
     print(f"`bridgekit emulator mutate` makes {changes:,} changes ({changes // 5:,} creates, "
@@ -410,6 +419,7 @@ def main() -> None:
     ap.add_argument("--polls", type=int, default=100)
     ap.add_argument("--poll-changes", type=int, default=50)
     ap.add_argument("--targets", default="local,azurite")
+    ap.add_argument("--graph", default=",".join(DEFAULT_GRAPH_RESOURCES), help="Graph resources the watcher mirrors")
     ap.add_argument("--skip-initial", action="store_true")
     ap.add_argument("--skip-delta", action="store_true")
     args = ap.parse_args()
@@ -417,7 +427,7 @@ def main() -> None:
     if not args.skip_initial:
         initial(args.scale, kinds)
     if not args.skip_delta:
-        delta(args.delta_scale, kinds, args.changes, args.polls, args.poll_changes)
+        delta(args.delta_scale, kinds, args.changes, args.polls, args.poll_changes, tuple(args.graph.split(",")))
 
 
 if __name__ == "__main__":
