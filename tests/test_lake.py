@@ -52,10 +52,12 @@ class Site:
     container: str = ""
 
     def stored_parquet(self) -> int:
-        """Parquet files in the lake's storage, whether or not a Delta version still names them."""
+        """Data files in the lake's storage, whether or not a Delta version still names them."""
         if self.server is None:
-            return len(list((self.root / "lake").rglob("*.parquet")))
-        return sum(n.endswith(".parquet") for n in self.server.list_blobs(self.container, "bridgekit/"))
+            names = [str(p) for p in (self.root / "lake").rglob("*.parquet")]
+        else:
+            names = self.server.list_blobs(self.container, "bridgekit/")
+        return sum(n.endswith(".parquet") and "_delta_log/" not in n for n in names)  # data, not log checkpoints
 
 
 @pytest.fixture(params=["local", "azurite"])
