@@ -7,6 +7,11 @@ The watermark lives in the Delta log itself, so it moves in the same atomic comm
 between the DuckDB merge and the lake commit is caught up by the next publish, never applied twice, and the
 lake is never ahead of the warehouse (it is only ever written from it).
 
+Tables are published concurrently from one read-only snapshot of the warehouse. A Lake keeps each table's
+DeltaTable between publishes (a watcher's polls read only the log entries added since) and counts its commits in
+their metadata (``bridgekit.commits_since_optimize``) to compact and vacuum every ``optimize_every`` commits.
+A column new in the warehouse is added to the Delta table by the MERGE's schema evolution.
+
 Layout: ``<url>/<schema>/<table>`` (``dataverse/account``, ``graph/users``), the warehouse's column names and
 types, except UUID and JSON, which Delta lacks, as strings. No partitioning: the mirrored tables are keyed by
 id and read whole or by filters Delta's file statistics already serve; a table of tens of millions of rows
