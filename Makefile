@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv git-filter demo test lint unit browser package-test lab bench clean
+.PHONY: help venv git-filter demo test lint unit browser azurite package-test lab bench clean
 
 help:
 	@echo "make demo   start the local tenant emulator, sync it, run the assessment, print the report path"
 	@echo "make test   lint (ruff, mypy --strict), the whole test suite against the emulator, and package-test"
-	@echo "           (installs Debian's chromium first when missing and run as root: reports are checked in it)"
+	@echo "           (installs Debian's chromium first when missing and run as root: reports are checked in it;"
+	@echo "           and Azurite, the Azure Storage emulator, from npm when missing: the lake tests write to it)"
 	@echo "make package-test  the built wheel in a fresh core-only environment runs assess and win_probability"
 	@echo "make lab    JupyterLab on the repository: notebooks/ and runbooks/ (LAB_ARGS=... passes options)"
 	@echo "make bench  benchmarks (figures go to BENCHMARKS.md)"
@@ -64,18 +65,40 @@ browser:
 		echo "warning: /usr/bin/chromium is missing: install Debian's chromium (apt-get install -y chromium) or the report test fails" >&2; \
 	fi
 
+# The lake tests write Delta tables to Azurite (Microsoft's Azure Storage emulator, an npm package), which they
+# start on loopback. Installed here when missing, pinned, into a cache outside the checkout (a clean clone stays
+# clean and every clone shares it); tests/azurite.py looks for it there. 3.37.0: 3.35.0 ignores List Blobs'
+# startFrom, which breaks deltalake's log listing after the second commit.
+AZURITE_VERSION := 3.37.0
+AZURITE_DIR ?= $${XDG_CACHE_HOME:-$$HOME/.cache}/bridgekit/azurite-$(AZURITE_VERSION)
+azurite:
+	@if [ -x "$(AZURITE_DIR)/node_modules/.bin/azurite-blob" ]; then :; else \
+		if ! command -v npm >/dev/null 2>&1; then \
+			if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+				echo "==> installing Debian's nodejs and npm for Azurite"; \
+				apt-cache policy npm 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq; \
+				DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+			else \
+				echo "error: npm is missing: install Node.js and npm (the lake tests need Azurite from npm)" >&2; exit 1; \
+			fi; \
+		fi; \
+		echo "==> installing Azurite $(AZURITE_VERSION) with npm into $(AZURITE_DIR)"; \
+		mkdir -p "$(AZURITE_DIR)" && \
+		npm install --prefix "$(AZURITE_DIR)" --no-audit --no-fund --loglevel=error "azurite@$(AZURITE_VERSION)" >/dev/null; \
+	fi
+
 # The wheel as an ops host installs it: core dependencies only, run from outside the repository (.ci/package-test).
 package-test:
 	@PYTHON=$(PYTHON) .ci/package-test
 
-test: lint browser unit package-test
+test: lint browser azurite unit package-test
 
 # The repository root, so notebooks/ and runbooks/ both show; Jupyter refuses root without --allow-root.
 LAB_ARGS ?=
 lab: $(STAMP)
 	@$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) azurite
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	@$(BIN)/python bench/run.py
 

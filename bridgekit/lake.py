@@ -7,6 +7,11 @@ The watermark lives in the Delta log itself, so it moves in the same atomic comm
 between the DuckDB merge and the lake commit is caught up by the next publish, never applied twice, and the
 lake is never ahead of the warehouse (it is only ever written from it).
 
+Tables are published concurrently from one read-only snapshot of the warehouse. A Lake keeps each table's
+DeltaTable between publishes (a watcher's polls read only the log entries added since) and counts its commits in
+their metadata (``bridgekit.commits_since_optimize``) to compact and vacuum every ``optimize_every`` commits.
+A column new in the warehouse is added to the Delta table by the MERGE's schema evolution.
+
 Layout: ``<url>/<schema>/<table>`` (``dataverse/account``, ``graph/users``), the warehouse's column names and
 types, except UUID and JSON, which Delta lacks, as strings. No partitioning: the mirrored tables are keyed by
 id and read whole or by filters Delta's file statistics already serve; a table of tens of millions of rows
@@ -21,7 +26,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +47,10 @@ log = logging.getLogger("bridgekit.lake")
 
 _RUN = "bridgekit.sync_run_id"
 _THROUGH = "bridgekit.runs_through"
+_SINCE = "bridgekit.commits_since_optimize"
 _DELETED = "_bk_lake_deleted"
+_REOPEN_S = 1800.0  # a kept DeltaTable is reopened after this long (it holds the credentials it opened with)
+_PUBLISHERS = 4  # tables published at once: each commit waits mostly on storage round trips and delta-rs
 
 
 @dataclass
@@ -65,6 +77,12 @@ class Lake:
     def __init__(self, target: LakeTarget, *, token: Callable[[], str] | None = None) -> None:
         self.target = target
         self._token = token
+        # Kept between publishes (a watcher's polls): each table's DeltaTable, brought up to date by reading
+        # only the log entries added since, and the watermark of the commit this object made last. Object
+        # stores answer every log file read with a round trip, so reopening each poll costs more than the merge.
+        self._kept: dict[str, tuple[Any, float]] = {}
+        self._marks: dict[str, tuple[int, tuple[dt.datetime, str], int]] = {}  # uri: (version, mark, count)
+        self._lock = threading.Lock()
 
     # -- where and how -------------------------------------------------------------------------------------
 
@@ -82,7 +100,12 @@ class Lake:
         if t.endpoint:  # Azurite or a sovereign cloud
             opts["azure_storage_endpoint"] = t.endpoint
             if t.endpoint.startswith("http://"):
-                opts["allow_http"] = "true"  # Azurite on loopback speaks plain http
+                # Plain http only to an emulator on this machine (Azurite); a storage account is https, verified
+                if not _loopback(t.endpoint):
+                    raise ConfigError(f"the lake's endpoint {t.endpoint} is plain http on another host",
+                                      key="endpoint", hint="use the https:// endpoint of the storage account "
+                                      "(plain http is only for Azurite on 127.0.0.1)")
+                opts["allow_http"] = "true"
         if t.account_name:
             opts["azure_storage_account_name"] = t.account_name
         if t.auth == "key":
@@ -102,63 +125,105 @@ class Lake:
         """Bring every mirrored table's Delta copy up to the warehouse: what its runs since the lake's
         watermark created, updated and deleted, in one commit per table.
 
+        Tables are published concurrently (each its own Delta commit; delta-rs does the work outside the
+        GIL), all from one read-only snapshot of the warehouse: no merge can land while it is open.
+
         Raises:
             LakeError: the lake could not be read or written (nothing in the warehouse is affected; the
-                next publish catches up).
+                next publish catches up). Tables published before the error keep their commits.
         """
         names = list(tables) if tables is not None else warehouse.tables()
-        commits: list[LakeCommit] = []
         if not names:
-            return commits
+            return []
         with warehouse.reader() as conn:  # one snapshot of the warehouse for every table
-            for table in names:
-                try:
-                    commit = self._publish_table(conn, table)
-                except (OSError, duckdb.Error) as exc:
-                    raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
-                                    hint="check the lake's URL and credentials; the next sync catches it up") from exc
-                except Exception as exc:  # deltalake raises its own (Rust) error types
-                    if type(exc).__module__.split(".")[0] != "deltalake" and "Delta" not in type(exc).__name__:
-                        raise
-                    raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
-                                    hint="check the lake's URL and credentials; the next sync catches it up") from exc
-                if commit.version is not None and self.target.optimize_every > 0:
-                    commit.optimized = self._maybe_optimize(table)
-                commits.append(commit)
-        return commits
+            cursors = [conn.cursor() for _ in range(min(_PUBLISHERS, len(names)))]
+            free: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
+            for cur in cursors:
+                free.put(cur)
 
-    def _publish_table(self, conn: duckdb.DuckDBPyConnection, table: str) -> LakeCommit:
-        from deltalake import CommitProperties, DeltaTable, write_deltalake
+            def one(table: str) -> LakeCommit:
+                cur = free.get()
+                try:
+                    return self._publish_guarded(cur, table)
+                finally:
+                    free.put(cur)
+
+            try:
+                with ThreadPoolExecutor(max_workers=len(cursors), thread_name_prefix="bk-lake") as pool:
+                    futures = [pool.submit(one, table) for table in names]
+                    wait(futures)
+                return [f.result() for f in futures]  # the first failure, in table order, is raised
+            finally:
+                for cur in cursors:
+                    cur.close()
+
+    def _publish_guarded(self, conn: duckdb.DuckDBPyConnection, table: str) -> LakeCommit:
+        """:meth:`_publish_table`, then compaction when due; delta-rs and DuckDB errors become LakeError."""
+        try:
+            commit, count = self._publish_table(conn, table)
+            if commit.version is not None and 0 < self.target.optimize_every <= count:
+                self.optimize([table])
+                commit.optimized = True
+            return commit
+        except LakeError:
+            raise
+        except (OSError, duckdb.Error) as exc:
+            raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
+                            hint="check the lake's URL and credentials; the next sync catches it up") from exc
+        except Exception as exc:  # deltalake raises its own (Rust) error types
+            if type(exc).__module__.split(".")[0] != "deltalake" and "Delta" not in type(exc).__name__:
+                raise
+            raise LakeError(f"could not publish {table} to the lake at {self.target.url}: {exc}",
+                            hint="check the lake's URL and credentials; the next sync catches it up") from exc
+
+    def _publish_table(self, conn: duckdb.DuckDBPyConnection, table: str) -> tuple[LakeCommit, int]:
+        """One table's commit, and its compaction count (0: no commit)."""
+        from deltalake import CommitProperties, write_deltalake
 
         schema, _, name = table.partition(".")
         runs = _runs(conn, table)
         if not runs:
-            return LakeCommit(table, None, None, mode="none")
+            return LakeCommit(table, None, None, mode="none"), 0
         uri = self.table_uri(table)
-        mark = self._watermark(uri)
+        storage = self.storage_options()
+        target = self._current(uri, storage)
+        with self._lock:
+            kept = self._marks.get(uri)
+        if target is None:
+            mark, since = None, 0
+        elif kept is not None and kept[0] == target.version():  # nobody committed since this object did
+            mark, since = kept[1], kept[2]
+        else:
+            mark, since = _watermark(target)
         last_run, last_end = str(runs[-1][0]), runs[-1][1]
-        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end)})
+        # The compaction count: this commit's place in the cycle of optimize_every commits; the commit that
+        # reaches it is followed by a compaction and the next one starts the cycle again (whether or not the
+        # compaction found files to rewrite, which is when delta-rs commits nothing).
+        every = self.target.optimize_every
+        count = since % every + 1 if every > 0 else since + 1
+        props = CommitProperties(custom_metadata={_RUN: last_run, _THROUGH: _iso(last_end), _SINCE: str(count)})
         select = delta_select(conn, schema, name)
-        if mark is None:
+        if target is None or mark is None:
             # First publish (or the lake table was removed): the whole table, streamed, in one commit.
             reader: Any = conn.sql(select).to_arrow_reader()
-            write_deltalake(uri, reader, mode="overwrite", schema_mode="overwrite",
-                            storage_options=self.storage_options(), commit_properties=props)
+            write_deltalake(uri, reader, mode="overwrite", schema_mode="overwrite", storage_options=storage,
+                            commit_properties=props)
             rows = int(conn.execute(f"SELECT count(*) FROM {quote(schema)}.{quote(name)}").fetchall()[0][0])
-            version = DeltaTable(uri, storage_options=self.storage_options()).version()
+            created = self._current(uri, storage)
+            version = created.version() if created is not None else 0
+            self._remember(uri, version, last_end, last_run, count)
             log.info("lake: %s created at version %d (%d rows, through run %s)", table, version, rows, last_run)
-            return LakeCommit(table, version, last_run, upserted=rows, mode="create")
+            return LakeCommit(table, version, last_run, upserted=rows, mode="create"), count
         pending = _changed_since(runs, mark)
         if not pending:  # runs since the watermark changed nothing in this table
-            return LakeCommit(table, None, mark[1], mode="none")
+            return LakeCommit(table, None, mark[1], mode="none"), 0
         ids = [str(r[0]) for r in pending]
         upserts: pa.Table = conn.sql(f"{select} WHERE _bk_run_id IN (SELECT unnest(?))", params=[ids]).to_arrow_table()
         key = _key(conn, schema, name)
         deletes: pa.Array = pa.array([], pa.string())
         if any(r[2] == "full" or int(r[4]) > 0 for r in pending):
             # Rows the runs deleted (or a full reload dropped): keys in the lake the warehouse no longer has.
-            storage = self.storage_options()
-            lake_keys = DeltaTable(uri, storage_options=storage).to_pyarrow_table(columns=[key])
+            lake_keys = target.to_pyarrow_table(columns=[key])
             conn.register("_bk_lake_keys", lake_keys)
             try:
                 gone: pa.Table = conn.sql(
@@ -168,54 +233,65 @@ class Lake:
                 conn.unregister("_bk_lake_keys")
             deletes = gone.column(0).combine_chunks() if gone.num_rows else deletes
         source = _with_deletes(upserts, key, deletes)
-        target = DeltaTable(uri, storage_options=self.storage_options())
         cols = [f.name for f in upserts.schema]
         q = {c: f"s.`{c}`" for c in cols}
+        # merge_schema: a column the warehouse gained since the last commit is added to the Delta table
+        # (older rows read it as null, as they do in DuckDB after its ALTER TABLE ADD COLUMN)
         merger = target.merge(source, predicate=f"t.`{key}` = s.`{key}`", source_alias="s", target_alias="t",
                               merge_schema=True, commit_properties=props)
         merger = (merger.when_matched_delete(predicate=f"s.`{_DELETED}`")
                   .when_matched_update(updates=q, predicate=f"NOT s.`{_DELETED}`")
                   .when_not_matched_insert(updates=q, predicate=f"NOT s.`{_DELETED}`"))
         metrics = merger.execute()
-        version = DeltaTable(uri, storage_options=self.storage_options()).version()
+        version = target.version()  # the merge moved the table object to the version it committed
+        self._remember(uri, version, last_end, last_run, count)
         log.info("lake: %s version %d, +~%d -%d (through run %s)", table, version, upserts.num_rows,
                  metrics.get("num_target_rows_deleted", 0), last_run)
         return LakeCommit(table, version, last_run, upserted=upserts.num_rows,
-                          deleted=int(metrics.get("num_target_rows_deleted", 0)))
+                          deleted=int(metrics.get("num_target_rows_deleted", 0))), count
 
-    def _watermark(self, uri: str) -> tuple[dt.datetime, str] | None:
-        """(runs through, run id) of the newest bridgekit commit of the Delta table; None if there is none."""
+    def _current(self, uri: str, storage: dict[str, str] | None) -> Any:
+        """The Delta table at ``uri`` at its newest version (a kept one reads only the log entries added
+        since), or None when there is none. Reopened after ``_REOPEN_S``: its credentials may expire."""
+        with self._lock:
+            kept = self._kept.get(uri)
+        if kept is not None and time.monotonic() - kept[1] < _REOPEN_S:
+            try:
+                kept[0].update_incremental()
+                return kept[0]
+            except Exception:  # removed or replaced since: open it afresh
+                log.debug("lake: reopening %s", uri)
+        table = self._open(uri, storage)
+        with self._lock:
+            if table is None:
+                self._kept.pop(uri, None)
+            else:
+                self._kept[uri] = (table, time.monotonic())
+        return table
+
+    def _remember(self, uri: str, version: int, through: Any, run: str, count: int) -> None:
+        """The watermark this object just committed at ``version`` (what the log's history would answer)."""
+        with self._lock:
+            self._marks[uri] = (version, (dt.datetime.fromisoformat(_iso(through)), run), count)
+
+    @staticmethod
+    def _open(uri: str, storage: dict[str, str] | None) -> Any:
+        """The Delta table at ``uri``, or None when there is none yet."""
         from deltalake import DeltaTable
 
         try:
-            table = DeltaTable(uri, storage_options=self.storage_options())
+            return DeltaTable(uri, storage_options=storage)
         except Exception as exc:  # no table yet (TableNotFoundError)
             if "TableNotFound" in type(exc).__name__ or "not a Delta table" in str(exc) or "no log files" in str(exc):
                 return None
             raise
-        for limit in (20, None):
-            for entry in table.history(limit):
-                if _THROUGH in entry:
-                    return (dt.datetime.fromisoformat(str(entry[_THROUGH])), str(entry.get(_RUN)))
-        return None
+
+    def _watermark(self, uri: str) -> tuple[dt.datetime, str] | None:
+        """(runs through, run id) of the newest bridgekit commit of the Delta table; None if there is none."""
+        table = self._open(uri, self.storage_options())
+        return None if table is None else _watermark(table)[0]
 
     # -- small files -----------------------------------------------------------------------------------------
-
-    def _maybe_optimize(self, table: str) -> bool:
-        """Compact and vacuum ``table`` when ``optimize_every`` commits were made since the last compaction."""
-        from deltalake import DeltaTable
-
-        dtable = DeltaTable(self.table_uri(table), storage_options=self.storage_options())
-        since = 0
-        for entry in dtable.history(self.target.optimize_every + 1):
-            if entry.get("operation") == "OPTIMIZE":
-                break
-            if entry.get("operation") in ("MERGE", "WRITE", "CREATE TABLE"):
-                since += 1
-        if since < self.target.optimize_every:
-            return False
-        self.optimize([table])
-        return True
 
     def optimize(self, tables: Sequence[str] | None = None, *, warehouse: Warehouse | None = None) -> list[dict[str, Any]]:
         """Compact each table's small files, then vacuum files older than ``retention_hours``.
@@ -267,6 +343,17 @@ class Lake:
         return out
 
 
+def _watermark(table: Any) -> tuple[tuple[dt.datetime, str] | None, int]:
+    """The newest bridgekit commit's (runs through, run id), or None; and the compaction count it recorded
+    (``bridgekit.commits_since_optimize``: 1 to ``optimize_every``, so no publish reads a long history)."""
+    for limit in (20, None):
+        for entry in table.history(limit):
+            if _THROUGH in entry:
+                since = int(entry.get(_SINCE) or 0)
+                return (dt.datetime.fromisoformat(str(entry[_THROUGH])), str(entry.get(_RUN))), since
+    return None, 0
+
+
 def _runs(conn: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, ...]]:
     """The table's successful runs, oldest first: (run id, ended at, mode, rows changed, rows deleted)."""
     return conn.execute(
@@ -293,6 +380,20 @@ def _env(name: str | None, key: str) -> str:
         raise MissingCredentialError(f"environment variable {name} is not set (the lake's credential)", key=key,
                                      hint=f"export {name}=<the value>")
     return value
+
+
+def _loopback(url: str) -> bool:
+    """True when ``url``'s host is this machine (127.0.0.0/8, ::1 or localhost)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _iso(value: Any) -> str:
