@@ -172,7 +172,9 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
                 _wait_for_first_run(wh, len(DEFAULT_DATAVERSE_TABLES) + len(graph))
                 for i, latency in enumerate(latencies):
                     _admin(emu, "faults", {"clear": True, "latency_ms": latency})
-                    time.sleep(2.0)  # a poll or two at this latency before the clock starts
+                    # Steady state before the clock starts: polls at this latency, none merging anything for 3 s
+                    # (after the first full sync the watcher's first polls catch up with what changed during it).
+                    _wait_idle(wh, quiet_s=3.0)
                     n_create, n_delete = changes // 5, changes // 10
                     t0 = time.time()
                     result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
@@ -208,7 +210,8 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
           "faults --latency-ms`); the clock runs from the emulator's commit until every change in the synced "
           "tables is visible (created and updated rows written by a run that started after the commit, deleted "
           "rows gone). Target < 2 s, aim < 0.5 s; includes up to one 0.2 s poll interval and the rest of a poll "
-          "already under way at the commit.\n")
+          "already under way at the commit. Each cell starts from a steady state: the watcher polling at that latency "
+          "and merging nothing for 3 s.\n")
     print("| scale | latency ms | changes | in the synced tables | visible after (s) |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows) + "\n")
     print("<!-- " + "; ".join(notes) + " -->\n")
@@ -250,6 +253,8 @@ def _all_visible(wh: Path, checks: list[tuple[str, str, list[str], str]], commit
             fresh = {r[0] for r in c.execute(
                 "select distinct run_id from bridgekit.sync_runs where epoch(started_at) >= ?", [committed]
             ).fetchall()}
+            if not fresh:
+                return False  # no run started after the commit has merged yet: skip the costly id checks
             for table, pk, ids, kind in checks:
                 rows = dict(c.execute(f"select cast({pk} as varchar), _bk_run_id from {table} "
                                       f"where cast({pk} as varchar) in (select unnest(?))", [ids]).fetchall())
@@ -261,6 +266,23 @@ def _all_visible(wh: Path, checks: list[tuple[str, str, list[str], str]], commit
     except duckdb.Error:
         return False
     return True
+
+
+def _wait_idle(wh: Path, *, quiet_s: float, timeout: float = 120.0) -> None:
+    """Wait until the watcher has merged nothing for ``quiet_s`` seconds (its polls find nothing new)."""
+    import duckdb
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with duckdb.connect(str(wh), read_only=True) as c:
+                last = c.execute("select epoch(max(ended_at)) from bridgekit.sync_runs").fetchall()[0][0]
+        except duckdb.Error:
+            last = None
+        if last is not None and time.time() - float(last) >= quiet_s:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the watcher kept merging changes for {timeout:.0f} s: no steady state to measure from")
 
 
 def _wait_for_first_run(wh: Path, n_tables: int) -> None:
