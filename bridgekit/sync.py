@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -503,7 +503,7 @@ class SyncEngine:
             fetching = staging.one_transaction(up_to_rows=self.delta_commit_rows) if not full \
                 else contextlib.nullcontext()
             with fetching:
-                for table in selection:
+                for table in self._in_arrival_order(selection):
                     t0, clock = _now(), time.monotonic()
                     if quiet_noop and self._unchanged(table):
                         # A watcher's poll found nothing new: nothing to stage, the stored link stays valid.
@@ -561,6 +561,8 @@ class SyncEngine:
                     if state.digest is not None:
                         self._digests[state.table] = state.digest
                 log.debug("run %s merged %d table(s) in %.3fs", run_id, len(fetched), merge_s)
+        rank = {t: i for i, t in enumerate(selection)}
+        reports.sort(key=lambda r: rank.get(r.table, len(rank)))
         report = SyncReport(run_id, started, _now(), reports)
         quiet = {state.table for state in noop}
         for rep in reports:
@@ -605,6 +607,18 @@ class SyncEngine:
                 for future in self._jobs.values():
                     future.cancel()
                 self._jobs = {}
+
+    def _in_arrival_order(self, selection: list[str]) -> Iterator[str]:
+        """The tables to stage: those without a prefetched round first, then each as its round arrives.
+
+        A poll's tables are staged one by one; taken in plan order, a table whose answer came back early
+        waited for the slow ones before it (mailbox rounds queue behind each other in the session's slots).
+        In arrival order the staging of each overlaps the requests still in flight.
+        """
+        jobs = {future: table for table, future in self._jobs.items() if table in selection}
+        yield from (t for t in selection if t not in jobs.values())
+        for future in as_completed(jobs):
+            yield jobs[future]
 
     def _same_as_merged(self, state: StageState) -> bool:
         """True when a watcher's poll fetched nothing new for the table: an empty delta, or a table without

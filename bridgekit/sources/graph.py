@@ -162,7 +162,8 @@ class GraphSource:
         for i, (scope, _, url) in enumerate(split):
             if url == GONE:
                 results[i] = Page(token=f"{scope} {GONE}", reset=self._reset(scope))
-        got = self.client.delta_batch([split[i][2] for i in asked]) if asked else []
+        size = self.res.delta_page
+        got = self.client.delta_batch([split[i][2] for i in asked], page_size=size) if asked else []
         again = []
         for i, answer in zip(asked, got, strict=True):
             if isinstance(answer, ResyncRequired):
@@ -172,7 +173,7 @@ class GraphSource:
             else:
                 results[i] = self._shape(split[i][0], answer)
         if again:
-            fresh = self.client.delta_batch([self._initial(split[i][0]) for i in again])
+            fresh = self.client.delta_batch([self._initial(split[i][0]) for i in again], page_size=size)
             for i, answer in zip(again, fresh, strict=True):
                 scope = split[i][0]
                 if isinstance(answer, BaseException):
