@@ -85,8 +85,10 @@ log = logging.getLogger("bridgekit.sync")
 #: How many times one table may restart from scratch in one run after ResyncRequired.
 MAX_RESYNCS = 2
 #: Partitions numbered from here are the catch-up delta that ends a full load (see SyncEngine._fetch); each
-#: further catch-up round (after a resume) numbers its partitions from the next multiple.
-CATCH_UP = 1000
+#: further catch-up round (after a resume) numbers its partitions from the next multiple. Above any table's
+#: partition count: a mailbox resource has one per mailbox folder (1,200 for 600 users), and a read whose
+#: partitions ran past it was taken for a catch-up round, keeping only the links of the partitions beyond it.
+CATCH_UP = 1_000_000
 #: Rows a delta run stages in one transaction before it checkpoints page by page (SyncEngine.delta_commit_rows).
 DELTA_COMMIT_ROWS = 50_000
 

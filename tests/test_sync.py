@@ -175,6 +175,41 @@ def test_a_crash_mid_fetch_resumes_without_loss_or_duplicates(tmp_path: Path) ->
     assert _mirror(eng2.warehouse) == _expected(src)
 
 
+class Boxes(MemorySource):
+    """Mailbox-like: a partition per box (more than a thousand), each with its own delta link."""
+
+    BOXES = 1200
+
+    def plan_full(self, partitions: int) -> FullPlan:
+        return FullPlan([f"box:{b}:init" for b in range(self.BOXES)])
+
+    def delta_start(self, token: str) -> list[str]:
+        links = json.loads(token)
+        return [f"box:{b}:{links.get(str(b), 'init')}" for b in range(self.BOXES)]
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        return json.dumps(dict(t.split("=", 1) for t in tokens))
+
+    def page(self, cursor: str) -> Page:
+        _, box, since = cursor.split(":")
+        ids = [r for r in sorted(self.rows) if int(r[-4:], 16) % self.BOXES == int(box)]
+        if since != "init":
+            ids = [r for r in ids if self.changed.get(r, 0) > int(since)]
+        return Page(rows=[dict(self.rows[r]) for r in ids], token=f"{box}={self.version}")
+
+
+def test_a_table_of_more_than_a_thousand_partitions_keeps_every_partitions_link(tmp_path: Path) -> None:
+    src = Boxes(n=2400)
+    eng = _engine(tmp_path, src)
+    assert eng.run().table("widget").fetched == 2400
+    assert len(json.loads(eng.warehouse.state()["dataverse.widget"]["delta_link"])) == 1200
+    rid = sorted(src.rows)[1500]
+    src.upsert(rid, "changed", 7)
+    rep = _engine(tmp_path, src).run().table("widget")
+    assert rep.mode == "delta" and rep.fetched == 1 and rep.updated == 1  # no box read again from the start
+    assert _mirror(eng.warehouse) == _expected(src)
+
+
 def test_expired_token_triggers_a_full_reload_reported_as_resynced(tmp_path: Path) -> None:
     src = MemorySource()
     eng = _engine(tmp_path, src)

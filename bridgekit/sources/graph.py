@@ -138,8 +138,11 @@ class GraphSource:
         scope, _, url = cursor.partition(" ")
         if url == GONE:
             return Page(token=f"{scope} {GONE}", reset=self._reset(scope))
+        # Mailbox deltas ask for full pages (Outlook sends 10 items unless asked); directory deltas keep the
+        # service's page size.
+        size = self.res.delta_page if self.res.per_user is not None else None
         try:
-            page = next(iter(self.client.delta_changes(url)))
+            page = next(iter(self.client.delta_changes(url, page_size=size)))
         except ResyncRequired as exc:
             exc.table = self.table
             raise
