@@ -122,6 +122,33 @@ def test_graph_request_window_throttles_per_app(emulator, ca_session):
     assert 1 <= int(last.headers["Retry-After"]) <= 60
 
 
+def test_outlook_requests_count_per_mailbox_not_against_the_directory_window(emulator, ca_session):
+    """Mail and calendar requests have their own budget per app + mailbox (Outlook service limits), in direct
+    calls and in $batch items alike; the identity-and-access window counts the directory requests."""
+    users = ca_session.get(f"{emulator.graph_url}/v1.0/users?$top=2&$select=id", headers=emulator.headers("graph"),
+                           timeout=60).json()["value"]
+    one, two = (u["id"] for u in users)
+
+    def inbox(uid: str) -> requests.Response:
+        return ca_session.get(f"{emulator.graph_url}/v1.0/users/{uid}/mailFolders/inbox/messages?$top=1",
+                              headers=emulator.headers("graph"), timeout=60)
+
+    with emulator.settings(graph_requests_per_window=2, graph_window_s=60, graph_mailbox_requests_per_window=3,
+                           graph_mailbox_window_s=60):
+        assert [inbox(one).status_code for _ in range(3)] == [200, 200, 200]  # past the directory window of 2
+        throttled = inbox(one)
+        assert throttled.status_code == 429 and 1 <= int(throttled.headers["Retry-After"]) <= 60
+        batch = ca_session.post(f"{emulator.graph_url}/v1.0/$batch", headers=emulator.headers("graph"), timeout=60,
+                                json={"requests": [{"id": "1", "method": "GET",
+                                                    "url": f"/users/{one}/mailFolders/inbox/messages?$top=1"},
+                                                   {"id": "2", "method": "GET",
+                                                    "url": f"/users/{two}/mailFolders/inbox/messages?$top=1"}]})
+        assert batch.status_code == 200, batch.text
+        status = {r["id"]: r["status"] for r in batch.json()["responses"]}
+        assert status == {"1": 429, "2": 200}  # the spent mailbox alone is throttled
+        assert _graph_users(emulator, ca_session).status_code == 200  # the directory window still has room
+
+
 def test_faults_reject_bad_values(emulator, ca_session):
     resp = ca_session.post(f"{emulator.base_url}/_emulator/faults", json={"throttle_rate": 2},
                            headers={"X-Emulator-Admin-Key": emulator.admin_key()}, timeout=30)

@@ -114,9 +114,12 @@ class Settings:
         dataverse_window_s: Sliding window for requests and execution time (300 s).
         dataverse_execution_ms_per_window: Combined execution time per user per window (1,200,000 ms).
         dataverse_concurrency: Concurrent requests per user (52).
-        graph_requests_per_window: Graph requests per app per window (identity & access, small tenant: 3500 / 10 s).
+        graph_requests_per_window: Graph requests per app per window (identity & access, small tenant: 3500 / 10 s);
+            Outlook requests (a user's mail, calendar, contacts) are not counted here but per mailbox, below.
         graph_window_s: Graph throttling window.
         graph_mailbox_concurrency: Concurrent Outlook requests per app + mailbox (4).
+        graph_mailbox_requests_per_window: Outlook requests per app + mailbox per window (10,000).
+        graph_mailbox_window_s: The Outlook window (10 minutes).
     """
 
     token_lifetime_s: int = 3599
@@ -132,6 +135,8 @@ class Settings:
     graph_requests_per_window: int = 3500
     graph_window_s: int = 10
     graph_mailbox_concurrency: int = 4
+    graph_mailbox_requests_per_window: int = 10_000
+    graph_mailbox_window_s: int = 600
 
     def update(self, values: dict[str, Any]) -> None:
         """Set the given fields (ints only); unknown names raise ``ValueError``."""

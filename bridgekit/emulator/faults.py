@@ -81,11 +81,38 @@ class Limiter:
         self.dataverse: dict[str, _Caller] = {}
         self.graph: dict[str, _Caller] = {}
         self.mailboxes: dict[tuple[str, str], int] = {}
+        self.mailbox_windows: dict[tuple[str, str], _Caller] = {}
 
     def reset(self) -> None:
         """Forget all usage (after settings change, so a lowered limit starts from zero)."""
         with self.lock:
-            self.dataverse, self.graph, self.mailboxes = {}, {}, {}
+            self.dataverse, self.graph, self.mailboxes, self.mailbox_windows = {}, {}, {}, {}
+
+    def admit_graph(self, app: str, mailbox: tuple[str, str] | None, s: Any) -> float | None:
+        """Count one Graph request, or return the seconds to wait (the caller answers 429).
+
+        Outlook requests (a mailbox's mail, calendar, contacts) count against that app + mailbox: 4 at once and
+        ``graph_mailbox_requests_per_window`` per ``graph_mailbox_window_s``; the others against the app's
+        identity-and-access window (throttling-limits: "Outlook service limits", "Identity and access service
+        limits", protocols.md §2.4). Call with ``lock`` held.
+        """
+        now = time.monotonic()
+        if mailbox is None:
+            caller = self.graph.setdefault(app, _Caller())
+            window, limit = float(s.graph_window_s), s.graph_requests_per_window
+        else:
+            if self.mailboxes.get(mailbox, 0) >= s.graph_mailbox_concurrency:
+                return 1.0
+            caller = self.mailbox_windows.setdefault(mailbox, _Caller())
+            window, limit = float(s.graph_mailbox_window_s), s.graph_mailbox_requests_per_window
+        caller.expire(now, window)
+        if len(caller.starts) >= limit:
+            return caller.starts[0] + window - now
+        # Graph keeps counting requests while a client is throttled (§2.4); we count admitted ones only.
+        caller.starts.append(now)
+        if mailbox is not None:
+            self.mailboxes[mailbox] = self.mailboxes.get(mailbox, 0) + 1
+        return None
 
     def release_mailbox(self, mailbox: tuple[str, str]) -> None:
         """One request to ``mailbox`` has finished."""
@@ -285,21 +312,8 @@ class FaultMiddleware:
         app_key = str(claims.get("azp") or claims.get("appid") or _client_ip(scope))
         m = _MAILBOX.match(scope.get("path", ""))
         mailbox = (app_key, m.group(1).lower()) if m else None
-        window = float(s.graph_window_s)
         with self.limiter.lock:
-            caller = self.limiter.graph.setdefault(app_key, _Caller())
-            now = time.monotonic()
-            caller.expire(now, window)
-            if len(caller.starts) >= s.graph_requests_per_window:
-                wait: float | None = caller.starts[0] + window - now
-            elif mailbox is not None and self.limiter.mailboxes.get(mailbox, 0) >= s.graph_mailbox_concurrency:
-                wait = 1
-            else:
-                wait = None
-                # Graph keeps counting requests while a client is throttled (§2.4); we count admitted ones only.
-                caller.starts.append(now)
-                if mailbox is not None:
-                    self.limiter.mailboxes[mailbox] = self.limiter.mailboxes.get(mailbox, 0) + 1
+            wait = self.limiter.admit_graph(app_key, mailbox, s)
         if wait is not None:
             await self._graph_429(scope, send, wait)
             return

@@ -1283,23 +1283,14 @@ class _ItemThrottle:
         limiter = getattr(self.ctx, "limiter", None)
         if limiter is None:
             return None
-        box = self._mailbox(sub, claims)
+        app = str(claims.get("azp") or claims.get("appid"))
+        # The batch itself was admitted by the middleware; each item counts as one request too, against the
+        # app's window or, for an Outlook item, against its mailbox (4 at once, other batches and direct calls
+        # included: Graph runs at most 4 items of a batch against one mailbox at a time).
         with limiter.lock:
-            caller = limiter.graph.get(str(claims.get("azp") or claims.get("appid")))
-            if caller is not None:
-                now, window = time.monotonic(), float(self.ctx.settings.graph_window_s)
-                caller.expire(now, window)
-                if len(caller.starts) >= self.ctx.settings.graph_requests_per_window:
-                    return self._too_many(sub, max(1, math.ceil(caller.starts[0] + window - now)))
-            # Outlook's 4 concurrent requests per app and mailbox count batch items too: Graph runs at most 4
-            # items of one batch against a mailbox at a time, but other requests in flight to that mailbox
-            # (other batches, direct calls) share the limit (throttling-limits, "Outlook service limits").
-            if box is not None and limiter.mailboxes.get(box, 0) >= self.ctx.settings.graph_mailbox_concurrency:
-                return self._too_many(sub, 1)
-            if caller is not None:
-                caller.starts.append(now)
-            if box is not None:
-                limiter.mailboxes[box] = limiter.mailboxes.get(box, 0) + 1
+            wait = limiter.admit_graph(app, self._mailbox(sub, claims), self.ctx.settings)
+        if wait is not None:
+            return self._too_many(sub, max(1, math.ceil(wait)))
         return None
 
     def done(self, sub: GraphRequest, claims: dict[str, Any]) -> None:
