@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_sync import BENCH_TABLES, Emulator, _admin, _child  # noqa: E402
+from bench_sync import _SYNC, BENCH_TABLES, Emulator, _admin, _child  # noqa: E402
 
 from bridgekit.config import DEFAULT_DATAVERSE_TABLES, DEFAULT_GRAPH_RESOURCES, LakeTarget  # noqa: E402
 
@@ -59,18 +59,6 @@ _PUBLISH = textwrap.dedent("""
     assert all(c.mode == "create" for c in commits), commits
     print(sum(c.upserted for c in commits), len(commits), time.perf_counter() - t,
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-""")
-
-_SYNC = textwrap.dedent("""
-    import sys, time
-    from bridgekit.config import SyncPlan, load_profile
-    from bridgekit.workbench import Workbench, resolve_runtime
-    prof = resolve_runtime(load_profile("emulator"))
-    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan(tuple(sys.argv[1].split(",")), (), 5000))
-    t = time.perf_counter()
-    r = Workbench(prof).sync(progress=False, full=True)
-    assert r.ok, r.render()
-    print(r.fetched, time.perf_counter() - t)
 """)
 
 
@@ -123,7 +111,7 @@ def initial(scale: str, kinds: list[str]) -> None:
     tables = ",".join(BENCH_TABLES)
     with Emulator(scale) as emu:
         wh = emu.home / "initial.duckdb"
-        fetched, sync_s = _child(_SYNC, tables, str(wh)).split()[-2:]
+        fetched, sync_s, _rss = _child(_SYNC, tables, str(wh)).split()[-3:]  # bench_sync's full sync
         rows = [f"| DuckDB full sync (`bridgekit sync`, warehouse only) | {int(fetched):,} | {float(sync_s):.1f} "
                 f"| 1.00x | |"]
         azurite = _start_azurite(emu.home) if "azurite" in kinds else None

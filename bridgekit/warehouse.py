@@ -955,6 +955,8 @@ class Staging:
 
     def discard(self, *table_ids: str) -> None:
         """Forget staged tables (a resync restarts one; a finished merge clears those it merged)."""
+        if not table_ids:
+            return  # no transaction to commit (a run that merged nothing, an idle poll)
         with self._txn():
             for table_id in table_ids:
                 self._drop(table_id)
