@@ -22,6 +22,8 @@ from bridgekit.catalog import (
     DATAVERSE_MAX_CONCURRENCY,
     DATAVERSE_MAX_PAGE,
     DEFAULT_GRAPH_RESOURCES,
+    GRAPH_DEFAULT_CONCURRENCY,
+    GRAPH_MAX_CONCURRENCY,
     GRAPH_RESOURCES,
     PLATFORM_TABLES,
 )
@@ -65,7 +67,7 @@ _SECRET_KEYS = {
 _PROFILE_KEYS = {
     "tenant_id", "client_id", "auth", "client_secret_env", "certificate_path", "certificate_password_env",
     "dataverse_url", "graph_url", "authority_host", "ca_bundle", "warehouse", "sync", "max_concurrency",
-    "emulator_home", "lake",
+    "graph_concurrency", "emulator_home", "lake",
 }
 _LAKE_KEYS = {"url", "auth", "account_name", "account_key_env", "sas_token_env", "endpoint", "optimize_every",
               "retention_hours"}
@@ -148,6 +150,7 @@ class Profile:
     ca_bundle: str | None = None
     warehouse: str | None = None
     max_concurrency: int = 8
+    graph_concurrency: int = GRAPH_DEFAULT_CONCURRENCY
     emulator_home: str | None = None
     sync: SyncPlan = field(default_factory=SyncPlan)
     lake: LakeTarget | None = None
@@ -306,7 +309,7 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
         if key not in _PROFILE_KEYS:
             raise ConfigError(f"unknown key '{key}' in {where}", key=key, path=src, profile=name,
                               hint=f"valid keys: {', '.join(sorted(_PROFILE_KEYS))}")
-        if key not in ("sync", "max_concurrency", "lake") and not isinstance(value, str):
+        if key not in ("sync", "max_concurrency", "graph_concurrency", "lake") and not isinstance(value, str):
             raise ConfigError(f"'{key}' in {where} must be a string", key=key, path=src, profile=name,
                               hint=f'write it as {key} = "..."')
     auth = table.get("auth", "client_secret")
@@ -339,6 +342,13 @@ def _parse_profile(name: str, table: dict[str, Any], path: Path) -> Profile:
             raise ConfigError(f"max_concurrency in {where} must be an integer from 1 to {DATAVERSE_MAX_CONCURRENCY}",
                               key="max_concurrency", path=src, profile=name,
                               hint=f"Dataverse allows {DATAVERSE_MAX_CONCURRENCY} concurrent requests per user")
+    if "graph_concurrency" in values:
+        gc = values["graph_concurrency"]
+        if not isinstance(gc, int) or isinstance(gc, bool) or not 1 <= gc <= GRAPH_MAX_CONCURRENCY:
+            raise ConfigError(f"graph_concurrency in {where} must be an integer from 1 to {GRAPH_MAX_CONCURRENCY}",
+                              key="graph_concurrency", path=src, profile=name,
+                              hint=f"Graph requests kept in flight (default {GRAPH_DEFAULT_CONCURRENCY}); "
+                                   "Outlook's 4 per mailbox are kept whatever the value")
     values["auth"] = auth
     sources = {k: src for k in table}
     return Profile(name=name, sync=sync, sources=sources, **values)

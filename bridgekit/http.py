@@ -35,7 +35,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
-from bridgekit.catalog import DATAVERSE_MAX_CONCURRENCY
+from bridgekit.catalog import DATAVERSE_MAX_CONCURRENCY, GRAPH_MAX_CONCURRENCY
 from bridgekit.config import Profile
 from bridgekit.errors import (
     ApiError,
@@ -175,17 +175,18 @@ class RetryPolicy:
 
 
 class Governor:
-    """Dataverse service-protection governor shared by all threads using one service.
+    """Service-protection governor shared by all threads using one service.
 
-    * A semaphore caps requests in flight at ``max_concurrency`` (never above 52).
+    * A semaphore caps requests in flight at ``max_concurrency`` (never above ``ceiling``: Dataverse's 52
+      concurrent requests, or Graph's :data:`~bridgekit.catalog.GRAPH_MAX_CONCURRENCY`).
     * When ``x-ms-ratelimit-*-remaining-xrm-requests`` run low (under 5 % of the highest value seen),
       requests are spaced so the budget refills instead of running into a 429.
     * A 429 sets a shared pause: every thread waits until the Retry-After has passed.
     """
 
     def __init__(self, max_concurrency: int = 8, *, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_concurrency = max(1, min(int(max_concurrency), DATAVERSE_MAX_CONCURRENCY))
+                 clock: Callable[[], float] = time.monotonic, ceiling: int = DATAVERSE_MAX_CONCURRENCY) -> None:
+        self.max_concurrency = max(1, min(int(max_concurrency), ceiling))
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._sleep, self._clock = sleep, clock
@@ -364,7 +365,8 @@ class ServiceSession:
         self.base_url = base_url.rstrip("/") + "/"
         self.service = service
         self.policy = policy or RetryPolicy()
-        self.governor = governor or Governor(max_concurrency, sleep=sleep)
+        self.governor = governor or Governor(max_concurrency, sleep=sleep, ceiling=(
+            GRAPH_MAX_CONCURRENCY if service == "graph" else DATAVERSE_MAX_CONCURRENCY))
         self._sleep = sleep
         self._timeout = timeout
         self.session = tls_session(ca_bundle, timeout=timeout,
@@ -544,6 +546,7 @@ def build_session(profile: Profile, service: Literal["dataverse", "graph"], *,
         base = profile.graph_url.rstrip("/") + GRAPH_API_PATH
         headers = {"Accept": "application/json"}
         timeout = (10.0, 60.0)
+    concurrency = profile.graph_concurrency if service == "graph" else profile.max_concurrency
     return ServiceSession(base, service=service, auth=auth, ca_bundle=profile.ca_bundle,
-                          max_concurrency=profile.max_concurrency, policy=policy, governor=governor,
+                          max_concurrency=concurrency, policy=policy, governor=governor,
                           timeout=timeout, default_headers=headers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 import pyarrow as pa
 
@@ -50,6 +51,7 @@ class GraphSource:
         self._spec: TableSpec | None = None
         self._folders: dict[str, list[str]] = {}  # user id -> mail folder ids, as last listed
         self._folders_at = 0.0
+        self._empty: pa.Table | None = None  # the rows of a page with no items (most pages of a poll)
 
     @property
     def tracked(self) -> bool:
@@ -138,11 +140,9 @@ class GraphSource:
         scope, _, url = cursor.partition(" ")
         if url == GONE:
             return Page(token=f"{scope} {GONE}", reset=self._reset(scope))
-        # Mailbox deltas ask for full pages (Outlook sends 10 items unless asked); directory deltas keep the
-        # service's page size.
-        size = self.res.delta_page if self.res.per_user is not None else None
+        # Deltas ask for full pages: Outlook sends 10 items unless asked, the directory 100.
         try:
-            page = next(iter(self.client.delta_changes(url, page_size=size)))
+            page = next(iter(self.client.delta_changes(url, page_size=self.res.delta_page)))
         except ResyncRequired as exc:
             exc.table = self.table
             raise
@@ -198,15 +198,23 @@ class GraphSource:
             for item in items:
                 item["@bk.user"] = user
         spec = self.spec()
+        if not items and self._empty is not None:
+            rows = self._empty
+        else:
+            rows = self._rows(spec, items)
+            if not items:
+                self._empty = rows
+        versions = [i.get("@odata.etag") or i.get("changeKey") for i in items]
+        # Graph may list one object twice in a round (replays); the later occurrence wins in staging.
+        return Page(rows=rows, deletes=[r.id for r in page.removed], versions=versions,
+                    next=f"{scope} {page.next_link}" if page.next_link else None,
+                    token=f"{scope} {page.delta_link}" if page.delta_link else None)
+
+    def _rows(self, spec: TableSpec, items: list[dict[str, Any]]) -> pa.Table:
         arrays = []
         for name, typ, get in self.res.columns:
             try:
                 arrays.append(pa.array([get(i) for i in items], carrier(typ)))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 raise SyncError(f"{self.table}.{name}: a value does not fit {typ}: {exc}", table=self.table) from exc
-        rows = pa.Table.from_arrays(arrays, names=[c.name for c in spec.columns])
-        versions = [i.get("@odata.etag") or i.get("changeKey") for i in items]
-        # Graph may list one object twice in a round (replays); the later occurrence wins in staging.
-        return Page(rows=rows, deletes=[r.id for r in page.removed], versions=versions,
-                    next=f"{scope} {page.next_link}" if page.next_link else None,
-                    token=f"{scope} {page.delta_link}" if page.delta_link else None)
+        return pa.Table.from_arrays(arrays, names=[c.name for c in spec.columns])

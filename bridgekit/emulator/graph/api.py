@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -58,6 +58,8 @@ log = logging.getLogger("bridgekit.emulator.graph.api")
 
 JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 MAX_BATCH = 20  # protocols.md §2.3
+#: The most objects a users or groups delta page holds, even when a larger page is asked for (protocols.md §2.2).
+_DIRECTORY_DELTA_MAX = 200
 _DELTA_SEGMENTS = ("delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()")
 _MEMBERS_SNAPSHOT = "graph.members@"
 _USER = Store.field("@emu.user")
@@ -930,7 +932,9 @@ class GraphService:
     def _page_size(self, req: GraphRequest, spec: _DeltaSpec, fallback: int | None) -> tuple[int, dict[str, str]]:
         m = re.search(r"odata\.maxpagesize\s*=\s*(\d+)", req.header("Prefer"))
         if m:
-            size = max(1, min(int(m.group(1)), spec.res.max_top))
+            # A directory delta page holds at most 200 objects whatever is asked (protocols.md §2.2).
+            cap = min(spec.res.max_top, _DIRECTORY_DELTA_MAX) if spec.kind in ("users", "groups") else spec.res.max_top
+            size = max(1, min(int(m.group(1)), cap))
             return size, {"Preference-Applied": f"odata.maxpagesize={size}"}
         return fallback or spec.res.default_top, {}
 
@@ -1314,6 +1318,10 @@ class _ItemThrottle:
 def routes(ctx: EmulatorContext) -> list[BaseRoute]:
     """The Graph v1.0 routes, to be mounted at ``/graph/v1.0``."""
     service = GraphService(ctx)
+
+    def _serve(handle: Callable[[GraphRequest], GraphResponse], req: GraphRequest) -> GraphResponse:
+        with ctx.serving:
+            return handle(req)
     service.item_fault = _ItemThrottle(ctx)
 
     async def endpoint(request: Request) -> Response:
@@ -1321,7 +1329,7 @@ def routes(ctx: EmulatorContext) -> list[BaseRoute]:
         headers = {k.lower(): v for k, v in request.headers.items()}
         req = GraphRequest(request.method, request.path_params.get("path", ""), dict(request.query_params),
                            headers, body)
-        resp = await run_in_threadpool(service.handle, req)
+        resp = await run_in_threadpool(_serve, service.handle, req)
         out_headers = {"request-id": req.request_id, "client-request-id": req.client_request_id,
                        "OData-Version": "4.0", "Cache-Control": "no-store", **resp.headers}
         return Response(resp.body, status_code=resp.status, headers=out_headers, media_type=resp.media_type)
