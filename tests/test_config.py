@@ -131,6 +131,23 @@ def test_bad_values(in_dir: Path) -> None:
         load_profile("contoso")
 
 
+def test_graph_concurrency_is_its_own_setting_with_a_bounded_range(in_dir: Path) -> None:
+    from bridgekit.http import build_session
+
+    write(in_dir, GOOD)
+    prof = load_profile("contoso")
+    # Graph limits concurrency per mailbox only; Dataverse allows 52 per user: one number cannot serve both.
+    assert build_session(prof, "graph").governor.max_concurrency == 32
+    assert build_session(prof, "dataverse").governor.max_concurrency == prof.max_concurrency == 8
+    write(in_dir, GOOD.replace('warehouse = "contoso.duckdb"', 'warehouse = "contoso.duckdb"\ngraph_concurrency = 12'))
+    assert build_session(load_profile("contoso"), "graph").governor.max_concurrency == 12
+    for bad in ("0", "65", '"32"', "true"):
+        write(in_dir, GOOD.replace('warehouse = "contoso.duckdb"', f'warehouse = "contoso.duckdb"\ngraph_concurrency = {bad}'))
+        with pytest.raises(ConfigError, match="graph_concurrency .* must be an integer from 1 to 64") as err:
+            load_profile("contoso")
+        assert err.value.key == "graph_concurrency"
+
+
 def test_unknown_profile_lists_known_ones(in_dir: Path) -> None:
     write(in_dir, GOOD)
     with pytest.raises(ConfigError, match="'nope' not found") as err:

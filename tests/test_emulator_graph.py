@@ -429,6 +429,17 @@ def test_groups_delta_reports_member_additions_and_removals(emulator, graph):
         store.delete("graph.groups", gid)
 
 
+def test_directory_delta_pages_hold_at_most_200_objects(emulator, graph):
+    # However large a page is asked for, the directory answers at most 200 objects and says so.
+    for resource in ("users", "groups"):
+        r = graph.get(f"{resource}/delta?$select=id", headers={"Prefer": "odata.maxpagesize=999"})
+        assert r.status_code == 200
+        assert r.headers["Preference-Applied"] == "odata.maxpagesize=200"
+        assert len(r.json()["value"]) <= 200
+    r = graph.get("users/delta?$select=id", headers={"Prefer": "odata.maxpagesize=2"})
+    assert r.headers["Preference-Applied"] == "odata.maxpagesize=2" and len(r.json()["value"]) == 2
+
+
 def test_message_delta_is_per_folder(emulator, graph, mailbox):
     store = _store(emulator)
     _, inbox_link, _ = graph.drain(f"users/{mailbox}/mailFolders/inbox/messages/delta?$select=subject",

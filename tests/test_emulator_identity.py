@@ -299,6 +299,22 @@ def test_verify_token_rejects_expired_wrong_audience_tenant_and_foreign_key(ctx,
         assert token not in str(err.value)
 
 
+def test_a_token_accepted_before_still_expires_and_keeps_its_audience(ctx, monkeypatch):
+    # A client sends one token for an hour (and a $batch once per item): the emulator remembers a token it
+    # accepted, but the token must still stop working when it expires, and only for the audience it was for.
+    now = time.time()
+    token = _token(ctx, exp=int(now) + 60)
+    assert ctx.verify_token(f"Bearer {token}", "dataverse")["oid"] == "o1"
+    assert ctx.verify_token(f"Bearer {token}", "dataverse")["oid"] == "o1"
+    with pytest.raises(TokenRejected) as err:
+        ctx.verify_token(f"Bearer {token}", "graph")
+    assert err.value.code == "invalid_audience"
+    monkeypatch.setattr(time, "time", lambda: now + 60 + ctx.settings.token_clock_skew_s + 1)
+    with pytest.raises(TokenRejected) as err:
+        ctx.verify_token(f"Bearer {token}", "dataverse")
+    assert err.value.code == "expired"
+
+
 def test_azure_identity_certificate_credential(emulator, tmp_path):
     from azure.identity import CertificateCredential
 
