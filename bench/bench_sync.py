@@ -64,7 +64,7 @@ _SYNC = textwrap.dedent("""
     from bridgekit.config import SyncPlan, load_profile
     from bridgekit.workbench import Workbench, resolve_runtime
     prof = resolve_runtime(load_profile("emulator"))
-    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan(tuple(sys.argv[1].split(",")), (), 5000))
+    prof = prof.with_values(warehouse=sys.argv[2], sync=SyncPlan(tuple(sys.argv[1].split(",")), ()))
     wb = Workbench(prof)
     t = time.perf_counter()
     r = wb.sync(progress=False, full=True)
@@ -78,7 +78,7 @@ _WATCH = textwrap.dedent("""
     from bridgekit.workbench import Workbench, resolve_runtime
     prof = resolve_runtime(load_profile("emulator"))
     prof = prof.with_values(warehouse=sys.argv[1], sync=SyncPlan(tuple(sys.argv[2].split(",")),
-                                                                 tuple(sys.argv[3].split(",")), 5000))
+                                                                 tuple(sys.argv[3].split(","))))
     Workbench(prof).sync_engine(progress=False).watch(interval=float(sys.argv[4]))
 """)
 

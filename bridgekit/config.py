@@ -22,6 +22,7 @@ from bridgekit.catalog import (
     DATAVERSE_MAX_CONCURRENCY,
     DATAVERSE_MAX_PAGE,
     DEFAULT_GRAPH_RESOURCES,
+    DEFAULT_SYNC_PAGE,
     GRAPH_DEFAULT_CONCURRENCY,
     GRAPH_MAX_CONCURRENCY,
     GRAPH_RESOURCES,
@@ -89,7 +90,7 @@ class SyncPlan:
 
     dataverse: tuple[str, ...] = DEFAULT_DATAVERSE_TABLES
     graph: tuple[str, ...] = DEFAULT_GRAPH_RESOURCES
-    page_size: int = DATAVERSE_MAX_PAGE
+    page_size: int = DEFAULT_SYNC_PAGE
     #: Range partitions of a large table's full load; None: automatic (see :meth:`partitions_for`).
     partitions: int | None = None
     #: The ``platform`` group (plug-in steps, endpoints, flows, system jobs, ...: :data:`PLATFORM_TABLES`) is in

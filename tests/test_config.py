@@ -143,7 +143,7 @@ def test_graph_concurrency_is_its_own_setting_with_a_bounded_range(in_dir: Path)
     assert build_session(load_profile("contoso"), "graph").governor.max_concurrency == 12
     for bad in ("0", "65", '"32"', "true"):
         write(in_dir, GOOD.replace('warehouse = "contoso.duckdb"', f'warehouse = "contoso.duckdb"\ngraph_concurrency = {bad}'))
-        with pytest.raises(ConfigError, match="graph_concurrency .* must be an integer from 1 to 64") as err:
+        with pytest.raises(ConfigError, match=r"graph_concurrency .* must be an integer from 1 to 64") as err:
             load_profile("contoso")
         assert err.value.key == "graph_concurrency"
 
