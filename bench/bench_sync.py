@@ -168,9 +168,11 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
     for scale in scales:
         with Emulator(scale) as emu:
             wh = emu.home / "watch.duckdb"
+            # The watcher's warnings go to a file: a pipe nobody reads fills up and stops the watcher.
+            log_path = emu.home / "watch.log"
+            log_file = log_path.open("w")
             proc = subprocess.Popen([sys.executable, "-c", _WATCH, str(wh), ",".join(DEFAULT_DATAVERSE_TABLES),
-                                     ",".join(graph), "0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
+                                     ",".join(graph), "0.2"], stdout=subprocess.DEVNULL, stderr=log_file, text=True)
             try:
                 _wait_for_first_run(wh, len(DEFAULT_DATAVERSE_TABLES) + len(graph))
                 for i, latency in enumerate(latencies):
@@ -201,6 +203,12 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
                                 break
                             time.sleep(0.02)
                         got.append(latency_s)
+                        if latency_s is None:
+                            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                            missing = [(t, len(ids)) for t, _pk, ids, _kind in checks
+                                       if not _all_visible(wh, [c for c in checks if c[0] == t], t_committed)]
+                            print(f"<!-- {scale}, {latency} ms, #{rep + 1}: not visible within 120 s: {missing}; "
+                                  f"watcher: {' / '.join(tail)} -->", file=sys.stderr, flush=True)
                         notes.append(f"{scale}, {latency} ms, #{rep + 1}: mutate answered {answered - t_committed:.2f} s "
                                      f"after its commit ({answered - t0:.2f} s through the admin endpoint)")
                     done = sorted(x for x in got if x is not None)
@@ -211,6 +219,7 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
             finally:
                 proc.terminate()
                 proc.wait(30)
+                log_file.close()
                 _admin(emu, "faults", {"clear": True})
     plan = "the Dataverse plan plus Graph " + ", ".join(graph)
     print(f"## Delta latency (`bridgekit sync --watch --interval 0.2`: {plan})\n")
