@@ -281,7 +281,7 @@ class GraphClient:
                 err = error_from_response(response, "graph")
                 raise ResyncRequired(f"Graph reset the sync state (410 Gone): {err.message}",
                                      service_code=getattr(err, "service_code", None) or "resyncRequired")
-            page = _delta_page(response.json())
+            page = _delta_page(self.session.decode_json(response.content, next_url, status=response.status_code))
             yield page
             next_url = page.next_link
 
@@ -442,7 +442,8 @@ class GraphClient:
         except TransientError as exc:
             # Auth, permission and configuration errors concern the whole call and are raised.
             return out + [GraphResponse(r.id, int(exc.status or 0), error=exc) for r in to_send]
-        answers = {str(a.get("id")).lower(): a for a in response.json().get("responses", [])}
+        body = self.session.decode_json(response.content, "$batch", status=response.status_code)
+        answers = {str(a.get("id")).lower(): a for a in (body.get("responses", []) if isinstance(body, dict) else [])}
         for r in to_send:
             a = answers.get(r.id.lower())
             if a is None:
