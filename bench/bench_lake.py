@@ -27,6 +27,7 @@ Usage: ``.venv/bin/python bench/bench_lake.py [--scale large] [--delta-scale med
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_sync import _SYNC, BENCH_TABLES, Emulator, _admin, _child  # noqa: E402
+from bench_sync import _SYNC, BENCH_TABLES, Emulator, _child, mutate, wait_visible  # noqa: E402
 
 from bridgekit.config import DEFAULT_DATAVERSE_TABLES, DEFAULT_GRAPH_RESOURCES, LakeTarget  # noqa: E402
 
@@ -99,11 +102,20 @@ class Target:
         return sum(n.endswith(".parquet") and "_delta_log/" not in n for n in names)
 
 
-def _start_azurite(work: Path) -> Any:
+@contextlib.contextmanager
+def _azurite(kinds: list[str], work: Path) -> Iterator[Any]:
+    """Azurite under ``work`` while the block runs, when ``kinds`` has it (None otherwise)."""
+    if "azurite" not in kinds:
+        yield None
+        return
     from tests.azurite import DEV_KEY, Azurite
 
     os.environ[_KEY_ENV] = DEV_KEY  # the key reaches bridgekit by the name of a variable, as a real one does
-    return Azurite(work / "azurite")
+    azurite = Azurite(work / "azurite")
+    try:
+        yield azurite
+    finally:
+        azurite.stop()
 
 
 def initial(scale: str, kinds: list[str]) -> None:
@@ -114,8 +126,7 @@ def initial(scale: str, kinds: list[str]) -> None:
         fetched, sync_s, _rss = _child(_SYNC, tables, str(wh)).split()[-3:]  # bench_sync's full sync
         rows = [f"| DuckDB full sync (`bridgekit sync`, warehouse only) | {int(fetched):,} | {float(sync_s):.1f} "
                 f"| 1.00x | |"]
-        azurite = _start_azurite(emu.home) if "azurite" in kinds else None
-        try:
+        with _azurite(kinds, emu.home) as azurite:
             for kind in kinds:
                 target = Target(kind, emu.home, azurite)
                 n, count, secs, rss = _child(_PUBLISH, str(wh), *target.args()).split()[-4:]
@@ -123,9 +134,6 @@ def initial(scale: str, kinds: list[str]) -> None:
                 rows.append(f"| first lake publish, {where}: {count} Delta tables | {int(n):,} | {float(secs):.1f} | "
                             f"{float(secs) / float(sync_s):.2f}x | {rss} |")
                 print(rows[-1], file=sys.stderr, flush=True)
-        finally:
-            if azurite is not None:
-                azurite.stop()
     shutil.rmtree(emu.home, ignore_errors=True)
     print(f"## Lake: initial load ({scale} scale: the Dataverse tables of the default plan and activitypointer)\n")
     print("| step | rows | seconds | vs the DuckDB full sync | peak RSS MB |\n|---|---:|---:|---:|---:|")
@@ -167,6 +175,10 @@ class _ReadBack:
         self.tables: dict[str, Any] = {}
         self.seen_version: dict[str, tuple[int, int]] = {}  # (version, fresh runs known) at the last failed check
         self.done: set[int] = set()
+
+    def current(self, wh: Path, committed: float) -> bool:
+        """Every change reads back, written by runs of the warehouse ``wh`` that started after ``committed``."""
+        return self.visible(_fresh_runs(wh, committed))
 
     def visible(self, fresh: set[str]) -> bool:
         import pyarrow as pa
@@ -227,17 +239,10 @@ def _warehouse_only(emu: Emulator, changes: int, seed: int, graph: tuple[str, ..
                 raise SystemExit("the watcher did not finish its first run")
         first = time.perf_counter() - t
         time.sleep(2.0)
-        n_create, n_delete = changes // 5, changes // 10
-        result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
-                                        "deletes": n_delete, "seed": seed})["result"]
+        result = mutate(emu, changes, seed)
         committed = float(result["committed_at"])
         checks = _delta_checks(result, graph)
-        seen = None
-        while time.time() - committed < 120:
-            if _all_visible(wh, checks, committed):
-                seen = time.time() - committed
-                break
-            time.sleep(0.02)
+        seen = wait_visible(partial(_all_visible, wh, checks, committed), committed, deadline=committed + 120)
     finally:
         proc.terminate()
         proc.communicate(timeout=120)
@@ -290,8 +295,7 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
     with Emulator(scale) as emu:
         latency_rows.append(_warehouse_only(emu, changes, 69, graph))
         print(latency_rows[-1], file=sys.stderr, flush=True)
-        azurite = _start_azurite(emu.home) if "azurite" in kinds else None
-        try:
+        with _azurite(kinds, emu.home) as azurite:
             for i, kind in enumerate(kinds):
                 target = Target(kind, emu.home, azurite)
                 wh = emu.home / f"watch-{kind}.duckdb"
@@ -309,19 +313,13 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                     _wait_until_published(lake, tables, wh)
                     first = time.perf_counter() - t
                     time.sleep(2.0)  # a poll or two with nothing to do before the clock starts
-                    n_create, n_delete = changes // 5, changes // 10
-                    result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
-                                                    "deletes": n_delete, "seed": 70 + i})["result"]
+                    result = mutate(emu, changes, 70 + i)
                     committed = float(result["committed_at"])
                     checks = _delta_checks(result, graph)
                     in_plan = sum(len(c[2]) for c in checks)
                     reader = _ReadBack(lake, checks)
-                    seen = None
-                    while time.time() - committed < 120:
-                        if reader.visible(_fresh_runs(wh, committed)):
-                            seen = time.time() - committed
-                            break
-                        time.sleep(0.05)
+                    seen = wait_visible(partial(reader.current, wh, committed), committed,
+                                        deadline=committed + 120, step=0.05)
                     shown = f"**{seen:.2f}**" if seen is not None else "**not within 120 s**"
                     where = "local path" if kind == "local" else "Azurite"
                     latency_rows.append(f"| {where} | {changes:,} | {in_plan:,} | {shown} | "
@@ -344,8 +342,7 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                 commits = 0
                 t = time.perf_counter()
                 for p in range(polls):
-                    _admin(emu, "mutate", {"creates": poll_changes // 5, "updates": poll_changes - poll_changes // 5
-                                           - poll_changes // 10, "deletes": poll_changes // 10, "seed": 1000 + p})
+                    mutate(emu, poll_changes, 1000 + p)
                     with wb.warehouse.lock(), responsive_threads():
                         rep = engine._run(selection, full=False, quiet_noop=True)
                     assert rep.ok, rep.render()
@@ -361,9 +358,6 @@ def delta(scale: str, kinds: list[str], changes: int, polls: int, poll_changes: 
                                  f"{_active_files(lake, tables):,} | {stored:,} -> {target.stored_parquet():,} | "
                                  f"{opt_s:.1f} |")
                 print(file_rows[-1], file=sys.stderr, flush=True)
-        finally:
-            if azurite is not None:
-                azurite.stop()
     shutil.rmtree(emu.home, ignore_errors=True)
     plan = ("the default plan" if graph == DEFAULT_GRAPH_RESOURCES else "the default Dataverse tables") + ": " + \
         ", ".join(DEFAULT_DATAVERSE_TABLES) + "; Graph " + ", ".join(graph)

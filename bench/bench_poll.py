@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_sync import Emulator, _admin  # noqa: E402
+from bench_sync import Emulator, _admin, mutate  # noqa: E402
 
 from bridgekit.config import load_profile  # noqa: E402
 from bridgekit.workbench import Workbench, resolve_runtime  # noqa: E402
@@ -58,9 +58,7 @@ def main() -> None:
                 polls = [f"idle #{i + 1}" for i in range(args.idle)] + ["after mutate"]
                 for name in polls:
                     if name == "after mutate":
-                        n_create, n_delete = args.changes // 5, args.changes // 10
-                        _admin(emu, "mutate", {"creates": n_create, "updates": args.changes - n_create - n_delete,
-                                               "deletes": n_delete, "seed": latency + 7})
+                        mutate(emu, args.changes, latency + 7)
                     before = _counts(wb)
                     t = time.perf_counter()
                     rep = poll()

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,10 +186,8 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
                         # 3 s (after the first full sync the watcher's first polls catch up with what changed
                         # during it).
                         _wait_idle(wh, quiet_s=3.0)
-                        n_create, n_delete = changes // 5, changes // 10
                         t0 = time.time()
-                        result = _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
-                                                        "deletes": n_delete, "seed": 7 + i + 100 * rep})["result"]
+                        result = mutate(emu, changes, 7 + i + 100 * rep)
                         answered = time.time()
                         # The emulator's own commit time (same machine, same clock): the admin call answers later,
                         # after serialising every changed id, and a watcher may already be merging by then.
@@ -196,12 +196,8 @@ def delta(changes: int, *, scales: tuple[str, ...] = ("medium",), latencies: tup
                         total = sum(len(v) for v in result["created"].values()) + sum(
                             len(v) for v in result["updated"].values()) + sum(len(v) for v in result["deleted"].values())
                         in_plan = sum(len(ids) for _t, _pk, ids, _kind in checks)
-                        latency_s = None
-                        while time.time() - t0 < 120:
-                            if _all_visible(wh, checks, t_committed):
-                                latency_s = time.time() - t_committed
-                                break
-                            time.sleep(0.02)
+                        latency_s = wait_visible(partial(_all_visible, wh, checks, t_committed), t_committed,
+                                                 deadline=t0 + 120)
                         got.append(latency_s)
                         if latency_s is None:
                             tail = log_path.read_text(errors="replace").splitlines()[-5:]
@@ -250,6 +246,23 @@ def _admin(emu: Emulator, path: str, body: dict[str, object]) -> dict:
         raise SystemExit(f"admin {path}: {r.status_code} {r.text[:500]}")
     out: dict = r.json()
     return out
+
+
+def mutate(emu: Emulator, changes: int, seed: int) -> dict:
+    """``bridgekit emulator mutate`` with the benches' mix: a fifth creates, a tenth deletes, the rest updates."""
+    n_create, n_delete = changes // 5, changes // 10
+    return _admin(emu, "mutate", {"creates": n_create, "updates": changes - n_create - n_delete,
+                                  "deletes": n_delete, "seed": seed})["result"]
+
+
+def wait_visible(visible: Callable[[], bool], committed: float, *, deadline: float,
+                 step: float = 0.02) -> float | None:
+    """Seconds from ``committed`` until ``visible()`` holds, checked every ``step`` s; None at ``deadline``."""
+    while time.time() < deadline:
+        if visible():
+            return time.time() - committed
+        time.sleep(step)
+    return None
 
 
 def _visibility_checks(result: dict, tables: dict, graph: tuple[str, ...]) -> list[tuple[str, str, list[str], str]]:
