@@ -19,9 +19,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography import x509
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridgekit.emulator.store import Store
 from bridgekit.emulator.tls import TlsFiles, ensure_tls, generate_self_signed, write_private
+
+T = TypeVar("T")
 
 __all__ = [
     "DATAVERSE_ROLE",
@@ -292,11 +295,7 @@ class EmulatorContext:
         self.device_codes: dict[str, dict[str, Any]] = {}
         self.data_error: str | None = None  # why the synthetic data could not be generated, if it failed
         self.limiter: Any = None  # the fault middleware's usage counters (faults.Limiter), once it exists
-        #: Held while a Dataverse or Graph request is served. Handlers are Python under one GIL: run side by
-        #: side on the thread pool, each SQLite call hands the GIL to another handler and waits up to a
-        #: switch interval to get it back, so serving them one at a time does the same work with less CPU.
-        #: Injected latency and the network are outside it, so requests still overlap where a tenant's do.
-        self.serving = threading.Lock()
+        self._serving = threading.Lock()  # see serve()
 
         ident = self._load_identity(seed)
         self.seed: int = ident["seed"]
@@ -453,6 +452,17 @@ class EmulatorContext:
             return ({f"{h}/graph" for h in _hosts(self.port)} | set(_hosts(self.port))
                     | {"https://graph.microsoft.com", GRAPH_APP_ID})
         return {audience.rstrip("/")}
+
+    def serve(self, handle: Callable[..., T], *args: Any) -> T:
+        """Run a Dataverse or Graph handler, one at a time (called on the server's thread pool).
+
+        Handlers are Python under one GIL: run side by side, each SQLite call hands the GIL to another
+        handler and waits up to a switch interval to get it back, so serving them one at a time does the
+        same work with less CPU. Injected latency and the network are outside, so requests still overlap
+        where a tenant's do.
+        """
+        with self._serving:
+            return handle(*args)
 
     # -- tokens ------------------------------------------------------------------------------------
     def sign(self, claims: dict[str, Any]) -> str:

@@ -139,14 +139,11 @@ class DataverseService:
                         query=parse_qsl(request.url.query, keep_blank_values=True), headers=headers,
                         prefer=Prefer(), body=body, root=root)
         prefer_values = request.headers.getlist("prefer")
-        reply = await run_in_threadpool(self._serve, req, request.headers.get("authorization"), prefer_values)
+        reply = await run_in_threadpool(self.ctx.serve, self.handle, req, request.headers.get("authorization"),
+                                        prefer_values)
         out_headers = {"OData-Version": "4.0", "REQ_ID": str(uuid.uuid4()), **reply.headers}
         return Response(reply.body if reply.status not in (204, 304) else b"", status_code=reply.status,
                         headers=out_headers, media_type=reply.content_type if reply.body else None)
-
-    def _serve(self, req: DvRequest, authorization: str | None, prefer_values: Sequence[str]) -> Reply:
-        with self.ctx.serving:  # one request at a time (EmulatorContext.serving)
-            return self.handle(req, authorization, prefer_values)
 
     def handle(self, req: DvRequest, authorization: str | None, prefer_values: Sequence[str]) -> Reply:
         """Authenticate, then serve one request; every failure becomes a Dataverse error reply."""

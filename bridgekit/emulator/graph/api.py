@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -1318,10 +1318,6 @@ class _ItemThrottle:
 def routes(ctx: EmulatorContext) -> list[BaseRoute]:
     """The Graph v1.0 routes, to be mounted at ``/graph/v1.0``."""
     service = GraphService(ctx)
-
-    def _serve(handle: Callable[[GraphRequest], GraphResponse], req: GraphRequest) -> GraphResponse:
-        with ctx.serving:
-            return handle(req)
     service.item_fault = _ItemThrottle(ctx)
 
     async def endpoint(request: Request) -> Response:
@@ -1329,7 +1325,7 @@ def routes(ctx: EmulatorContext) -> list[BaseRoute]:
         headers = {k.lower(): v for k, v in request.headers.items()}
         req = GraphRequest(request.method, request.path_params.get("path", ""), dict(request.query_params),
                            headers, body)
-        resp = await run_in_threadpool(_serve, service.handle, req)
+        resp = await run_in_threadpool(ctx.serve, service.handle, req)
         out_headers = {"request-id": req.request_id, "client-request-id": req.client_request_id,
                        "OData-Version": "4.0", "Cache-Control": "no-store", **resp.headers}
         return Response(resp.body, status_code=resp.status, headers=out_headers, media_type=resp.media_type)
