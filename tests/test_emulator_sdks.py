@@ -150,8 +150,15 @@ def test_msgraph_sdk_reads_group_members_cast_to_users(graph_client: Any, emulat
 
 def test_msgraph_sdk_reads_manager_and_member_of(graph_client: Any, emulator: Any) -> None:
     users = _graph(emulator, "users?$top=999&$select=id,jobTitle,displayName")["value"]
-    rep = next(u for u in users if "Account Executive" in (u["jobTitle"] or "")
-               or u["jobTitle"] == "Sales Representative")
+    reps = [u for u in users if "Account Executive" in (u["jobTitle"] or "") or u["jobTitle"] == "Sales Representative"]
+
+    def sales_groups(user: dict[str, Any]) -> set[str]:
+        names = {g["displayName"] for g in _graph(emulator, f"users/{user['id']}/memberOf")["value"]}
+        return names if any(n.startswith("Sales ") for n in names) else set()
+
+    # Live activity (other tests run mutate) rewrites job titles and group members: take a rep whom the
+    # emulator still lists in a sales team.
+    rep = next(u for u in reps if sales_groups(u))
     region_manager = _graph(emulator, f"users/{rep['id']}/manager")
 
     async def run() -> tuple[Any, Any]:
@@ -164,6 +171,7 @@ def test_msgraph_sdk_reads_manager_and_member_of(graph_client: Any, emulator: An
     assert manager.id != rep["id"]
     groups = {g.display_name for g in member_of.value}
     assert "All Staff" in groups and any(name.startswith("Sales ") for name in groups)
+    assert groups == sales_groups(rep)
 
 
 def test_msgraph_sdk_filters_users_with_in(graph_client: Any, emulator: Any) -> None:
